@@ -1,0 +1,238 @@
+"""PrecisionConfig: which bits each UNet layer gets. Data, not code: it round-trips to JSON and to
+the MixDQ authors' yaml format, and is validated against a model's layer inventory before use."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixdq.inventory import LayerInfo, inventory_fingerprint
+
+# Candidate bit-widths, the single source of truth for every module that chooses bits.
+WEIGHT_BITS: tuple[int, ...] = (2, 4, 8)
+ACT_BITS: tuple[int, ...] = (4, 8)
+# In MixDQ yaml files a layer kept in floating point is written with this bit-width.
+MIXDQ_YAML_FP_BITS = 16
+# MixDQ's yaml keys carry the UNet's attribute name as prefix.
+MIXDQ_YAML_PREFIX = "model."
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "mixdq-studio/precision-config"
+
+
+class ConfigError(ValueError):
+    """A precision config that cannot be applied; the message names the first offending entry."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Per-layer weight and activation bits for a UNet.
+
+    A layer missing from ``weight_bits`` keeps FP16 weights; one missing from ``act_bits`` keeps
+    FP16 inputs. ``protected`` layers stay entirely in FP16 whatever the two maps say (MixDQ keeps
+    the ~1% most activation-sensitive layers this way). ``fingerprint`` identifies the architecture
+    the config was made for (see :func:`mixdq.inventory.inventory_fingerprint`).
+    """
+
+    weight_bits: dict[str, int] = field(default_factory=dict)
+    act_bits: dict[str, int] = field(default_factory=dict)
+    protected: list[str] = field(default_factory=list)
+    model_id: str = ""
+    fingerprint: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls,
+        layers: list[LayerInfo],
+        weight_bits: int | None,
+        act_bits: int | None,
+        protected: list[str] | tuple[str, ...] = (),
+        model_id: str = "",
+    ) -> PrecisionConfig:
+        """Every layer at the same bits (``None`` keeps that side in FP16)."""
+        config = cls(
+            weight_bits={i.name: weight_bits for i in layers} if weight_bits is not None else {},
+            act_bits={i.name: act_bits for i in layers} if act_bits is not None else {},
+            protected=list(protected),
+            model_id=model_id,
+            fingerprint=inventory_fingerprint(layers),
+        )
+        config.validate(layers)
+        return config
+
+    # ---- queries --------------------------------------------------------------------------------
+    def layer_weight_bits(self, name: str) -> int | None:
+        """Bits of this layer's weights, ``None`` for FP16."""
+        return None if name in self.protected else self.weight_bits.get(name)
+
+    def layer_act_bits(self, name: str) -> int | None:
+        """Bits of this layer's input activations, ``None`` for FP16."""
+        return None if name in self.protected else self.act_bits.get(name)
+
+    def validate(self, layers: list[LayerInfo]) -> None:
+        """Raise :class:`ConfigError` naming the first entry that does not fit ``layers``."""
+        fingerprint = inventory_fingerprint(layers)
+        if self.fingerprint is not None and self.fingerprint != fingerprint:
+            raise ConfigError(
+                f"this config was made for another model ({self.model_id or 'unknown model'}, "
+                f"architecture {self.fingerprint}); the loaded UNet has architecture {fingerprint}."
+            )
+        known = {i.name for i in layers}
+        for what, entries, candidates in (
+            ("weight_bits", self.weight_bits, WEIGHT_BITS),
+            ("act_bits", self.act_bits, ACT_BITS),
+        ):
+            for name, bits in entries.items():
+                if name not in known:
+                    raise ConfigError(f"{what}: unknown layer {name!r} (not a Linear/Conv2d of this UNet).")
+                if isinstance(bits, bool) or not isinstance(bits, int) or bits not in candidates:
+                    raise ConfigError(f"{what}: layer {name!r} has bits {bits!r}; allowed: {list(candidates)}.")
+        for name in self.protected:
+            if name not in known:
+                raise ConfigError(f"protected: unknown layer {name!r} (not a Linear/Conv2d of this UNet).")
+
+    # ---- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "model_id": self.model_id,
+            "fingerprint": self.fingerprint,
+            "weight_bits": dict(self.weight_bits),
+            "act_bits": dict(self.act_bits),
+            "protected": list(self.protected),
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PrecisionConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a precision config must be a JSON object, got {type(data).__name__}.")
+        if data.get("format") != FORMAT_NAME:
+            raise ConfigError(f"not a MixDQ Studio precision config: 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}.")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(f"unsupported schema_version {version!r}; this version of MixDQ Studio reads {SCHEMA_VERSION}.")
+        for key, kind in (("weight_bits", dict), ("act_bits", dict), ("protected", list), ("metadata", dict)):
+            if not isinstance(data.get(key, kind()), kind):
+                raise ConfigError(f"'{key}' must be a JSON {'object' if kind is dict else 'array'}.")
+        return cls(
+            weight_bits=dict(data.get("weight_bits", {})),
+            act_bits=dict(data.get("act_bits", {})),
+            protected=list(data.get("protected", [])),
+            model_id=str(data.get("model_id", "")),
+            fingerprint=data.get("fingerprint"),
+            metadata=dict(data.get("metadata", {})),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "the config text") -> PrecisionConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{source} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config as JSON (``.json``) and return the path."""
+        path = Path(path)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrecisionConfig:
+        """Read a JSON config file written by :meth:`save` (or by the studio's export)."""
+        return cls.from_json(_read_file(path, "config"), source=str(path))
+
+    # ---- MixDQ yaml ---------------------------------------------------------------------------
+    def to_mixdq_yaml(self, layers: list[LayerInfo]) -> tuple[str, str]:
+        """(weight yaml, activation yaml) in the MixDQ authors' format: ``model.<layer>: bits``.
+
+        Layers kept in FP16 (protected, or absent from a map) are written as 16 bits.
+        """
+        weight = {MIXDQ_YAML_PREFIX + i.name: self.layer_weight_bits(i.name) or MIXDQ_YAML_FP_BITS for i in layers}
+        act = {MIXDQ_YAML_PREFIX + i.name: self.layer_act_bits(i.name) or MIXDQ_YAML_FP_BITS for i in layers}
+        return yaml.safe_dump(weight, sort_keys=False), yaml.safe_dump(act, sort_keys=False)
+
+    @classmethod
+    def load_mixdq_yaml(
+        cls,
+        weight_path: str | Path,
+        act_path: str | Path | None = None,
+        layers: list[LayerInfo] | None = None,
+        model_id: str = "",
+    ) -> PrecisionConfig:
+        """Load MixDQ-format yaml files (see :meth:`from_mixdq_yaml`)."""
+        weight_text = _read_file(weight_path, "MixDQ weight yaml")
+        act_text = _read_file(act_path, "MixDQ activation yaml") if act_path is not None else None
+        return cls.from_mixdq_yaml(weight_text, act_text, layers, model_id)
+
+    @classmethod
+    def from_mixdq_yaml(
+        cls,
+        weight_yaml: str,
+        act_yaml: str | None = None,
+        layers: list[LayerInfo] | None = None,
+        model_id: str = "",
+    ) -> PrecisionConfig:
+        """Load MixDQ-format yaml (weight bits, optionally activation bits).
+
+        A layer at 16 (or 32) bits in both files is protected; at 16 in one file it keeps that side
+        in FP16. With ``layers`` the result is validated and fingerprinted for that model.
+        """
+        weight_map = _parse_mixdq_yaml(weight_yaml, "the weight yaml")
+        act_map = _parse_mixdq_yaml(act_yaml, "the activation yaml") if act_yaml is not None else {}
+        fp_weight = {n for n, b in weight_map.items() if b >= MIXDQ_YAML_FP_BITS}
+        fp_act = {n for n, b in act_map.items() if b >= MIXDQ_YAML_FP_BITS}
+        protected = sorted(fp_weight & fp_act) if act_yaml is not None else []
+        config = cls(
+            weight_bits={n: b for n, b in weight_map.items() if n not in fp_weight},
+            act_bits={n: b for n, b in act_map.items() if n not in fp_act},
+            protected=protected,
+            model_id=model_id,
+        )
+        if layers is not None:
+            config.validate(layers)
+            config.fingerprint = inventory_fingerprint(layers)
+        return config
+
+
+def _read_file(path: str | Path, what: str) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file {path} is not a text file.") from None
+
+
+def _parse_mixdq_yaml(text: str, source: str) -> dict[str, int]:
+    """``{layer name without 'model.': bits}`` from MixDQ yaml text."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid yaml: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must map layer names to bits, got {type(data).__name__}.")
+    result: dict[str, int] = {}
+    for key, bits in data.items():
+        name = str(key)
+        if not name.startswith(MIXDQ_YAML_PREFIX):
+            raise ConfigError(f"{source}: key {name!r} lacks the {MIXDQ_YAML_PREFIX!r} prefix of MixDQ layer names.")
+        if isinstance(bits, float) and math.isfinite(bits) and bits.is_integer():
+            bits = int(bits)
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise ConfigError(f"{source}: layer {name!r} has bits {bits!r}; expected an integer.")
+        result[name[len(MIXDQ_YAML_PREFIX):]] = bits
+    return result

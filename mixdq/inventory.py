@@ -1,0 +1,141 @@
+"""The UNet's quantizable layers: one source of truth for names, kinds, shapes and MixDQ groups.
+
+Everything that needs a layer list (quantization, calibration, sensitivity, allocation, memory
+accounting, config validation) takes it from :func:`layer_inventory`, which reads the model itself.
+It works on a UNet built on the ``meta`` device, so the full SDXL inventory costs no memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from torch import nn
+
+# MixDQ's content group: cross-attention projections and feed-forward layers, matched by exact
+# module-name suffix (a substring such as "ff" would also match unrelated names).
+CONTENT_SUFFIXES: tuple[str, ...] = (
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
+# Inputs of these layers are the text embedding; its BOS token gets MixDQ's special treatment.
+TEXT_EMBEDDING_SUFFIXES: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable layer (an ``nn.Linear`` or ``nn.Conv2d`` of the UNet)."""
+
+    name: str
+    kind: str  # "linear" | "conv"
+    out_features: int
+    in_features: int  # per output row: in_features for Linear, in_channels*kh*kw for Conv2d
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+    group: str  # "content" | "quality"
+    block: str  # "down.0", "mid", "up.2", "time_embedding", "conv_in", ...
+    concat_split: int | None = None  # channels of the first part when the input is a concat of two
+
+    @property
+    def weight_numel(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def takes_text_embedding(self) -> bool:
+        return self.name.endswith(TEXT_EMBEDDING_SUFFIXES)
+
+
+def layer_group(name: str) -> str:
+    """MixDQ's metric group of a layer: ``content`` (scored by SSIM) or ``quality`` (by SQNR)."""
+    return "content" if name.endswith(CONTENT_SUFFIXES) else "quality"
+
+
+def layer_block(name: str) -> str:
+    """The UNet stage a layer belongs to, for grouping and heatmap rows."""
+    parts = name.split(".")
+    if parts[0] in ("down_blocks", "up_blocks"):
+        return f"{parts[0][:-7]}.{parts[1]}"
+    if parts[0] == "mid_block":
+        return "mid"
+    return parts[0]
+
+
+def up_block_concat_splits(unet: nn.Module) -> dict[str, int]:
+    """Channels of ``hidden_states`` inside the ``cat([hidden_states, skip])`` fed to up-block resnets.
+
+    Up-block resnets receive the concat of the upsampled features and the skip connection, two
+    tensors with very different ranges; their ``conv_shortcut`` input is quantized as two parts.
+    The split is read from the module structure: the first part carries the channels produced by
+    the previous resnet (or, for the first resnet of a block, by the previous block / mid block).
+    """
+    splits: dict[str, int] = {}
+    up_blocks = getattr(unet, "up_blocks", None)
+    if up_blocks is None:
+        return splits
+    mid = getattr(unet, "mid_block", None)
+    previous_out = mid.resnets[-1].out_channels if mid is not None else None
+    for b, block in enumerate(up_blocks):
+        for r, resnet in enumerate(block.resnets):
+            first_part = previous_out if r == 0 else block.resnets[r - 1].out_channels
+            shortcut = getattr(resnet, "conv_shortcut", None)
+            if shortcut is not None and first_part is not None and first_part < resnet.in_channels:
+                splits[f"up_blocks.{b}.resnets.{r}.conv_shortcut"] = int(first_part)
+        previous_out = block.resnets[-1].out_channels
+    return splits
+
+
+def layer_inventory(unet: nn.Module) -> list[LayerInfo]:
+    """All ``nn.Linear`` / ``nn.Conv2d`` layers of ``unet`` in module order.
+
+    Already-quantized layers (see :mod:`mixdq.quant`) report the shape of the layer they wrap,
+    so the inventory is the same before and after ``quantize_``.
+    """
+    splits = up_block_concat_splits(unet)
+    layers: list[LayerInfo] = []
+    for name, module in unet.named_modules():
+        wrapped = getattr(module, "fp_module", None)
+        if wrapped is not None:
+            module = wrapped
+        elif ".fp_module" in name:
+            continue
+        if isinstance(module, nn.Linear):
+            kind, rows, cols = "linear", module.out_features, module.in_features
+        elif isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            kind = "conv"
+            rows, cols = module.out_channels, module.in_channels // module.groups * kh * kw
+        else:
+            continue
+        layers.append(
+            LayerInfo(
+                name=name,
+                kind=kind,
+                out_features=rows,
+                in_features=cols,
+                weight_shape=tuple(module.weight.shape),
+                has_bias=module.bias is not None,
+                group=layer_group(name),
+                block=layer_block(name),
+                concat_split=splits.get(name),
+            )
+        )
+    return layers
+
+
+def non_layer_param_count(unet: nn.Module) -> int:
+    """Parameters outside the quantizable layers (norms, embeddings): they always stay in FP16."""
+    total = sum(p.numel() for p in unet.parameters())
+    layer_params = sum(i.weight_numel + (i.out_features if i.has_bias else 0) for i in layer_inventory(unet))
+    return total - layer_params
+
+
+def inventory_fingerprint(layers: list[LayerInfo]) -> str:
+    """A short hash of layer names and shapes: tells whether a config belongs to this architecture."""
+    digest = hashlib.sha256()
+    for info in layers:
+        digest.update(f"{info.name}:{'x'.join(map(str, info.weight_shape))};".encode())
+    return digest.hexdigest()[:16]

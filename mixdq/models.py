@@ -1,0 +1,195 @@
+"""Load an SDXL-architecture text-to-image pipeline: the embedded default model, a hub id or a folder.
+
+Every model goes through diffusers' ``StableDiffusionXLPipeline.from_pretrained`` so the embedded
+model and ``stabilityai/sdxl-turbo`` share one code path. :func:`build_random_pipeline` builds a
+small SDXL-architecture pipeline from configs alone (random weights) for tests and offline demos.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED_MODEL_DIR = ASSETS_DIR / "tiny-sdxl"
+EMBEDDED_MODEL_ID = "mixdq-studio/tiny-sdxl"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested model cannot be loaded here; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """SDXL-Turbo-style few-step sampling: 1–4 steps, no classifier-free guidance."""
+
+    num_inference_steps: int = 4
+    guidance_scale: float = 0.0
+    max_steps: int = 4
+
+
+TURBO_SAMPLING = SamplingDefaults()
+
+
+def turbo_scheduler_kwargs() -> dict:
+    """EulerAncestral with trailing timesteps, as SDXL-Turbo ships it."""
+    return dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="trailing",
+        steps_offset=1,
+        num_train_timesteps=1000,
+    )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(
+    name_or_path: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """A diffusers ``StableDiffusionXLPipeline``.
+
+    ``None`` loads the embedded model shipped in ``assets/tiny-sdxl``; a local folder or a hub id
+    (e.g. ``stabilityai/sdxl-turbo``) loads through ``from_pretrained``. ``dtype`` defaults to FP16
+    on CUDA and FP32 on CPU.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    device = torch.device(device or default_device())
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    source = Path(name_or_path) if name_or_path is not None else EMBEDDED_MODEL_DIR
+    if name_or_path is None and not EMBEDDED_MODEL_DIR.is_dir():
+        raise ModelNotAvailableError(
+            f"The embedded model is missing from {EMBEDDED_MODEL_DIR}; reinstall from a full checkout "
+            "(git lfs is not needed) or pass --model with a hub id or a local folder."
+        )
+    is_local = source.is_dir()
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            str(source) if is_local else str(name_or_path),
+            torch_dtype=dtype,
+            local_files_only=is_local or _offline(),
+            add_watermarker=False,
+        )
+    except (OSError, ValueError) as err:
+        if is_local:
+            raise ModelNotAvailableError(
+                f"{source} is not a diffusers StableDiffusionXLPipeline folder ({_first_line(err)}); "
+                "pass the folder that holds model_index.json."
+            ) from err
+        raise ModelNotAvailableError(
+            f"Model {name_or_path!r} is not available offline; download it once with "
+            f"`huggingface-cli download {name_or_path}` (or pass a local folder) and retry."
+        ) from err
+    pipe.set_progress_bar_config(disable=True)
+    pipe.model_id = EMBEDDED_MODEL_ID if name_or_path is None else str(name_or_path)
+    return pipe.to(device)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def build_random_pipeline(seed: int = 0, sample_size: int = 16, dtype: torch.dtype = torch.float32):
+    """A small SDXL-architecture pipeline built from configs with random weights (no files needed).
+
+    Same module names as SDXL (``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`` ...):
+    3 down / mid / 3 up blocks, cross-attention transformer blocks, ``text_time`` added embedding,
+    two CLIP text encoders (hidden 32 + 32 = cross_attention_dim 64) and a 3-downsample VAE.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=(1, 1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=16,
+        scaling_factor=0.13025,
+    )
+    tokenizer = _byte_level_clip_tokenizer()
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler(**turbo_scheduler_kwargs()),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.model_id = f"random-tiny-sdxl(seed={seed})"
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def _byte_level_clip_tokenizer():
+    """A CLIP BPE tokenizer over single bytes (no merges): every string tokenizes, no files needed."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable-character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    symbols, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + extra))
+            extra += 1
+    return symbols
