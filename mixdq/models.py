@@ -76,7 +76,7 @@ def load_pipeline(
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(
             str(source) if is_local else str(name_or_path),
-            torch_dtype=dtype,
+            dtype=dtype,
             local_files_only=is_local or _offline(),
             add_watermarker=False,
         )
