@@ -1,0 +1,120 @@
+"""Low-bit inference kernels: int8 activation quantization, W8A8 / W4A8 / W2A8 and weight-only GEMMs, conv.
+
+Public API (the deploy layer calls these; each runs the Triton kernel on CUDA and the PyTorch integer
+reference, :mod:`kernels.reference`, elsewhere):
+
+* :class:`PackedWeight` (``PackedWeight.from_codes(q, scale, bits, k_split=None)``), packing helpers.
+* :func:`quantize_act` float -> int8 codes ``q - 128`` (static per-tensor scale / zero-point).
+* :func:`quant_linear` ``x [..., K]`` -> ``[..., N]``: A8 when ``act_scale`` is given, weight-only otherwise.
+* :func:`conv2d_quant` the same for Conv2d (1x1 as GEMM, kxk by channels-last im2col + GEMM).
+
+Importing this package imports neither triton nor any kernel module; they load on first Triton use.
+``backend="triton"`` forces the kernels (on CPU that needs ``TRITON_INTERPRET=1`` set before triton loads),
+``backend="torch"`` the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from kernels import reference
+from kernels.conv import conv2d_quant
+from kernels.pack import (
+    PackedWeight,
+    conv_weight_matrix,
+    pack_codes,
+    pack_int2,
+    pack_int4,
+    unpack_codes,
+    unpack_int2,
+    unpack_int4,
+)
+
+__all__ = [
+    "PackedWeight",
+    "conv2d_quant",
+    "conv_weight_matrix",
+    "has_triton_gpu",
+    "pack_codes",
+    "pack_int2",
+    "pack_int4",
+    "quant_linear",
+    "quantize_act",
+    "reference",
+    "resolve_backend",
+    "unpack_codes",
+    "unpack_int2",
+    "unpack_int4",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def has_triton_gpu() -> bool:
+    """True when the Triton kernels can run on a CUDA device here."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
+    """``"triton"`` or ``"torch"`` for a tensor on x's device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and has_triton_gpu() else "torch"
+    return backend
+
+
+def quantize_act(
+    x: torch.Tensor, scale: float, zp: int, bits: int = 8, out: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Float ``x [..., C]`` -> int8 codes ``q - 128`` (into ``out`` when given); see :mod:`kernels.reference`."""
+    if resolve_backend(x, backend) == "triton":
+        from kernels.act_quant import quantize_act as triton_quantize_act
+
+        return triton_quantize_act(x, scale, zp, bits, out)
+    q = reference.quantize_act(x, scale, zp, bits)
+    return q if out is None else out.copy_(q)
+
+
+def quant_linear(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    act_scale: float | tuple[float, float] | None = None,
+    act_zp: int | tuple[int, int] | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    act_bits: int = 8,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``y = x @ dequant(weight).T + bias`` for ``x [..., K]`` -> ``[..., N]``.
+
+    * ``act_scale``/``act_zp`` given (a pair each when ``weight.k_split`` is set): A8 path. ``x`` is either
+      int8 codes from :func:`quantize_act` or float, then quantized inside the GEMM. Output float16
+      (bfloat16 for bfloat16 input).
+    * ``act_scale`` None: weight-only path, 16-bit ``x``, output in x's dtype.
+    """
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    use_triton = resolve_backend(x, backend) == "triton"
+    if act_scale is None:
+        if use_triton:
+            from kernels.gemm_weight_only import gemm_a16
+
+            y = gemm_a16(x2, weight, bias)
+        else:
+            y = reference.gemm_a16(x2, weight, bias)
+    else:
+        if act_zp is None:
+            raise ValueError("act_zp is required with act_scale (A8 path)")
+        out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
+        if use_triton:
+            from kernels.gemm_wxa8 import gemm_a8
+
+            y = gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
+        else:
+            y = reference.gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
+    return y.view(*lead, -1)

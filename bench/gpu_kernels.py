@@ -1,0 +1,235 @@
+"""Per-layer-shape GEMM benchmark: our Triton kernels vs FP16 cuBLAS, cuBLAS int8 and FP8 on one GPU.
+
+    PYTHONUNBUFFERED=1 python bench/gpu_kernels.py $OUT/gpu_kernels [--px 1024|512] [--repeats 20]
+
+writes ``<prefix>.json`` and ``<prefix>.md``, rewritten after every shape (a killed run keeps what it measured).
+A cold run JIT-compiles and autotunes every kernel variant (a few minutes); ``--shapes 0,1,2`` splits the
+work over several calls, and Triton's cache (~/.triton/cache) makes later calls on the same machine fast.
+
+Shapes (M tokens, N out, K in, count per UNet step) are the SDXL UNet linears at 1024 px from
+ENV-NOTES.md section 7 (at 512 px M is a quarter, except the 77 text tokens) plus 8192^3 for the peak.
+
+Timing (GPU time, not Python launch time): every op is warmed up first (Triton JIT + autotune), then
+captured ``iters`` times back to back in one CUDA graph, with ``iters`` chosen so one replay lasts ~2 ms;
+the graph is replayed ``repeats`` times, each replay timed with CUDA events, and the reported time is the
+median replay / iters. Operands are the same every iteration, so small weights stay in L2 (50 MB on H100)
+for every op alike. TOPS = 2*M*N*K / time; "% peak" is of the H100 SXM dense int8 peak, 1979 TOPS.
+
+Ops:  fp16       F.linear on float16 (cuBLAS)                       baseline
+      int8_mm    torch._int_mm int8 x int8 -> int32 (cuBLAS, M > 16)   no dequant epilogue
+      fp8        torch._scaled_mm e4m3 x e4m3 -> fp16, per-tensor scales (fp8_fast: use_fast_accum=True)
+      actq       our activation quantization alone (fp16 [M, K] -> int8)
+      w8a8       our W8A8 from int8 codes;  w8a8_fused: from fp16, quantized in the GEMM prologue
+      w4a8, w2a8 packed int4 / int2 weights, int8 codes in;  w4a8_fused from fp16
+      w8a16, w4a16, w2a16  our weight-only kernels on fp16 activations
+Every our-op output is also checked against kernels.reference on the GPU (max |err| / max |ref|).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import PackedWeight, reference
+
+H100_INT8_PEAK_TOPS = 1979.0
+# (M at 1024 px, N, K, count per UNet step); M = 77 are the text tokens of cross-attention K/V
+UNET_SHAPES = [
+    (1024, 1280, 1280, 372),
+    (1024, 10240, 1280, 60),
+    (1024, 1280, 5120, 60),
+    (77, 1280, 2048, 120),
+    (4096, 640, 640, 70),
+    (4096, 5120, 640, 10),
+]
+PEAK_SHAPE = (8192, 8192, 8192, 0)
+ACT_SCALE, ACT_ZP = 0.02, 131
+
+
+def gpu_time_us(fn, repeats: int, target_us: float = 2000.0) -> float:
+    """Median GPU time of one ``fn()`` call, from CUDA-graph replays of many back-to-back calls."""
+    fn()  # JIT + autotune
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    end.synchronize()
+    iters = max(5, min(500, math.ceil(target_us / max(1.0, start.elapsed_time(end) * 1000 / 5))))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / iters)
+    return statistics.median(times)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+
+
+def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda") -> dict:
+    from kernels import gemm_weight_only, gemm_wxa8
+    from kernels.act_quant import quantize_act
+    from kernels.gemm_weight_only import gemm_a16
+    from kernels.gemm_wxa8 import gemm_a8
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x16 = torch.randn(M, K, device=dev, generator=g, dtype=torch.float16)
+    w16 = torch.randn(N, K, device=dev, generator=g, dtype=torch.float16) / K**0.5
+    x8 = reference.quantize_act(x16, ACT_SCALE, ACT_ZP)
+    weights = {}
+    for bits in (8, 4, 2):
+        q, s = reference.quantize_weight(w16, bits)
+        weights[bits] = PackedWeight.from_codes(q, s, bits)
+    ops = {
+        "fp16": lambda: F.linear(x16, w16),
+        "actq": lambda: quantize_act(x16, ACT_SCALE, ACT_ZP),
+    }
+    if M > 16:
+        w8_t = weights[8].data.t()
+        ops["int8_mm"] = lambda: torch._int_mm(x8, w8_t)
+    x_f8, w_f8_t = x16.to(torch.float8_e4m3fn), w16.to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=dev)
+    ops["fp8"] = lambda: torch._scaled_mm(x_f8, w_f8_t, one, one, out_dtype=torch.float16)
+    ops["fp8_fast"] = lambda: torch._scaled_mm(x_f8, w_f8_t, one, one, out_dtype=torch.float16, use_fast_accum=True)
+    # name -> (run ours, run the reference, autotuned kernel)
+    ours = {}
+    for bits in (8, 4, 2):
+        w = weights[bits]
+        for suffix, x in [("", x8), ("_fused", x16)] if bits != 2 else [("", x8)]:
+            ours[f"w{bits}a8{suffix}"] = (
+                lambda x=x, w=w: gemm_a8(x, w, ACT_SCALE, ACT_ZP),
+                lambda x=x, w=w: reference.gemm_a8(x, w, ACT_SCALE, ACT_ZP),
+                gemm_wxa8.gemm_a8_kernel,
+            )
+        ours[f"w{bits}a16"] = (
+            lambda w=w: gemm_a16(x16, w),
+            lambda w=w: reference.gemm_a16(x16, w),
+            gemm_weight_only.gemm_a16_kernel,
+        )
+    row = {"M": M, "N": N, "K": K, "us": {}, "rel_err": {}, "errors": {}, "configs": {}}
+    for name, fn in ops.items():
+        try:
+            row["us"][name] = gpu_time_us(fn, repeats)
+        except Exception as e:  # noqa: BLE001 (a vendor op refusing a shape is a result, not a crash)
+            row["errors"][name] = f"{type(e).__name__}: {e}"[:300]
+    for name, (fn, ref_fn, kernel) in ours.items():
+        try:
+            row["rel_err"][name] = rel_err(fn(), ref_fn())
+            row["us"][name] = gpu_time_us(fn, repeats)
+            row["configs"][name] = str(getattr(kernel, "best_config", None))
+        except Exception as e:  # noqa: BLE001 (a kernel failing on one shape must not lose the others)
+            row["errors"][name] = f"{type(e).__name__}: {e}"[:300]
+    row["tops"] = {k: 2 * M * N * K / (v * 1e-6) / 1e12 for k, v in row["us"].items() if k != "actq"}
+    return row
+
+
+COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "actq", "w8a8", "w8a8_fused", "w4a8", "w4a8_fused", "w2a8",
+           "w8a16", "w4a16", "w2a16"]  # fmt: skip
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    fmt = lambda v: "—" if v is None else f"{v:.1f}"
+    lines = [
+        f"# GEMM kernels per layer shape — {meta['gpu']}",
+        "",
+        f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · `{meta['command']}`",
+        "",
+        "GPU time per call (µs): CUDA graph of back-to-back calls, median of replays. — = not run (see JSON errors).",
+        "",
+        "| M | N | K | count | " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * (4 + len(COLUMNS)),
+    ]
+    for r in rows:
+        cells = [fmt(r["us"].get(c)) for c in COLUMNS]
+        lines.append(f"| {r['M']} | {r['N']} | {r['K']} | {r['count']} | " + " | ".join(cells) + " |")
+    unet = [r for r in rows if r["count"]]
+    if unet:
+        totals = [
+            fmt(sum(r["us"][c] * r["count"] for r in unet) / 1000) if all(c in r["us"] for r in unet) else "—"
+            for c in COLUMNS
+        ]
+        lines.append("| **UNet total (ms)** | | | | " + " | ".join(totals) + " |")
+    lines += ["", f"Throughput in TOPS (% of the {H100_INT8_PEAK_TOPS:.0f} TOPS H100 dense int8 peak):", ""]
+    tcols = [c for c in COLUMNS if c != "actq"]
+    lines += ["| M | N | K | " + " | ".join(tcols) + " |", "|" + "---|" * (3 + len(tcols))]
+    for r in rows:
+        cells = [
+            f"{r['tops'][c]:.0f} ({100 * r['tops'][c] / H100_INT8_PEAK_TOPS:.0f}%)" if c in r["tops"] else "—"
+            for c in tcols
+        ]
+        lines.append(f"| {r['M']} | {r['N']} | {r['K']} | " + " | ".join(cells) + " |")
+    worst = max((e for r in rows for e in r["rel_err"].values()), default=float("nan"))
+    lines += ["", f"Largest max|ours − reference| / max|reference| over all rows: {worst:.2e}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_prefix", type=Path, help="writes <prefix>.json and <prefix>.md")
+    parser.add_argument("--px", type=int, choices=(1024, 512), default=1024)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-peak", action="store_true", help="skip the 8192^3 shape")
+    parser.add_argument("--shapes", help="comma-separated row indices to run (0-5 UNet shapes, 6 = 8192^3)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu_kernels.py needs a CUDA GPU")
+    import triton
+
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": " ".join(["python", *sys.argv]),
+        "px": args.px,
+        "timing": "CUDA graph of back-to-back calls, CUDA events, median of replays / iters",
+        "act_scale": ACT_SCALE,
+        "act_zp": ACT_ZP,
+    }
+    # latent tokens scale with pixels; the 77 text tokens do not
+    shapes = [(m if m == 77 else m * args.px**2 // 1024**2, n, k, c) for m, n, k, c in UNET_SHAPES]
+    if not args.no_peak:
+        shapes.append(PEAK_SHAPE)
+    if args.shapes:
+        shapes = [shapes[int(i)] for i in args.shapes.split(",")]
+    args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for M, N, K, count in shapes:
+        row = bench_shape(M, N, K, args.repeats) | {"count": count}
+        rows.append(row)
+        print(
+            f"({M},{N},{K}) " + " ".join(f"{k}={v:.1f}" for k, v in row["us"].items()), row["errors"] or "", flush=True
+        )
+        Path(f"{args.out_prefix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        Path(f"{args.out_prefix}.md").write_text(markdown(meta, rows))
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

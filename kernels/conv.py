@@ -1,0 +1,79 @@
+"""Quantized Conv2d as GEMM over channels-last patches.
+
+    x [B, C, H, W] (any memory format) -> NHWC view -> patches [B*Ho*Wo, kh*kw*C] -> GEMM with the weight packed
+    in (kh, kw, C) order (``kernels.pack.conv_weight_matrix``) -> [B, Ho*Wo, N] -> [B, N, Ho, Wo] (channels-last).
+
+* 1x1, stride 1, no padding: the NHWC view *is* the GEMM operand; A8 layers quantize it in the GEMM prologue.
+* kxk: explicit im2col. A8 layers quantize first (one pass, 1 byte per element) and gather int8 patches, so the
+  gathered copy is 9 bytes per input element instead of 18 in fp16; padding is filled with the code of 0.0,
+  ``zp - 128``, not 0. This is the measured alternative to an implicit-GEMM kernel.
+* Concat input (up-block ``conv_shortcut``, 1x1): the weight's ``k_split`` is the channel where the second
+  tensor starts; each part is quantized with its own (scale, zp) and the GEMM corrects each part's zero-point
+  with that part's row sums.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.pack import PackedWeight
+from kernels.reference import ACT_OFFSET, act_parts
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def im2col_nhwc(
+    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], fills: list
+) -> torch.Tensor:
+    """``x [B, H, W, C]`` -> patches ``[B*Ho*Wo, kh*kw*C]`` in (kh, kw, C) order; ``fills = [(c0, c1, value)]``
+    pads channels c0:c1 with value."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    B, H, W, C = x.shape
+    if ph or pw:
+        xp = x.new_empty(B, H + 2 * ph, W + 2 * pw, C)
+        for c0, c1, value in fills:
+            xp[..., c0:c1] = value
+        xp[:, ph : ph + H, pw : pw + W] = x
+        x = xp
+    patches = x.unfold(1, kh, sh).unfold(2, kw, sw)  # [B, Ho, Wo, C, kh, kw]
+    return patches.permute(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * C)
+
+
+def conv2d_quant(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    act_scale: float | tuple[float, float] | None = None,
+    act_zp: int | tuple[int, int] | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    act_bits: int = 8,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Quantized conv: W{8,4,2}A8 when ``act_scale`` is given, else weight-only. Returns ``[B, N, Ho, Wo]``."""
+    from kernels import quant_linear, quantize_act
+
+    (kh, kw), st, pad = _pair(kernel_size), _pair(stride), _pair(padding)
+    B, C, H, W = x.shape
+    if weight.in_features != kh * kw * C:
+        raise ValueError(f"weight in_features={weight.in_features} != kh*kw*C = {kh}*{kw}*{C}")
+    if weight.k_split is not None and (kh, kw) != (1, 1):
+        raise ValueError(f"a concat (k_split) input is supported for 1x1 convs only, got kernel {kh}x{kw}")
+    Ho, Wo = (H + 2 * pad[0] - kh) // st[0] + 1, (W + 2 * pad[1] - kw) // st[1] + 1
+    xh = x.permute(0, 2, 3, 1)
+    if (kh, kw, *st, *pad) == (1, 1, 1, 1, 0, 0):
+        cols = xh.reshape(-1, C)
+    elif act_scale is None:
+        cols = im2col_nhwc(xh, (kh, kw), st, pad, [(0, C, 0.0)])
+    else:
+        parts = act_parts(weight, act_scale, act_zp)
+        xq = torch.empty(B, H, W, C, dtype=torch.int8, device=x.device)
+        for c0, c1, s, z in parts:
+            quantize_act(xh[..., c0:c1], s, z, act_bits, out=xq[..., c0:c1], backend=backend)
+        cols = im2col_nhwc(xq, (kh, kw), st, pad, [(c0, c1, z - ACT_OFFSET) for c0, c1, _, z in parts])
+    y = quant_linear(cols, weight, act_scale, act_zp, bias, act_bits=act_bits, backend=backend)
+    return y.view(B, Ho, Wo, -1).permute(0, 3, 1, 2)

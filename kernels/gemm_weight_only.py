@@ -1,0 +1,102 @@
+"""Weight-only W8A16 / W4A16 / W2A16 GEMM: 16-bit activations x int8 / packed int4 / packed int2 weights.
+
+    acc[m, n] = sum_k x[m, k] * float16(w[n, k])          fp32 accumulator (tl.dot on 16-bit operands)
+    y[m, n]   = acc[m, n] * s_w[n] + bias[n]
+
+x:      [M, K] float16 or bfloat16, any strides.
+weight: :class:`kernels.pack.PackedWeight` ``[N, K]``; codes are unpacked in registers and converted to x's
+        dtype (exact: |q| <= 127); the per-channel scale is applied once in the epilogue, not per element.
+out:    [M, N] x's dtype, row-major.
+
+For protected layers whose activations stay 16-bit and the W3.66A16 setting: the win is weight bytes
+(memory-bound shapes, small M), not math.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gemm_wxa8 import grouped_tile, load_weight_tile, prune_by_m
+from kernels.pack import PackedWeight
+
+
+def get_gemm_a16_autotune_config() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8})]
+    cfg = lambda m, n, k, w, s: triton.Config(
+        {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s
+    )
+    return [
+        cfg(128, 256, 64, 8, 3),
+        cfg(128, 128, 64, 4, 4),
+        cfg(128, 128, 64, 8, 4),
+        cfg(64, 128, 64, 4, 4),
+        cfg(64, 64, 64, 4, 4),
+        cfg(32, 128, 128, 4, 4),
+        cfg(16, 64, 256, 4, 4),
+        cfg(16, 128, 128, 4, 4),
+    ]
+
+
+@triton.autotune(configs=get_gemm_a16_autotune_config(), key=["M", "N", "K", "W_BITS"],
+                 prune_configs_by={"early_config_prune": prune_by_m})  # fmt: skip
+@triton.jit
+def gemm_a16_kernel(
+    # pointers
+    a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K,
+    # strides (elements; the packed weight's in bytes)
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
+    # meta
+    W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
+        w = load_weight_tile(w_ptr, k0, offs_n, K, N, stride_wn, stride_wk, W_BITS, BLOCK_K)
+        acc = tl.dot(a, w.to(a.dtype), acc)
+
+    # epilogue: per-channel scale, bias, store
+    out = acc * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = (offs_m[:, None] < M) & n_mask[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
+             mask=out_mask)  # fmt: skip
+
+
+def gemm_a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K]`` float16/bfloat16 -> ``[M, N]`` same dtype; contract of :func:`kernels.reference.gemm_a16`."""
+    # 1. check
+    M, K = x.shape
+    N = weight.out_features
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float16 or bfloat16 for the weight-only kernel, got {x.dtype}")
+    if K != weight.in_features:
+        raise ValueError(f"x has K={K} columns but the weight has in_features={weight.in_features}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    # 2. allocate
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    # 3. launch
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+    gemm_a16_kernel[grid](
+        x, weight.data, weight.scale, bias if bias is not None else weight.scale, out,
+        M, N, K,
+        x.stride(0), x.stride(1), weight.data.stride(0), weight.data.stride(1), out.stride(0), out.stride(1),
+        W_BITS=weight.bits, HAS_BIAS=bias is not None,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,125 @@
+"""Pure-PyTorch integer reference of every kernel: the tests' oracle and the CPU path of the dispatcher.
+
+Numerics contract (the Triton kernels reproduce it bit for bit in int32, and their float epilogue op for op):
+
+* activation quantization, per tensor, asymmetric, ``b_a`` in {4, 8} bits, integer zero-point ``zp``::
+
+      q      = clamp(round_half_even(float32(x) * (1 / float32(s_a))) + zp, 0, 2**b_a - 1)  (unsigned code)
+      x_int8 = q - 128                                                                     (signed, what GEMMs read)
+
+  (multiplying by the fp32 reciprocal, like ``mixdq.quant.primitives`` and torch's fused fake-quant,
+  so deployed codes equal the fake-quant codes.)
+
+* A8 GEMM, weight codes ``w[n, k]`` (see :mod:`kernels.pack`), ``rowsum[n] = sum_k w[n, k]``::
+
+      acc[m, n] = sum_k x_int8[m, k] * w[n, k]                                  (int32)
+      y[m, n]   = float32(acc + (128 - zp) * rowsum[n]) * (s_a * s_w[n]) + bias[n]   -> float16
+
+  since ``(q - zp) = x_int8 + 128 - zp``. With a K split (concat input) each part p has its own
+  ``(s_a_p, zp_p)``, accumulator and row sum, and the parts' float terms are added in order, then the bias.
+
+* A16 (weight-only) GEMM: ``y = float32(x @ w.T) * s_w[n] + bias[n]`` with fp32 accumulation.
+
+Integer matmuls run in float64, which is exact for these magnitudes (|acc| < 2**31 < 2**53) and fast on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.pack import PackedWeight, qmax
+
+ACT_OFFSET = 128  # x_int8 = q - ACT_OFFSET: unsigned 8-bit codes shifted into int8
+ACT_BITS = (4, 8)
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric min-max: int8 codes ``[N, K]`` in [-qmax, qmax] and float32 scale ``[N]``."""
+    amax = w.detach().float().abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))
+    q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax(bits), qmax(bits)).to(torch.int8)
+    return q, scale
+
+
+def act_parts(
+    weight: PackedWeight, act_scale: float | tuple[float, float], act_zp: int | tuple[int, int]
+) -> list[tuple[int, int, float, int]]:
+    """``[(k_start, k_end, scale, zp), ...]``: one entry per K part of the weight's input."""
+    bounds = [0, weight.in_features] if weight.k_split is None else [0, weight.k_split, weight.in_features]
+    scales = act_scale if isinstance(act_scale, (tuple, list)) else (act_scale,)
+    zps = act_zp if isinstance(act_zp, (tuple, list)) else (act_zp,)
+    if len(scales) != len(bounds) - 1 or len(zps) != len(bounds) - 1:
+        raise ValueError(
+            f"the weight has {len(bounds) - 1} input part(s) (k_split={weight.k_split}); "
+            f"got {len(scales)} activation scale(s) and {len(zps)} zero-point(s)"
+        )
+    return [(a, b, float(s), int(z)) for a, b, s, z in zip(bounds, bounds[1:], scales, zps)]
+
+
+def check_act_params(scale: float, zp: int, bits: int) -> None:
+    if bits not in ACT_BITS:
+        raise ValueError(f"activation bits must be one of {ACT_BITS}, got {bits!r}")
+    if not 0 <= zp <= 2**bits - 1 or int(zp) != zp:
+        raise ValueError(f"activation zero-point must be an integer in [0, {2**bits - 1}], got {zp!r}")
+    if not scale > 0:
+        raise ValueError(f"activation scale must be > 0, got {scale!r}")
+
+
+def inv_scale(scale: float) -> float:
+    """``1 / scale`` rounded to float32, the multiplier every quantizer here uses."""
+    return float(1.0 / torch.tensor(scale, dtype=torch.float32))
+
+
+def quantize_act(x: torch.Tensor, scale: float, zp: int, bits: int = 8) -> torch.Tensor:
+    """Float activations (any shape) -> int8 ``q - 128`` of the same shape (see the module docstring)."""
+    check_act_params(scale, zp, bits)
+    v = x.float() * torch.tensor(inv_scale(scale), dtype=torch.float32)
+    q = torch.clamp(torch.round(v) + zp, 0, 2**bits - 1)
+    return (q - ACT_OFFSET).to(torch.int8)
+
+
+def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact ``a [M, K] @ w[N, K].T`` of integer tensors (|result| < 2**31) -> int32 ``[M, N]``."""
+    return (a.double() @ w.double().T).to(torch.int32)
+
+
+def gemm_a8(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    act_scale: float | tuple[float, float],
+    act_zp: int | tuple[int, int],
+    bias: torch.Tensor | None = None,
+    act_bits: int = 8,
+    out_dtype: torch.dtype = torch.float16,
+    return_acc: bool = False,
+) -> torch.Tensor:
+    """W{8,4,2}A8: ``x [M, K]`` int8 codes (``q - 128``) or float (quantized here) -> ``[M, N]`` out_dtype.
+
+    ``return_acc=True`` returns the int32 ``sum_p (acc_p + (128 - zp_p) * rowsum_p)`` = ``sum_k (q - zp) w``.
+    """
+    parts = act_parts(weight, act_scale, act_zp)
+    w = weight.codes()
+    if x.dtype != torch.int8:
+        x = torch.cat([quantize_act(x[:, a:b], s, z, act_bits) for a, b, s, z in parts], dim=1)
+    sw = weight.scale.float()
+    total = torch.zeros(x.shape[0], w.shape[0], dtype=torch.int32, device=x.device)
+    y = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+    for p, (a, b, s, z) in enumerate(parts):
+        tot = int_matmul(x[:, a:b], w[:, a:b]) + (ACT_OFFSET - z) * weight.rowsum[p]
+        total += tot
+        y += tot.float() * (torch.tensor(s, dtype=torch.float32) * sw)
+    if return_acc:
+        return total
+    if bias is not None:
+        y += bias.float()
+    return y.to(out_dtype)
+
+
+def gemm_a16(
+    x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Weight-only W{8,4,2}A16: float ``x [M, K]`` -> ``[M, N]`` (out_dtype defaults to x's 16-bit dtype)."""
+    y = (x.float() @ weight.codes().float().T) * weight.scale.float()
+    if bias is not None:
+        y += bias.float()
+    return y.to(out_dtype or (x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16))

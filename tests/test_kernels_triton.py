@@ -1,0 +1,135 @@
+"""Triton kernels against the integer reference: int32 accumulators bit-exact, 16-bit outputs within rounding.
+
+On CPU they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU),
+so shapes are small; on a CUDA machine the same tests run the compiled kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernel tests need it")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and TRITON_INTERPRET!=1: Triton cannot launch here", allow_module_level=True)
+
+from kernels import PackedWeight, conv2d_quant, conv_weight_matrix, quant_linear, reference
+from kernels.act_quant import quantize_act
+from kernels.gemm_weight_only import gemm_a16
+from kernels.gemm_wxa8 import gemm_a8
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (M, N, K, k_split): M = 1 (time-embedding linears) with K = 75 (a partly filled last byte when packed),
+# sizes off the 32-blocks, a concat input split at K = 40
+SHAPES = [(1, 40, 75, None), (37, 48, 80, None), (33, 40, 96, 40)]
+
+
+def make_weight(n: int, k: int, bits: int, k_split=None, seed: int = 0) -> PackedWeight:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    q, s = reference.quantize_weight(w, bits)
+    return PackedWeight.from_codes(q, s, bits, k_split).to(DEVICE)
+
+
+def assert_within_fp16_rounding(out: torch.Tensor, ref: torch.Tensor) -> None:
+    # 1 ulp of the 16-bit output, plus a small absolute floor for outputs near 0 (fp32 epilogue rounding)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-10, atol=1e-4 * ref.float().abs().max().item())
+
+
+def test_act_quant_bit_exact_with_ties_and_saturation():
+    x = torch.cat([torch.tensor([-0.125, 0.125, 0.375, 0.625, -1e4, 1e4]), torch.randn(200) * 5]).to(DEVICE)
+    x = x.view(2, 103).half()  # odd row length: masked tails
+    for bits, zp in [(8, 3), (8, 250), (4, 9)]:
+        assert torch.equal(quantize_act(x, 0.25, zp, bits), reference.quantize_act(x, 0.25, zp, bits))
+
+
+def test_act_quant_into_strided_concat_buffer():
+    x1, x2 = torch.randn(4, 3, 16, device=DEVICE), torch.randn(4, 3, 24, device=DEVICE) * 10
+    buf = torch.empty(4, 3, 40, dtype=torch.int8, device=DEVICE)
+    quantize_act(x1, 0.02, 128, out=buf[..., :16])
+    quantize_act(x2, 0.2, 30, out=buf[..., 16:])
+    assert torch.equal(buf[..., :16], reference.quantize_act(x1, 0.02, 128))
+    assert torch.equal(buf[..., 16:], reference.quantize_act(x2, 0.2, 30))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("M,N,K,k_split", SHAPES)
+@pytest.mark.parametrize("prequantized", [True, False], ids=["int8-in", "fused-quant"])
+def test_gemm_a8_matches_reference(bits, M, N, K, k_split, prequantized):
+    g = torch.Generator().manual_seed(M + bits)
+    weight = make_weight(N, K, bits, k_split, seed=bits)
+    x = (torch.randn(M, K, generator=g) * 3).half().to(DEVICE)
+    bias = torch.randn(N, generator=g).to(DEVICE)
+    scale, zp = ((0.03, 0.05), (120, 7)) if k_split else (0.03, 120)
+    if prequantized:
+        parts = reference.act_parts(weight, scale, zp)
+        x = torch.cat([reference.quantize_act(x[:, a:b], s, z) for a, b, s, z in parts], dim=1)
+    acc = gemm_a8(x, weight, scale, zp, return_acc=True)
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc, reference.gemm_a8(x, weight, scale, zp, return_acc=True))
+    out = gemm_a8(x, weight, scale, zp, bias)
+    assert out.dtype == torch.float16 and out.shape == (M, N)
+    assert_within_fp16_rounding(out, reference.gemm_a8(x, weight, scale, zp, bias))
+
+
+def test_gemm_a8_four_bit_activations():
+    weight = make_weight(24, 48, 4)
+    x = torch.randn(5, 48, device=DEVICE)
+    acc = gemm_a8(x, weight, 0.2, 8, act_bits=4, return_acc=True)
+    assert torch.equal(acc, reference.gemm_a8(x, weight, 0.2, 8, act_bits=4, return_acc=True))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 75), (37, 48, 80)])
+def test_gemm_weight_only_matches_reference(bits, M, N, K):
+    weight = make_weight(N, K, bits, seed=bits)
+    g = torch.Generator().manual_seed(M)
+    # small integers: every product and partial sum is exact in fp32, so only the epilogue can differ
+    x_int = torch.randint(-8, 9, (M, K), generator=g).half().to(DEVICE)
+    bias = torch.randn(N, generator=g).to(DEVICE)
+    out = gemm_a16(x_int, weight, bias)
+    assert out.dtype == torch.float16
+    assert_within_fp16_rounding(out, reference.gemm_a16(x_int, weight, bias))
+    x = torch.randn(M, K, generator=g).half().to(DEVICE)
+    assert_within_fp16_rounding(gemm_a16(x, weight), reference.gemm_a16(x, weight))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1)])
+@pytest.mark.parametrize("act", [True, False], ids=["w4a8", "w4a16"])
+def test_conv2d_quant_triton_matches_torch_backend(kernel, stride, padding, act):
+    g = torch.Generator().manual_seed(kernel)
+    x = torch.randn(1, 8, 6, 5, generator=g).half().to(DEVICE).to(memory_format=torch.channels_last)
+    w = torch.randn(12, 8, kernel, kernel, generator=g)
+    q, s = reference.quantize_weight(w.flatten(1), 4)
+    weight = PackedWeight.from_codes(conv_weight_matrix(q.view_as(w)), s, 4).to(DEVICE)
+    act_args = (0.02, 100) if act else (None, None)
+    out = conv2d_quant(x, weight, kernel, stride, padding, *act_args, backend="triton")
+    ref = conv2d_quant(x, weight, kernel, stride, padding, *act_args, backend="torch")
+    assert out.shape == ref.shape
+    assert_within_fp16_rounding(out, ref)
+
+
+def test_conv2d_quant_concat_shortcut():
+    x = torch.cat([torch.randn(1, 16, 4, 4), torch.randn(1, 24, 4, 4) * 30], dim=1).half().to(DEVICE)
+    weight = make_weight(8, 40, 8, k_split=16)
+    out = conv2d_quant(x, weight, 1, act_scale=(0.02, 0.5), act_zp=(128, 60), backend="triton")
+    ref = conv2d_quant(x, weight, 1, act_scale=(0.02, 0.5), act_zp=(128, 60), backend="torch")
+    assert_within_fp16_rounding(out, ref)
+
+
+def test_dispatcher_runs_the_triton_kernels(monkeypatch):
+    """``backend="triton"`` (and ``"auto"`` on CUDA) must reach the kernels, not the reference."""
+    import kernels.gemm_weight_only
+    import kernels.gemm_wxa8
+
+    calls = []
+    for module, name in [(kernels.gemm_wxa8, "gemm_a8"), (kernels.gemm_weight_only, "gemm_a16")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    weight = make_weight(16, 32, 4)
+    x = torch.randn(2, 3, 32, device=DEVICE).half()
+    backend = "auto" if DEVICE == "cuda" else "triton"
+    y = quant_linear(x, weight, 0.05, 128, backend=backend)
+    assert y.shape == (2, 3, 16)
+    quant_linear(x, weight, backend=backend)
+    assert calls == ["gemm_a8", "gemm_a16"]
+    assert kernels.resolve_backend(torch.zeros(1), "auto") == "torch"
