@@ -1,0 +1,368 @@
+"""Budget -> PrecisionConfig: MixDQ's per-group integer programs tied together.
+
+A budget is the size-weighted average bits over *all* quantizable layers, protected layers counted
+at 16 (the quantity :func:`mixdq.memory.average_weight_bits` reports), met within ± the band, or for
+weights a cap on the MB of the whole UNet. It is turned into a target for the non-protected layers, split into a content and a
+quality target with ratio K (fixed, or "auto": the best K on a grid), and each group is solved on
+its own. :class:`Allocator` keeps the per-group models between calls, so the studio can re-solve
+on every slider release without rebuilding them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mixdq.allocate.approx import ApproxGroupSolver
+from mixdq.allocate.budget import WeightBudgetScale
+from mixdq.allocate.exact import SOLVERS, ExactGroupSolver
+from mixdq.allocate.groups import (
+    GroupSolution,
+    allocation_score,
+    candidate_bits,
+    group_targets,
+    normalized_objective,
+)
+from mixdq.config import PrecisionConfig
+from mixdq.inventory import inventory_fingerprint
+from mixdq.memory import FP16_BITS, MB, weight_memory
+from mixdq.sensitivity.published import UNetInventory
+from mixdq.sensitivity.table import GROUPS, TARGETS, GroupMatrix, SensitivityTableError, group_matrix, validate_table
+
+BAND = 0.02  # MixDQ's tolerance on each group's average bits
+APPROX = "approx"
+METHODS: tuple[str, ...] = (*SOLVERS, APPROX)
+K_GRID_POINTS = 25
+AUTO = "auto"
+
+
+class InfeasibleBudgetError(ValueError):
+    """No allocation meets the budget; ``low``/``high`` give the feasible range in average bits."""
+
+    def __init__(self, message: str, low: float, high: float) -> None:
+        super().__init__(message)
+        self.low, self.high = low, high
+
+
+@dataclass(frozen=True)
+class SideAllocation:
+    """The allocation of one side (weights or activations) of every layer."""
+
+    target: str  # "weight" | "act"
+    budget_bits: float  # requested overall average (protected layers at 16)
+    average_bits: float  # achieved overall average (protected layers at 16)
+    k: float  # b_content / b_quality used
+    groups: dict[str, GroupSolution]
+    solver: str  # "cbc" | "highs" | "approx": the one that produced these bits
+    status: str  # "Optimal" (within MIP_GAP), "Greedy", or why the exact solver stopped early
+    seconds: float  # wall time of this side's allocation, K search included
+
+    @property
+    def bits(self) -> dict[str, int]:
+        return {name: bit for g in GROUPS for name, bit in self.groups[g].bits.items()}
+
+    @property
+    def score(self) -> float:
+        """Size-weighted normalized objective in [0, 1]: what "best K" maximizes."""
+        return allocation_score(
+            {g: s.normalized for g, s in self.groups.items()}, {g: s.share for g, s in self.groups.items()}
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready numbers for the config's metadata."""
+        return {
+            "budget_bits": self.budget_bits,
+            "average_bits": self.average_bits,
+            "k": self.k,
+            "solver": self.solver,
+            "status": self.status,
+            "solve_seconds": self.seconds,
+            "groups": {
+                g.group: {
+                    "target": g.target,
+                    "average": g.average,
+                    "objective": g.objective,
+                    "normalized": g.normalized,
+                }
+                for g in self.groups.values()
+            },
+        }
+
+
+@dataclass(frozen=True)
+class AllocationResult:
+    """A precision config and how it was obtained."""
+
+    config: PrecisionConfig
+    weight: SideAllocation
+    act: SideAllocation | None  # None: activations stay FP16
+    weight_mb: float | None  # exact UNet weight MB; None without a layer inventory
+
+    @property
+    def objective(self) -> float:
+        """Sum of the sides' scores (each in [0, 1]; 1 = all layers at their highest bits)."""
+        return self.weight.score + (self.act.score if self.act is not None else 0.0)
+
+
+class _Side:
+    """Per-target data: group matrices, size bookkeeping and lazily built solvers."""
+
+    def __init__(self, table: pd.DataFrame, target: str, protected: frozenset[str]) -> None:
+        self.target = target
+        self.matrices: dict[str, GroupMatrix] = {
+            g: group_matrix(table, target, g, candidate_bits(target, g), exclude=protected) for g in GROUPS
+        }
+        empty = [g for g, m in self.matrices.items() if not len(m.layers)]
+        if empty:
+            raise SensitivityTableError(f"no {target} layers in group(s) {empty}; MixDQ allocates both groups.")
+        sizes = table.loc[table["target"] == target].drop_duplicates("layer").set_index("layer")["size"]
+        self.total_size = float(sizes.sum())
+        self.protected_size = float(sizes.reindex(sorted(protected)).fillna(0.0).sum())
+        self.group_size = {g: float(m.sizes.sum()) for g, m in self.matrices.items()}
+        self.r = self.group_size["content"] / self.group_size["quality"]
+        self.share = {g: s / sum(self.group_size.values()) for g, s in self.group_size.items()}
+        self.low = {g: float(min(m.bits)) for g, m in self.matrices.items()}
+        self.high = {g: float(max(m.bits)) for g, m in self.matrices.items()}
+        self._exact: dict[str, ExactGroupSolver] = {}
+        self._approx: dict[str, ApproxGroupSolver] = {}
+
+    def to_allocated(self, overall: float) -> float:
+        """Average over the non-protected layers that gives ``overall`` with protected layers at 16."""
+        return (overall * self.total_size - FP16_BITS * self.protected_size) / (self.total_size - self.protected_size)
+
+    def to_overall(self, allocated: float) -> float:
+        return (allocated * (self.total_size - self.protected_size) + FP16_BITS * self.protected_size) / self.total_size
+
+    def allocated_range(self, k: float | None) -> tuple[float, float]:
+        """Allocated-average budgets whose group targets lie within each group's bits (any K, or this K)."""
+        if k is None:
+            return sum(self.share[g] * self.low[g] for g in GROUPS), sum(self.share[g] * self.high[g] for g in GROUPS)
+        factor = group_targets(1.0, k, self.r)  # group targets are proportional to the budget
+        return max(self.low[g] / factor[g] for g in GROUPS), min(self.high[g] / factor[g] for g in GROUPS)
+
+    def k_grid(self, allocated: float) -> np.ndarray:
+        """K values evenly spaced in content target over the range where both group targets are feasible."""
+        total = allocated * (1 + self.r)  # = b_c·r + b_q
+        content_low = max(self.low["content"], (total - self.high["quality"]) / self.r)
+        content_high = min(self.high["content"], (total - self.low["quality"]) / self.r)
+        content = np.linspace(content_low, content_high, K_GRID_POINTS)
+        return content / (total - self.r * content)
+
+    def solve_group(self, group: str, target: float, band: float, solver: str) -> tuple[np.ndarray | None, str]:
+        if solver == APPROX:
+            if group not in self._approx:
+                self._approx[group] = ApproxGroupSolver(self.matrices[group])
+            choice = self._approx[group].solve(target, band)
+            return choice, "Greedy" if choice is not None else "Greedy missed the band"
+        if group not in self._exact:
+            self._exact[group] = ExactGroupSolver(self.matrices[group])
+        return self._exact[group].solve(target, band, solver)
+
+    def solution(self, group: str, target: float, choice: np.ndarray) -> GroupSolution:
+        matrix = self.matrices[group]
+        bits = np.asarray(matrix.bits)[choice]
+        raw, normalized = normalized_objective(matrix.values, choice)
+        return GroupSolution(
+            group=group,
+            bits=dict(zip(matrix.layers, bits.tolist(), strict=True)),
+            target=target,
+            average=float(np.dot(matrix.sizes, bits) / matrix.sizes.sum()),
+            objective=raw,
+            normalized=normalized,
+            share=self.share[group],
+        )
+
+
+class Allocator:
+    """MixDQ bit allocation over one sensitivity table, with its solvers cached between calls.
+
+    ``protected`` layers stay FP16 on both sides and are excluded from the programs. With
+    ``inventory`` (the model's layers), budgets may be given in MB and results carry exact MB.
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        protected: Sequence[str] = (),
+        inventory: UNetInventory | None = None,
+        band: float = BAND,
+        model_id: str = "",
+    ) -> None:
+        self.table = validate_table(table)
+        known = set(self.table["layer"])
+        unknown = [name for name in protected if name not in known]
+        if unknown:
+            raise SensitivityTableError(f"protected layers {unknown[:3]} are not in the sensitivity table.")
+        if not 0 < band < 1:
+            raise ValueError(f"band {band!r} must be in (0, 1) average bits; MixDQ uses {BAND}.")
+        self.protected = tuple(protected)
+        self.inventory = inventory
+        self.band = band
+        self.model_id = model_id
+        self.scale = None
+        if inventory is not None:
+            _check_table_matches(self.table, inventory)
+            self.scale = WeightBudgetScale(inventory.layers, inventory.other_params, set(self.protected))
+        self._sides: dict[str, _Side] = {}
+
+    def side(self, target: str) -> _Side:
+        if target not in TARGETS:
+            raise ValueError(f"target {target!r} is not one of {list(TARGETS)}.")
+        if target not in self._sides:
+            self._sides[target] = _Side(self.table, target, frozenset(self.protected))
+        return self._sides[target]
+
+    def feasible_range(self, target: str = "weight", k: float | str = AUTO) -> tuple[float, float]:
+        """(lowest, highest) overall average bits this allocator can reach for ``target`` at ``k``."""
+        side = self.side(target)
+        low, high = side.allocated_range(None if k == AUTO else _check_k(k))
+        return side.to_overall(low), side.to_overall(high)
+
+    def allocate_side(
+        self, target: str, budget_bits: float, k: float | str = AUTO, solver: str = "cbc"
+    ) -> SideAllocation:
+        """Allocate ``target`` (weights or activations) at ``budget_bits`` overall average bits.
+
+        ``k="auto"`` ranks K on a grid by the size-weighted normalized group objectives, using the
+        approximate solver (milliseconds per K), then solves the winner with ``solver``. The
+        criterion is :func:`mixdq.allocate.groups.allocation_score`.
+        """
+        if solver not in METHODS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {list(METHODS)}.")
+        start = time.perf_counter()
+        side = self.side(target)
+        allocated = side.to_allocated(budget_bits)
+        fixed_k = None if k == AUTO else _check_k(k)
+        low, high = side.allocated_range(fixed_k)
+        if not low - 1e-9 <= allocated <= high + 1e-9:
+            raise self._infeasible(target, budget_bits, fixed_k, "outside the reachable range")
+        if fixed_k is None:
+            fixed_k = self._best_k(side, allocated, solver)
+        targets = group_targets(allocated, fixed_k, side.r)
+        groups, statuses = {}, []
+        for group in GROUPS:
+            choice, status = side.solve_group(group, targets[group], self.band, solver)
+            if choice is None:
+                raise self._infeasible(target, budget_bits, fixed_k, f"{solver} found no {group} allocation: {status}")
+            groups[group] = side.solution(group, targets[group], choice)
+            statuses.append(status)
+        allocated_average = sum(groups[g].average * side.group_size[g] for g in GROUPS) / sum(side.group_size.values())
+        return SideAllocation(
+            target=target,
+            budget_bits=budget_bits,
+            average_bits=side.to_overall(allocated_average),
+            k=fixed_k,
+            groups=groups,
+            solver=solver,
+            status=next((s for s in statuses if s != "Optimal"), "Optimal"),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _best_k(self, side: _Side, allocated: float, solver: str) -> float:
+        """The grid K with the highest allocation score (approximate ranking; if the greedy misses
+        the band at every K, the ranking uses ``solver`` itself)."""
+        grid = side.k_grid(allocated)
+        for ranking in dict.fromkeys((APPROX, solver)):
+            scores = [self._k_score(side, allocated, k, ranking) for k in grid]
+            if any(s is not None for s in scores):
+                return float(grid[int(np.argmax([-np.inf if s is None else s for s in scores]))])
+        raise self._infeasible(side.target, side.to_overall(allocated), None, "no K on the grid lands in the band")
+
+    def _k_score(self, side: _Side, allocated: float, k: float, solver: str) -> float | None:
+        targets = group_targets(allocated, k, side.r)
+        normalized = {}
+        for group in GROUPS:
+            choice, _ = side.solve_group(group, targets[group], self.band, solver)
+            if choice is None:
+                return None
+            normalized[group] = normalized_objective(side.matrices[group].values, choice)[1]
+        return allocation_score(normalized, side.share)
+
+    def _infeasible(self, target: str, budget_bits: float, k: float | None, why: str) -> InfeasibleBudgetError:
+        low, high = self.feasible_range(target, AUTO if k is None else k)
+        at_k = f" at K={k:.4g}" if k is not None else ""
+        message = (
+            f"{target} budget {budget_bits:.4f} average bits is infeasible{at_k} ({why}); "
+            f"feasible budgets{at_k}: {low:.4f} to {high:.4f} bits"
+        )
+        if target == "weight" and self.scale is not None:
+            message += f" ({self.scale.mb(low):.1f} to {self.scale.mb(high):.1f} MB of UNet weights)"
+        message += f", with {len(self.protected)} protected layers in FP16 counted at 16 bits."
+        return InfeasibleBudgetError(message, low, high)
+
+    def allocate(
+        self,
+        weight_bits: float | None = None,
+        weight_mb: float | None = None,
+        act_bits: float | None = 8.0,
+        k: float | str = AUTO,
+        act_k: float | str = AUTO,
+        solver: str = "cbc",
+    ) -> AllocationResult:
+        """Allocate weights (budget in average bits or MB, exactly one) and activations (``None``: FP16).
+
+        An average-bits budget is met within ± the band; a MB budget is a cap, never exceeded.
+        """
+        if (weight_bits is None) == (weight_mb is None):
+            raise ValueError("give exactly one weight budget: weight_bits (average bits) or weight_mb (MB).")
+        if weight_mb is None:
+            weight = self.allocate_side("weight", weight_bits, k, solver)
+        elif self.scale is None:
+            raise ValueError("a MB budget needs the model's layer inventory; pass inventory= to Allocator.")
+        else:
+            # A memory budget is a cap: aim one band (as it shows in the overall average) below it.
+            side = self.side("weight")
+            slack = self.band * (side.total_size - side.protected_size) / side.total_size
+            try:
+                weight = self.allocate_side("weight", self.scale.bits(weight_mb) - slack, k, solver)
+            except InfeasibleBudgetError as err:
+                raise InfeasibleBudgetError(f"{weight_mb:g} MB: {err}", err.low, err.high) from None
+        act = self.allocate_side("act", act_bits, act_k, solver) if act_bits is not None else None
+        config = PrecisionConfig(
+            weight_bits=weight.bits,
+            act_bits=act.bits if act is not None else {},
+            protected=list(self.protected),
+            model_id=self.model_id,
+        )
+        mb = None
+        if self.inventory is not None:
+            layers = list(self.inventory.layers)
+            config.validate(layers)
+            config.fingerprint = inventory_fingerprint(layers)
+            mb = weight_memory(layers, config, self.inventory.other_params).total_bytes / MB
+        config.metadata["allocation"] = {
+            "band": self.band,
+            "weight_mb": mb,
+            "objective": weight.score + (act.score if act is not None else 0.0),
+            "weight": weight.summary(),
+            "act": act.summary() if act is not None else None,
+        }
+        return AllocationResult(config=config, weight=weight, act=act, weight_mb=mb)
+
+
+def _check_k(k: float | str) -> float:
+    if isinstance(k, str) or not k > 0:
+        raise ValueError(f"K = b_content / b_quality must be a positive number or {AUTO!r}, got {k!r}.")
+    return float(k)
+
+
+def _check_table_matches(table: pd.DataFrame, inventory: UNetInventory) -> None:
+    """The table must describe exactly the inventory's layers, with weight sizes equal to their elements."""
+    numel = {info.name: info.weight_numel for info in inventory.layers}
+    sizes = table.loc[table["target"] == "weight"].drop_duplicates("layer").set_index("layer")["size"]
+    missing = sorted(set(numel) - set(table["layer"]))
+    extra = sorted(set(table["layer"]) - set(numel))
+    if missing or extra:
+        raise SensitivityTableError(
+            f"the sensitivity table and the model disagree on layers: missing {missing[:3]}, unknown {extra[:3]}."
+        )
+    for name, size in sizes.items():
+        if size != numel[name]:
+            raise SensitivityTableError(
+                f"layer {name!r}: table weight size {size:g} but the model has {numel[name]} weights."
+            )

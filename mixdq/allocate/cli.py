@@ -1,0 +1,167 @@
+"""``python -m mixdq allocate``: a budget in, a PrecisionConfig (JSON, optionally MixDQ yaml) out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mixdq.allocate.allocator import AUTO, BAND, METHODS, AllocationResult, Allocator
+from mixdq.allocate.exact import MIP_GAP
+from mixdq.sensitivity.published import (
+    SDXL_TURBO_MODEL_ID,
+    UNetInventory,
+    inventory_from_unet_config,
+    load_published_table,
+    sdxl_turbo_inventory,
+)
+from mixdq.sensitivity.table import read_table, select_protected
+
+PUBLISHED_SOURCE = "published-sdxl-turbo"
+DEFAULT_PROTECT_SHARE = 0.01
+
+EPILOG = f"""\
+examples:
+  python -m mixdq allocate --budget-bits 4.0 --out w4a8.json
+  python -m mixdq allocate --budget-mb 1300 --act-bits 8 --k 0.62 --solver highs --out cfg.json --yaml-out cfg
+  python -m mixdq allocate --source sens.csv --unet-config assets/tiny-sdxl --budget-bits 4 --out tiny.json
+
+Budgets in bits are size-weighted averages over all quantizable layers, protected layers counted as
+16 bits, met within the band. --budget-mb caps the whole UNet's weight memory (codes, FP16 scales and
+biases, FP16 protected layers and norms; 1 MB = 1e6 bytes). K = content bits / quality bits; "{AUTO}"
+picks the K with the best size-weighted normalized sensitivity. Exact solvers stop within {MIP_GAP:g}
+of the optimum in normalized units (1 = all layers from lowest to highest bits)."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``allocate`` sub-command; its handler is ``args.handler``."""
+    parser = subparsers.add_parser(
+        "allocate",
+        help="choose per-layer bits for a memory budget (MixDQ integer program)",
+        description="Choose per-layer weight and activation bits with MixDQ's per-group integer programs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-bits", type=float, metavar="BITS", help="average weight bits, e.g. 4.0")
+    budget.add_argument("--budget-mb", type=float, metavar="MB", help="UNet weight memory in MB, e.g. 1300")
+    parser.add_argument(
+        "--act-bits",
+        type=_act_bits,
+        default=8.0,
+        metavar="BITS|fp16",
+        help="average activation bits (default: 8.0); 'fp16' keeps activations unquantized",
+    )
+    parser.add_argument(
+        "--k", type=_k_value, default=AUTO, help=f"weight K = b_content / b_quality, or '{AUTO}' (default)"
+    )
+    parser.add_argument("--act-k", type=_k_value, default=AUTO, help=f"activation K, or '{AUTO}' (default)")
+    parser.add_argument(
+        "--solver",
+        choices=METHODS,
+        default="cbc",
+        help="exact ILP (cbc, highs) or the greedy preview (approx); default: cbc",
+    )
+    parser.add_argument(
+        "--source",
+        default=PUBLISHED_SOURCE,
+        help=f"'{PUBLISHED_SOURCE}' (default: the MixDQ authors' data) or a sensitivity table CSV",
+    )
+    parser.add_argument(
+        "--unet-config",
+        type=Path,
+        metavar="PATH",
+        help="with a table --source: the model's UNet config.json (or a diffusers model folder) for exact MB",
+    )
+    parser.add_argument(
+        "--protect-share",
+        type=float,
+        default=DEFAULT_PROTECT_SHARE,
+        help=f"share of most activation-sensitive layers kept in FP16 (default: {DEFAULT_PROTECT_SHARE})",
+    )
+    parser.add_argument(
+        "--band", type=float, default=BAND, help=f"tolerance on each group's average bits (default: {BAND})"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="where to write the PrecisionConfig JSON")
+    parser.add_argument(
+        "--yaml-out", metavar="PREFIX", help="also write MixDQ yaml: PREFIX_weight.yaml, PREFIX_act.yaml"
+    )
+    parser.set_defaults(handler=run_allocate)
+    return parser
+
+
+def run_allocate(args: argparse.Namespace) -> int:
+    """Run the allocation; 0 on success, 2 with a message on stderr for a bad budget or input."""
+    try:
+        allocator = _allocator(args)
+        result = allocator.allocate(
+            weight_bits=args.budget_bits,
+            weight_mb=args.budget_mb,
+            act_bits=args.act_bits,
+            k=args.k,
+            act_k=args.act_k,
+            solver=args.solver,
+        )
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result.config.save(args.out)
+    if args.yaml_out:
+        weight_yaml, act_yaml = result.config.to_mixdq_yaml(list(allocator.inventory.layers))
+        Path(f"{args.yaml_out}_weight.yaml").write_text(weight_yaml)
+        Path(f"{args.yaml_out}_act.yaml").write_text(act_yaml)
+    print(_summary(result))
+    return 0
+
+
+def _allocator(args: argparse.Namespace) -> Allocator:
+    if args.source == PUBLISHED_SOURCE:
+        table, inventory, model_id = load_published_table(), sdxl_turbo_inventory(), SDXL_TURBO_MODEL_ID
+    else:
+        table, inventory, model_id = read_table(args.source), _table_inventory(args.unet_config), ""
+    if args.yaml_out and inventory is None:
+        raise ValueError("--yaml-out needs the model's layers; pass --unet-config.")
+    protected = select_protected(table, args.protect_share) if args.protect_share > 0 else []
+    return Allocator(table, protected, inventory, band=args.band, model_id=model_id)
+
+
+def _table_inventory(path: Path | None) -> UNetInventory | None:
+    if path is None:
+        return None
+    config = path / "unet" / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise ValueError(f"--unet-config: no UNet config at {config}; pass a config.json or a diffusers model folder.")
+    return inventory_from_unet_config(config)
+
+
+def _summary(result: AllocationResult) -> str:
+    lines = []
+    for side in (result.weight, result.act):
+        if side is None:
+            continue
+        groups = ", ".join(f"{g.group} {g.average:.3f}" for g in side.groups.values())
+        lines.append(
+            f"{side.target}: {side.average_bits:.3f} average bits (budget {side.budget_bits:.3f}; {groups}), "
+            f"K={side.k:.3f}, {side.solver} {side.status} in {side.seconds:.2f} s"
+        )
+    if result.weight_mb is not None:
+        lines.append(f"UNet weights: {result.weight_mb:.1f} MB")
+    return "\n".join(lines)
+
+
+def _act_bits(text: str) -> float | None:
+    return None if text.lower() == "fp16" else _positive(text, "--act-bits")
+
+
+def _k_value(text: str) -> float | str:
+    return AUTO if text == AUTO else _positive(text, "K")
+
+
+def _positive(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{option}: {text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{option}: {text!r} must be positive")
+    return value
