@@ -8,6 +8,7 @@ It works on a UNet built on the ``meta`` device, so the full SDXL inventory cost
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -48,6 +49,10 @@ class LayerInfo:
     def takes_text_embedding(self) -> bool:
         return self.name.endswith(TEXT_EMBEDDING_SUFFIXES)
 
+    @property
+    def role(self) -> str:
+        return layer_role(self.name)
+
 
 def layer_group(name: str) -> str:
     """MixDQ's metric group of a layer: ``content`` (scored by SSIM) or ``quality`` (by SQNR)."""
@@ -62,6 +67,53 @@ def layer_block(name: str) -> str:
     if parts[0] == "mid_block":
         return "mid"
     return parts[0]
+
+
+_UNIT_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(.*transformer_blocks\.\d+)\.(.+)$"), "{0}"),
+    (re.compile(r"^(.*resnets\.\d+)\.(.+)$"), "resnet.{0}"),
+    (re.compile(r"^(.*attentions\.\d+)\.(proj_in|proj_out)$"), "{0}"),
+    (re.compile(r"^(.*(?:down|up)samplers\.\d+)\.(conv)$"), "{0}"),
+)
+
+
+def split_layer_name(name: str) -> tuple[str, str]:
+    """``(unit, role)``: the module a layer belongs to (a transformer block, a resnet, ...) and what
+    the layer does there (``attn2.to_k``, ``resnet.conv1``, ``downsample.conv``, ``proj_in``).
+    Top-level layers (``conv_in``, ``time_embedding.linear_1``) are their own unit and role."""
+    for pattern, template in _UNIT_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            unit, tail = match.groups()
+            if tail == "conv":
+                return unit, ("downsample" if ".downsamplers." in name else "upsample") + ".conv"
+            return unit, template.format(tail)
+    return name, name
+
+
+def layer_role(name: str) -> str:
+    """What a layer does, independent of where it sits (rows of the studio's heatmaps)."""
+    return split_layer_name(name)[1]
+
+
+_STAGE_RANK = {"time_embedding": 0, "add_embedding": 1, "conv_in": 2, "down": 3, "mid": 4, "up": 5, "conv_out": 6}
+_INNER = re.compile(r"(resnets|attentions|downsamplers|upsamplers)\.(\d+)")
+
+
+def forward_order_key(name: str) -> tuple:
+    """Sort key placing layers in the order the UNet runs them: stem, down blocks, mid, up blocks,
+    conv_out; inside a block resnet i, then attention i, then the sampler. (``named_modules`` order
+    differs: diffusers registers ``mid_block`` after ``up_blocks`` and attentions before resnets.)"""
+    block = layer_block(name)
+    stage, _, index = block.partition(".")
+    inner = _INNER.search(name)
+    if inner is None:
+        position: tuple[int, int] = (0, 0)
+    elif inner.group(1).endswith("samplers"):
+        position = (1_000_000, 0)
+    else:
+        position = (int(inner.group(2)), 0 if inner.group(1) == "resnets" else 1)
+    return (_STAGE_RANK.get(stage, len(_STAGE_RANK)), int(index or 0), position)
 
 
 def up_block_concat_splits(unet: nn.Module) -> dict[str, int]:

@@ -14,6 +14,7 @@ from mixdq.inventory import (
     layer_group,
     layer_inventory,
     non_layer_param_count,
+    split_layer_name,
 )
 from mixdq.memory import average_weight_bits, layer_weight_bytes, weight_memory
 
@@ -30,6 +31,21 @@ def test_groups_match_exact_suffixes_only():
     assert layer_block("up_blocks.2.resnets.0.conv1") == "up.2"
     assert layer_block("mid_block.resnets.0.conv1") == "mid"
     assert layer_block("time_embedding.linear_1") == "time_embedding"
+
+
+@pytest.mark.parametrize(
+    "name, unit, role",
+    [
+        ("down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0", "down_blocks.1.attentions.0.transformer_blocks.1", "attn2.to_out.0"),
+        ("mid_block.resnets.1.conv_shortcut", "mid_block.resnets.1", "resnet.conv_shortcut"),
+        ("up_blocks.0.attentions.2.proj_out", "up_blocks.0.attentions.2", "proj_out"),
+        ("up_blocks.1.upsamplers.0.conv", "up_blocks.1.upsamplers.0", "upsample.conv"),
+        ("down_blocks.0.downsamplers.0.conv", "down_blocks.0.downsamplers.0", "downsample.conv"),
+        ("add_embedding.linear_2", "add_embedding.linear_2", "add_embedding.linear_2"),
+    ],
+)
+def test_unit_and_role(name, unit, role):
+    assert split_layer_name(name) == (unit, role)
 
 
 def test_random_pipeline_inventory(random_pipe):
@@ -116,3 +132,21 @@ def test_fingerprint_changes_with_architecture(random_pipe):
     other.proj = nn.Linear(10, 3)
     assert inventory_fingerprint(layers) == inventory_fingerprint(list(layers))
     assert inventory_fingerprint(layers) != inventory_fingerprint(layer_inventory(other))
+
+
+def test_forward_order_key_matches_a_real_forward_pass():
+    """Run the full SDXL UNet on the meta device and record the order its layers are called in."""
+    from diffusers import UNet2DConditionModel
+
+    from mixdq.inventory import forward_order_key
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads(SDXL_CONFIG.read_text()))
+    names = [i.name for i in layer_inventory(unet)]
+    called = []
+    for name in names:
+        unet.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: called.append(name))
+    with torch.device("meta"):
+        added = {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}
+        unet(torch.randn(1, 4, 8, 8), 999, encoder_hidden_states=torch.randn(1, 77, 2048), added_cond_kwargs=added)
+    assert list(dict.fromkeys(called)) == sorted(names, key=forward_order_key)
