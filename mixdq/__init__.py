@@ -1,3 +1,8 @@
 """MixDQ Studio: mixed-precision post-training quantization for few-step SDXL-style diffusion models."""
 
 __version__ = "0.1.0"
+
+from mixdq.config import PrecisionConfig  # noqa: E402
+from mixdq.quant import dequantize_, quantize_  # noqa: E402
+
+__all__ = ["PrecisionConfig", "dequantize_", "quantize_"]

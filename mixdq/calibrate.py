@@ -1,0 +1,231 @@
+"""Calibration: run prompts through the pipeline and record every layer's activation range at every
+candidate activation bit-width, with upstream layers already quantized (MixDQ's static per-tensor
+asymmetric min-max with an EMA). Results are cached on disk keyed by everything that changes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mixdq.config import ACT_BITS, PrecisionConfig
+from mixdq.inventory import inventory_fingerprint, layer_inventory
+from mixdq.models import ASSETS_DIR, TURBO_SAMPLING
+from mixdq.quant.api import collect_act_ranges, quant_layers, quantize_, set_mode
+from mixdq.quant.layers import QuantMode
+from mixdq.quant.primitives import EMA_MOMENTUM
+
+logger = logging.getLogger(__name__)
+
+PROMPTS_FILE = ASSETS_DIR / "prompts.txt"
+# Used only when assets/prompts.txt is missing; captions in the style of the embedded model's data.
+FALLBACK_PROMPTS: tuple[str, ...] = (
+    "a red circle above a blue square on a yellow background",
+    "a green triangle left of a purple circle on a white background",
+    "a small orange square below a large cyan triangle on a black background",
+    "a blue circle right of a red triangle on a gray background",
+    "a yellow square above a green circle on a blue background",
+    "a white triangle below a magenta square on a green background",
+    "a large purple circle on an orange background",
+    "a cyan square left of a yellow triangle on a red background",
+)
+FORMAT_NAME = "mixdq-studio/activation-ranges"
+SCHEMA_VERSION = 1
+# Describes the quantizer whose ranges are cached; change it whenever the quantizer's math changes.
+QUANTIZER_SETTINGS: dict[str, Any] = {
+    "activations": "static per-tensor asymmetric min-max, range contains 0",
+    "ema_momentum": EMA_MOMENTUM,
+    "bos_aware_text_embedding": True,
+    "concat_split_shortcut": True,
+    "upstream_quantized": True,
+}
+RANGES_FILE = "ranges.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(eq=False)
+class ActivationRanges:
+    """Calibrated input ranges: ``ranges[bits][layer]`` is a float32 ``(parts, 2)`` tensor of ``(min, max)``
+    rows (2 parts for a concat-split ``conv_shortcut``, else 1), plus how they were made."""
+
+    ranges: dict[int, dict[str, torch.Tensor]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``ranges.safetensors`` and ``manifest.json`` into ``directory`` and return it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"{bits}/{name}": r.contiguous() for bits, by_layer in self.ranges.items() for name, r in by_layer.items()
+        }
+        save_file(tensors, str(directory / RANGES_FILE))
+        (directory / MANIFEST_FILE).write_text(json.dumps(_manifest(self.provenance), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ActivationRanges:
+        """Read what :meth:`save` wrote."""
+        directory = Path(directory)
+        manifest = _read_manifest(directory)
+        if manifest is None:
+            raise ValueError(
+                f"{directory} holds no activation ranges ({MANIFEST_FILE} missing or not {FORMAT_NAME!r} v{SCHEMA_VERSION})."
+            )
+        ranges: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(str(directory / RANGES_FILE)).items():
+            bits, name = key.split("/", 1)
+            ranges.setdefault(int(bits), {})[name] = tensor
+        return cls(ranges=ranges, provenance=manifest["provenance"])
+
+
+def default_prompts() -> list[str]:
+    """The calibration prompts shipped in ``assets/prompts.txt`` (one per line), else a built-in fallback."""
+    if PROMPTS_FILE.is_file():
+        prompts = [line.strip() for line in PROMPTS_FILE.read_text().splitlines()]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+        if prompts:
+            return prompts
+    logger.warning(
+        "%s not found or empty; calibrating on %d built-in shape captions.", PROMPTS_FILE, len(FALLBACK_PROMPTS)
+    )
+    return list(FALLBACK_PROMPTS)
+
+
+def calibrate(
+    pipe,
+    prompts: list[str] | None = None,
+    num_inference_steps: int = TURBO_SAMPLING.num_inference_steps,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    act_bits: tuple[int, ...] = ACT_BITS,
+    weight_bits: int | PrecisionConfig | None = 8,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ActivationRanges:
+    """Activation ranges of every UNet layer at every bit in ``act_bits``.
+
+    One pass over the prompts per activation bit-width, with every layer's inputs at that bit-width and
+    weights at ``weight_bits`` (an int for all layers, a config for per-layer bits, ``None`` for FP), each
+    layer observing its input (EMA, momentum 0.95) and then quantizing it with the updated range, so
+    downstream layers see upstream quantization error as they will at inference. Sampling is guidance 0
+    (SDXL-Turbo style); each pass uses the same seeded noise.
+
+    With ``cache_dir`` a result made with the same model, prompts, steps, seed, resolution, batch size,
+    bits and quantizer is loaded instead of recomputed. Either way the UNet is left wrapped with the
+    ranges loaded and computing exact FP (no layer quantized): apply a config with ``quantize_(unet, config)``.
+    """
+    unet = pipe.unet
+    layers = layer_inventory(unet)
+    prompts = list(prompts) if prompts is not None else default_prompts()
+    if not prompts:
+        raise ValueError("calibrate needs at least one prompt.")
+    for bits in act_bits:
+        if bits not in ACT_BITS:
+            raise ValueError(f"act_bits: {bits!r} not allowed; choose from {list(ACT_BITS)}.")
+    if isinstance(weight_bits, PrecisionConfig):
+        weight_bits.validate(layers)
+        weight_config = weight_bits
+    else:
+        weight_config = PrecisionConfig.uniform(layers, weight_bits, None)
+    height = height or pipe.default_sample_size * pipe.vae_scale_factor
+    width = width or pipe.default_sample_size * pipe.vae_scale_factor
+
+    provenance = {
+        "model_id": str(getattr(pipe, "model_id", type(unet).__name__)),
+        "fingerprint": inventory_fingerprint(layers),
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "num_prompts": len(prompts),
+        "num_inference_steps": num_inference_steps,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "batch_size": batch_size,
+        "act_bits": sorted(act_bits),
+        "weight_bits": _weight_spec(weight_bits),
+        "quantizer": QUANTIZER_SETTINGS,
+    }
+    cache_path = _cache_path(cache_dir, provenance) if cache_dir is not None else None
+    if cache_path is not None and _read_manifest(cache_path) == _manifest(provenance):
+        result = ActivationRanges.load(cache_path)
+        quantize_(unet, None, act_ranges=result)
+        logger.info("loaded activation ranges from %s", cache_path)
+        return result
+
+    quantize_(unet, None)
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    bar = tqdm(total=len(act_bits) * len(batches), desc="calibrating", disable=not progress)
+    try:
+        for bits in act_bits:
+            for name, layer in quant_layers(unet).items():
+                layer.set_act_range(bits, None)
+                layer.weight_bits = weight_config.layer_weight_bits(name)
+                layer.act_bits = bits
+            set_mode(unet, QuantMode.CALIBRATE)
+            generator = torch.Generator("cpu").manual_seed(seed)
+            for batch in batches:
+                pipe(
+                    prompt=batch,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=0.0,
+                    height=height,
+                    width=width,
+                    generator=generator,
+                    output_type="latent",
+                )
+                bar.update(1)
+    finally:
+        bar.close()
+        quantize_(unet, None)
+    ranges = {bits: by_layer for bits, by_layer in collect_act_ranges(unet).items() if bits in act_bits}
+    result = ActivationRanges(ranges=ranges, provenance=provenance)
+    if cache_path is not None:
+        result.save(cache_path)
+    return result
+
+
+def _weight_spec(weight_bits: int | PrecisionConfig | None) -> str:
+    """A short, stable description of the weight precision used while calibrating."""
+    if isinstance(weight_bits, PrecisionConfig):
+        data = json.dumps(
+            {"weight_bits": weight_bits.weight_bits, "protected": sorted(weight_bits.protected)}, sort_keys=True
+        )
+        return "config:" + hashlib.sha256(data.encode()).hexdigest()[:16]
+    return "fp" if weight_bits is None else f"W{weight_bits}"
+
+
+def _manifest(provenance: dict[str, Any]) -> dict[str, Any]:
+    return {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "provenance": provenance}
+
+
+def _cache_path(cache_dir: str | Path, provenance: dict[str, Any]) -> Path:
+    """One folder per calibration setting, named from a hash of the provenance."""
+    key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"calib-{key}"
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest in ``directory`` if it is one of ours, else ``None``."""
+    path = directory / MANIFEST_FILE
+    if not path.is_file() or not (directory / RANGES_FILE).is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT_NAME
+        or manifest.get("schema_version") != SCHEMA_VERSION
+    ):
+        return None
+    return manifest

@@ -1,0 +1,137 @@
+"""Pure tensor functions of MixDQ's quantizers (no modules, no state).
+
+Weights: per-output-channel symmetric min-max. Row ``r`` of a weight ``w`` (out, ...) at ``b`` bits has
+``scale[r] = max|w[r]| / qmax_b`` with ``qmax_b = 2^(b-1) - 1`` and codes in ``[-qmax_b, qmax_b]``:
+8-bit [-127, 127], 4-bit [-7, 7], 2-bit ternary [-1, 1]. The range always contains 0 and 0 is code 0.
+
+Activations: static per-tensor asymmetric min-max. A calibrated range ``[lo, hi]`` is first widened to
+contain 0, then ``scale = (hi - lo) / (2^b - 1)`` and ``zero_point = round(-lo / scale)``; codes are
+unsigned in ``[0, 2^b - 1]`` and 0 maps to the integer code ``zero_point``, so it is exact.
+
+Rounding is ``torch.round`` (half to even) everywhere. Scales and ranges are float32 tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixdq.config import WEIGHT_BITS
+
+# MixDQ's EMA momentum for activation ranges: new = momentum * old + (1 - momentum) * batch.
+EMA_MOMENTUM = 0.95
+
+
+# ---- weights ----------------------------------------------------------------------------------------
+def weight_qmax(bits: int) -> int:
+    """Largest weight code at ``bits``: symmetric codes lie in ``[-qmax, qmax]``."""
+    return 2 ** (bits - 1) - 1
+
+
+def weight_scales(w: torch.Tensor, bits: tuple[int, ...] = WEIGHT_BITS) -> dict[int, torch.Tensor]:
+    """Per-output-channel scales (float32, shape ``(out,)``) for every candidate bit, from one pass over ``w``.
+
+    One absolute-max reduction serves all bit-widths, so a 2- or 4-bit scale can never be an 8-bit scale
+    in disguise. An all-zero row gets scale 1 (its codes are all 0 whatever the scale); only that row's
+    entry is replaced, never the whole vector.
+    """
+    absmax = w.detach().float().reshape(w.shape[0], -1).abs().amax(dim=1)
+    return {b: torch.where(absmax > 0, absmax / weight_qmax(b), torch.ones_like(absmax)) for b in bits}
+
+
+def _per_row(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """View a ``(out,)`` scale so it broadcasts over a weight of any rank."""
+    return scale.view(-1, *([1] * (w.dim() - 1)))
+
+
+def _weight_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric codes as float32 (exact small integers) in ``[-qmax, qmax]``.
+
+    In-place after the one division: on the CPU, allocating full-size temporaries costs more than the math.
+    """
+    qmax = weight_qmax(bits)
+    return (w.float() / _per_row(scale, w)).round_().clamp_(-qmax, qmax)
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (int8, same shape as ``w``) in ``[-qmax, qmax]``."""
+    return _weight_codes(w, scale, bits).to(torch.int8)
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``codes * scale`` per output channel, in ``dtype``."""
+    return (codes.float() * _per_row(scale, codes)).to(dtype)
+
+
+def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``w`` rounded to its ``bits``-bit grid, in ``w``'s dtype (what an integer kernel would compute with)."""
+    return _weight_codes(w, scale, bits).mul_(_per_row(scale, w)).to(w.dtype)
+
+
+# ---- activations ------------------------------------------------------------------------------------
+def act_qmax(bits: int) -> int:
+    """Largest unsigned activation code at ``bits``: codes lie in ``[0, qmax]``."""
+    return 2**bits - 1
+
+
+def act_qparams(act_range: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32, zero_point int32) tensors for a ``[..., 2]`` range ``(lo, hi)``.
+
+    The range is widened to contain 0 so that 0 (padding, ReLU/SiLU zeros) is exact. A degenerate range
+    (``lo == hi == 0``, e.g. an input that was all zeros during calibration) gets the smallest positive
+    scale, like torch.ao's observers, instead of dividing by zero.
+    """
+    lo = torch.clamp(act_range[..., 0].float(), max=0.0)
+    hi = torch.clamp(act_range[..., 1].float(), min=0.0)
+    qmax = act_qmax(bits)
+    scale = torch.clamp((hi - lo) / qmax, min=torch.finfo(torch.float32).eps)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def quantize_act(x: torch.Tensor, act_range: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned integer codes (int32, same shape as ``x``) in ``[0, 2^bits - 1]`` for a ``(2,)`` range.
+
+    Multiplies by ``1 / scale`` like torch's fused fake-quant kernel, so both give identical codes.
+    """
+    scale, zero_point = act_qparams(act_range, bits)
+    return torch.clamp(torch.round(x.float() * (1.0 / scale)) + zero_point, 0, act_qmax(bits)).to(torch.int32)
+
+
+def dequantize_act(
+    codes: torch.Tensor, act_range: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` in ``dtype``."""
+    scale, zero_point = act_qparams(act_range, bits)
+    return ((codes - zero_point).float() * scale).to(dtype)
+
+
+def fake_quantize_act(x: torch.Tensor, act_range: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` rounded to the ``bits``-bit grid of a ``(2,)`` range, in ``x``'s dtype; values outside are clipped.
+
+    Equals ``dequantize_act(quantize_act(x))``.
+    """
+    return fake_quantize_act_qparams(x, *act_qparams(act_range, bits), bits)
+
+
+def fake_quantize_act_qparams(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """:func:`fake_quantize_act` from precomputed ``act_qparams``, as torch's single fused kernel.
+
+    Activations are fake-quantized on every forward of every layer: this is the hot path of simulation,
+    so layers compute their qparams once per range change and call this.
+    """
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, act_qmax(bits))
+
+
+# ---- calibration ------------------------------------------------------------------------------------
+def observe_min_max(x: torch.Tensor, previous: torch.Tensor | None, momentum: float = EMA_MOMENTUM) -> torch.Tensor:
+    """EMA min-max observer: the updated ``(2,)`` float32 range ``(lo, hi)`` after seeing ``x``.
+
+    The first batch (``previous is None``) sets the range; later batches move it by ``1 - momentum``,
+    so a single outlier batch cannot blow up the range the way a running max would.
+    """
+    batch = torch.stack(torch.aminmax(x.detach())).float()
+    if previous is None:
+        return batch
+    return momentum * previous + (1.0 - momentum) * batch
