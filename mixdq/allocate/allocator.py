@@ -209,6 +209,7 @@ class Allocator:
             _check_table_matches(self.table, inventory)
             self.scale = WeightBudgetScale(inventory.layers, inventory.other_params, set(self.protected))
         self._sides: dict[str, _Side] = {}
+        self._solved: dict[tuple, SideAllocation] = {}  # results are immutable: a slider revisiting a budget is free
 
     def side(self, target: str) -> _Side:
         if target not in TARGETS:
@@ -234,6 +235,12 @@ class Allocator:
         """
         if solver not in METHODS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {list(METHODS)}.")
+        key = (target, float(budget_bits), k, solver)
+        if key not in self._solved:
+            self._solved[key] = self._allocate_side(target, budget_bits, k, solver)
+        return self._solved[key]
+
+    def _allocate_side(self, target: str, budget_bits: float, k: float | str, solver: str) -> SideAllocation:
         start = time.perf_counter()
         side = self.side(target)
         allocated = side.to_allocated(budget_bits)

@@ -1,0 +1,5 @@
+import sys
+
+from mixdq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""``python -m mixdq``: calibrate, measure sensitivities, allocate bits and generate images from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from mixdq.allocate.cli import add_parser as add_allocate_parser
+
+DEFAULT_CACHE = Path(os.environ.get("MIXDQ_CACHE_DIR", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixdq-studio"))
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="hub id or local folder of an SDXL pipeline (default: the embedded model)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where calibration results are cached (default {DEFAULT_CACHE})")
+
+
+def _sampling_args(parser: argparse.ArgumentParser, steps: int, seed: int) -> None:
+    parser.add_argument("--steps", type=int, default=steps, choices=range(1, 5), metavar="{1..4}", help=f"denoising steps (default {steps})")
+    parser.add_argument("--seed", type=int, default=seed, help=f"noise seed (default {seed})")
+    parser.add_argument("--size", type=int, default=None, help="image height and width in pixels (default: the model's)")
+
+
+def _read_prompts(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise SystemExit(f"error: prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: {path} holds no prompts (one per line).")
+    return prompts
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from mixdq.calibrate import calibrate
+    from mixdq.models import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device)
+    ranges = calibrate(
+        pipe,
+        prompts=_read_prompts(args.prompts),
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        height=args.size,
+        width=args.size,
+        weight_bits=args.weight_bits,
+        cache_dir=args.cache_dir,
+    )
+    layers = len(next(iter(ranges.ranges.values())))
+    print(f"activation ranges for {layers} layers at {sorted(ranges.ranges)} bits, cached in {args.cache_dir}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from mixdq.calibrate import calibrate
+    from mixdq.config import ConfigError, PrecisionConfig
+    from mixdq.models import load_pipeline
+    from mixdq.quant import quantization_off, quantize_
+
+    pipe = load_pipeline(args.model, device=args.device)
+    config = None
+    if args.config is not None:
+        try:
+            config = PrecisionConfig.load(args.config)
+            from mixdq.inventory import layer_inventory
+
+            config.validate(layer_inventory(pipe.unet))
+        except ConfigError as err:
+            raise SystemExit(f"error: {args.config}: {err}") from None
+    size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
+
+    def run(tag: str) -> Path:
+        generator = torch.Generator("cpu").manual_seed(args.seed)
+        image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=0.0, height=size, width=size, generator=generator).images[0]
+        path = args.out / f"{slug}-seed{args.seed}-{tag}.png"
+        image.save(path)
+        return path
+
+    if config is None:
+        print(run("fp"))
+        return
+    ranges = calibrate(pipe, num_inference_steps=args.steps, weight_bits=config, cache_dir=args.cache_dir, height=size, width=size)
+    quantize_(pipe, config, ranges)
+    print(run("quant"))
+    with quantization_off(pipe):
+        print(run("fp"))
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    from mixdq.calibrate import calibrate, default_prompts
+    from mixdq.models import load_pipeline
+    from mixdq.sensitivity.sweep import SweepSettings, merge_shards, run_sweep
+    from mixdq.sensitivity.table import read_table, write_table
+
+    if args.merge:
+        table = merge_shards([read_table(p) for p in args.merge])
+        print(f"merged {len(args.merge)} shards, {len(table)} rows -> {write_table(table, args.out)}")
+        return
+    index, count = args.shard
+    pipe = load_pipeline(args.model, device=args.device)
+    prompts = (_read_prompts(args.prompts) or default_prompts())[: args.num_prompts]
+    size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
+    ranges = calibrate(pipe, num_inference_steps=args.steps, seed=args.seed, height=size, width=size, cache_dir=args.cache_dir)
+    settings = SweepSettings(prompts=tuple(prompts), num_inference_steps=args.steps, seed=args.seed, height=size, width=size)
+    table, stats = run_sweep(
+        pipe,
+        ranges,
+        settings,
+        shard=(index, count),
+        cache_dir=args.cache_dir,
+        act_ranges_key=ranges.provenance.get("prompts_sha256", ""),
+    )
+    write_table(table, args.out)
+    equivalents = ", ".join(f"{m} {v:.1f}" for m, v in stats.unet_forward_equivalents().items())
+    print(
+        f"{stats.evaluations} evaluations in {stats.seconds:.1f} s; cost per layer x bit in batched UNet forwards: "
+        f"{equivalents}; table -> {args.out}"
+    )
+
+
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise argparse.ArgumentTypeError(f"shard {text!r} must be i/n with 0 <= i < n, e.g. 0/2")
+    return int(match[1]), int(match[2])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixdq",
+        description="MixDQ mixed-precision quantization for few-step SDXL-style models. Typical flow: "
+        "calibrate -> sensitivity -> allocate -> generate (each step caches its result).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("calibrate", help="collect activation ranges (cached) for every layer and bit")
+    _model_args(p)
+    _sampling_args(p, steps=4, seed=0)
+    p.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line (default: assets/prompts.txt)")
+    p.add_argument("--weight-bits", type=int, default=8, choices=[2, 4, 8], help="weight bits while calibrating (default 8)")
+    p.set_defaults(handler=cmd_calibrate)
+
+    p = sub.add_parser("generate", help="write FP16 (and, with --config, quantized) images as PNG")
+    _model_args(p)
+    _sampling_args(p, steps=4, seed=0)
+    p.add_argument("--prompt", required=True, help='e.g. "a red circle on the left, on a yellow background"')
+    p.add_argument("--config", type=Path, default=None, help="precision config JSON (from `allocate` or the studio)")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("sensitivity", help="per-layer sensitivity sweep (SQNR for quality, SSIM for content layers)")
+    _model_args(p)
+    _sampling_args(p, steps=1, seed=42)
+    p.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line (default: assets/prompts.txt)")
+    p.add_argument("--num-prompts", type=int, default=16, help="prompts used from the list (default 16)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help="run part i of n (e.g. 0/2); merge parts with --merge")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, help="merge shard tables (CSV) instead of sweeping")
+    p.add_argument("--out", type=Path, default=Path("sensitivity.csv"), help="table CSV to write (default ./sensitivity.csv)")
+    p.set_defaults(handler=cmd_sensitivity)
+
+    add_allocate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mixdq.models import ModelNotAvailableError
+
+    try:
+        return args.handler(args) or 0
+    except ModelNotAvailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
