@@ -1,0 +1,62 @@
+"""MixDQ Studio: `python app.py [--model ID_OR_PATH] [--share] [--host H] [--port N] [--device cpu|cuda]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mixdq.cli import DEFAULT_CACHE
+
+    parser = argparse.ArgumentParser(description="MixDQ Studio: see what each bit costs before you ship it.")
+    parser.add_argument("--model", default=None, help="hub id (e.g. stabilityai/sdxl-turbo) or local folder; default: the embedded model")
+    parser.add_argument("--share", action="store_true", help="ask Gradio for a public link (needs internet)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for your network)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="calibration / sensitivity cache")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    from pathlib import Path
+
+    from mixdq.models import ModelNotAvailableError, load_pipeline
+    from studio.sources import build_sources
+    from studio.services import ModelWorkspace
+    from studio.ui import build_demo
+
+    try:
+        pipe = load_pipeline(args.model, device=args.device)
+    except ModelNotAvailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    workspace, sources = build_sources(pipe, Path(args.cache_dir))
+    demo = build_demo(workspace, sources)
+    demo.queue(default_concurrency_limit=4, max_size=32)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _, local_url, share_url = demo.launch(
+        server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True, quiet=True
+    )
+    print(f"MixDQ Studio ready at {local_url} ({time.perf_counter() - started:.1f} s)", flush=True)
+    if args.share and not share_url:
+        print("Could not create a public share link (no internet?); serving locally only.", flush=True)
+    elif share_url:
+        print(f"Public link: {share_url}", flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""What the studio's callbacks call: plain Python over the mixdq library, testable without Gradio.
+
+Two kinds of objects: a :class:`SensitivitySource` (a sensitivity table, its model's layer
+inventory, an allocator and a precomputed Pareto front; read-only once built) and a
+:class:`ModelWorkspace` (the loaded pipeline; image generation holds its lock because one UNet is
+switched between FP and quantized). Per-user choices travel in arguments, never in globals.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from PIL import Image
+
+from mixdq.allocate import AUTO, AllocationResult, Allocator, InfeasibleBudgetError
+from mixdq.allocate.pareto import pareto_front
+from mixdq.config import ConfigError, PrecisionConfig
+from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
+from mixdq.memory import MB, weight_memory
+from mixdq.sensitivity.published import SDXL_TURBO_MODEL_ID, UNetInventory, load_published_table, sdxl_turbo_inventory
+from mixdq.sensitivity.table import GROUP_METRIC, select_protected
+from studio.plots import bits_heatmap, ssim_to_db, unet_heatmap
+
+PUBLISHED_LABEL = "SDXL-Turbo (published by the MixDQ authors)"
+PROTECTED_SHARE = 0.01
+FRONT_POINTS = 24
+
+
+@dataclass
+class SensitivitySource:
+    """A sensitivity table with everything needed to explore and allocate it."""
+
+    label: str
+    model_id: str
+    table: pd.DataFrame
+    inventory: UNetInventory
+    allocator: Allocator
+    front: pd.DataFrame  # weight Pareto front (approximate solver) for the plot
+
+    @classmethod
+    def build(cls, label: str, model_id: str, table: pd.DataFrame, inventory: UNetInventory) -> SensitivitySource:
+        protected = select_protected(table, PROTECTED_SHARE)
+        allocator = Allocator(table, protected=protected, inventory=inventory, model_id=model_id)
+        low, high = allocator.feasible_range("weight")
+        budgets = np.linspace(low + 0.01, high - 0.01, FRONT_POINTS)
+        front = pareto_front(allocator, budgets, "weight", AUTO, "approx")
+        return cls(label, model_id, table, inventory, allocator, front)
+
+    @functools.cached_property
+    def order(self) -> list[str]:
+        return sorted((i.name for i in self.inventory.layers), key=forward_order_key)
+
+    @property
+    def protected(self) -> tuple[str, ...]:
+        return self.allocator.protected
+
+    def weight_range_bits(self) -> tuple[float, float]:
+        return self.allocator.feasible_range("weight")
+
+    def bits_to_mb(self, bits: float) -> float:
+        return self.allocator.scale.mb(bits)
+
+    def mb_to_bits(self, mb: float) -> float:
+        return self.allocator.scale.bits(mb)
+
+    def fp16_mb(self) -> float:
+        return weight_memory(list(self.inventory.layers), None, self.inventory.other_params).total_bytes / MB
+
+
+@functools.cache
+def published_source() -> SensitivitySource:
+    """The SDXL-Turbo data published by the MixDQ authors (no weights needed)."""
+    return SensitivitySource.build(PUBLISHED_LABEL, SDXL_TURBO_MODEL_ID, load_published_table(), sdxl_turbo_inventory())
+
+
+# ---- sensitivity view -----------------------------------------------------------------------------
+def sensitivity_figures(source: SensitivitySource, target: str, bit: int) -> tuple[go.Figure, go.Figure]:
+    """Quality (SQNR dB) and content (SSIM) heatmaps of ``target`` sensitivities at ``bit``."""
+    table = source.table
+    figures = []
+    for group in ("quality", "content"):
+        metric = GROUP_METRIC[group]
+        rows = table[(table.group == group) & (table.target == target) & (table.metric == metric) & (table.bit == bit)]
+        members = set(table.layer[table.group == group])
+        names = [n for n in source.order if n in members]
+        raw = dict(zip(rows.layer, rows.value, strict=True))
+        sizes = dict(zip(rows.layer, rows["size"], strict=True))
+        side = "weights" if target == "weight" else "activations"
+        if metric == "sqnr":
+            figures.append(unet_heatmap(names, raw, f"Quality layers: UNet-output SQNR, {side} at {bit} bits", "SQNR dB", sizes=sizes))
+        else:
+            shown = {n: ssim_to_db(v) for n, v in raw.items()}
+            hover = {n: f"SSIM {v:.5f}" for n, v in raw.items()}
+            title = f"Content layers: image SSIM, {side} at {bit} bits"
+            figures.append(unet_heatmap(names, shown, title, "−10·log10(1−SSIM)", hover, sizes))
+    return figures[0], figures[1]
+
+
+def most_sensitive(source: SensitivitySource, target: str, bit: int, count: int = 8) -> pd.DataFrame:
+    """The ``count`` most damaging layers per group at ``bit`` (lowest SQNR / SSIM)."""
+    table = source.table
+    parts = []
+    for group, metric in GROUP_METRIC.items():
+        rows = table[(table.group == group) & (table.target == target) & (table.metric == metric) & (table.bit == bit)]
+        parts.append(rows.nsmallest(count, "value")[["group", "layer", "metric", "value", "size"]])
+    return pd.concat(parts, ignore_index=True)
+
+
+# ---- budget view ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AllocationView:
+    """What the budget view shows for one allocation."""
+
+    result: AllocationResult
+    figure: go.Figure
+    memory: go.Figure
+    summary: str
+
+
+def allocate(
+    source: SensitivitySource,
+    weight_budget: float,
+    unit: str,
+    act_bits: float | None,
+    k: float | str,
+    exact: bool,
+) -> AllocationView:
+    """Allocate at a weight budget (``unit`` "bits" or "MB") and activation budget (None = FP16).
+
+    ``exact=False`` uses the millisecond greedy (slider preview); ``exact=True`` the CBC ILP.
+    Raises :class:`InfeasibleBudgetError` with the feasible range in its message.
+    """
+    kwargs = {"weight_mb": weight_budget} if unit == "MB" else {"weight_bits": weight_budget}
+    solver = "cbc" if exact else "approx"
+    result = source.allocator.allocate(**kwargs, act_bits=act_bits, k=k, act_k=AUTO, solver=solver)
+    weight = result.weight
+    title = f"Allocation: {weight.average_bits:.3f} average weight bits ({'exact ILP' if exact else 'preview'})"
+    figure = bits_heatmap(source.order, {n: result.config.layer_weight_bits(n) for n in source.order}, title)
+    memory = memory_figure(source.fp16_mb(), result.weight_mb)
+    groups = ", ".join(f"{g} {s.average:.2f}" for g, s in weight.groups.items())
+    act = result.act
+    act_text = "activations FP16" if act is None else f"activations {act.average_bits:.2f} bits ({act.solver}, {act.status})"
+    summary = (
+        f"weights {weight.average_bits:.3f} bits (groups: {groups}; K = {weight.k:.3f}), {act_text}; "
+        f"UNet weights {result.weight_mb:,.1f} MB vs FP16 {source.fp16_mb():,.1f} MB "
+        f"({source.fp16_mb() / result.weight_mb:.2f}x smaller); {len(source.protected)} protected layers in FP16; "
+        f"solver {weight.solver}, status {weight.status}, {1000 * (weight.seconds + (act.seconds if act else 0)):.0f} ms"
+    )
+    return AllocationView(result, figure, memory, summary)
+
+
+def memory_figure(fp16_mb: float, quant_mb: float) -> go.Figure:
+    fig = go.Figure(go.Bar(x=[fp16_mb, quant_mb], y=["FP16", "quantized"], orientation="h", text=[f"{fp16_mb:,.1f} MB", f"{quant_mb:,.1f} MB"], textposition="auto", marker_color=["#1f77b4", "#2ca02c"]))
+    fig.update_layout(title="UNet weight memory", height=180, margin=dict(l=10, r=10, t=40, b=20), xaxis_title="MB")
+    return fig
+
+
+def pareto_figure(source: SensitivitySource, current_bits: float | None = None) -> go.Figure:
+    """Score (size-weighted normalized sensitivity) against UNet MB, with the current point marked."""
+    front = source.front
+    fig = go.Figure(go.Scatter(x=front.mb, y=front.score, mode="lines+markers", name="MixDQ front", hovertemplate="%{x:.1f} MB<br>score %{y:.3f}<extra></extra>"))
+    if current_bits is not None:
+        current = front.iloc[(front.average_bits - current_bits).abs().argsort()[:1]]
+        fig.add_trace(go.Scatter(x=current.mb, y=current.score, mode="markers", marker=dict(size=14, color="red"), name="current"))
+    fig.update_layout(title="Precision / quality frontier (weights)", xaxis_title="UNet weights (MB)", yaxis_title="score (1 = all 8-bit)", height=300, margin=dict(l=10, r=10, t=40, b=40))
+    return fig
+
+
+def infeasible_message(err: InfeasibleBudgetError) -> str:
+    return f"Infeasible budget: {err}"
+
+
+# ---- export / import --------------------------------------------------------------------------------
+def export_config(config: PrecisionConfig, layers_inventory: UNetInventory, directory: str | Path | None = None) -> tuple[Path, Path, Path]:
+    """Write the config as JSON and as MixDQ yaml (weights, activations); return the three paths."""
+    directory = Path(directory or tempfile.mkdtemp(prefix="mixdq-config-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = _config_stem(config)
+    json_path = config.save(directory / f"{stem}.json")
+    weight_yaml, act_yaml = config.to_mixdq_yaml(list(layers_inventory.layers))
+    (directory / f"{stem}.weight.yaml").write_text(weight_yaml)
+    (directory / f"{stem}.act.yaml").write_text(act_yaml)
+    return json_path, directory / f"{stem}.weight.yaml", directory / f"{stem}.act.yaml"
+
+
+def import_config(path: str | Path, layers_inventory: UNetInventory) -> PrecisionConfig:
+    """Load and validate an uploaded JSON config for this model (raises :class:`ConfigError`)."""
+    config = PrecisionConfig.load(path)
+    config.validate(list(layers_inventory.layers))
+    return config
+
+
+def _config_stem(config: PrecisionConfig) -> str:
+    allocation = config.metadata.get("allocation", {})
+    bits = (allocation.get("weight") or {}).get("average_bits")
+    act = (allocation.get("act") or {}).get("average_bits")
+    name = config.model_id.rsplit("/", 1)[-1] or "model"
+    return f"mixdq-{name}" + (f"-w{bits:.2f}" if bits else "") + (f"a{act:.0f}" if act else "")
+
+
+# ---- the loaded model --------------------------------------------------------------------------------
+class ModelWorkspace:
+    """The loaded pipeline, its calibration and (when available) its sensitivity source.
+
+    Generation takes :attr:`lock`: the UNet is wrapped once and switched between FP and a config.
+    """
+
+    def __init__(self, pipe, cache_dir: Path, table: pd.DataFrame | None = None) -> None:
+        self.pipe = pipe
+        self.model_id = getattr(pipe, "model_id", "model")
+        self.layers = layer_inventory(pipe.unet)
+        self.inventory = UNetInventory(tuple(self.layers), non_layer_param_count(pipe.unet))
+        self.fingerprint = inventory_fingerprint(self.layers)
+        self.cache_dir = cache_dir
+        self.lock = threading.Lock()
+        self._ranges = None
+        self.source = SensitivitySource.build(f"{self.model_id} (loaded model)", self.model_id, table, self.inventory) if table is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def default_size(self) -> int:
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def act_ranges(self, steps: int):
+        """Calibrated activation ranges (cached on disk; computed once per step count)."""
+        from mixdq.calibrate import calibrate
+
+        if self._ranges is None or self._ranges[0] != steps:
+            ranges = calibrate(self.pipe, num_inference_steps=steps, cache_dir=self.cache_dir, progress=True)
+            self._ranges = (steps, ranges)
+        return self._ranges[1]
+
+    def compare(self, config: PrecisionConfig, prompt: str, seed: int, steps: int, size: int) -> dict:
+        """FP and quantized images from the same noise, their difference and metrics."""
+        from mixdq.quant import quantization_off, quantize_
+
+        config.validate(self.layers)
+        with self.lock:
+            ranges = self.act_ranges(steps)
+            quantize_(self.pipe, config, ranges)
+            with quantization_off(self.pipe):
+                fp, fp_seconds = self._generate(prompt, seed, steps, size)
+            quant, quant_seconds = self._generate(prompt, seed, steps, size)
+        mem = weight_memory(self.layers, config, self.inventory.other_params)
+        fp_mem = weight_memory(self.layers, None, self.inventory.other_params)
+        return {
+            "fp": _to_pil(fp),
+            "quant": _to_pil(quant),
+            "diff": _diff_image(fp, quant),
+            "metrics": image_metrics(fp, quant),
+            "fp_seconds": fp_seconds,
+            "quant_seconds": quant_seconds,
+            "fp_mb": fp_mem.total_bytes / MB,
+            "quant_mb": mem.total_bytes / MB,
+        }
+
+    @torch.no_grad()
+    def _generate(self, prompt: str, seed: int, steps: int, size: int) -> tuple[torch.Tensor, float]:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        start = time.perf_counter()
+        image = self.pipe(prompt, num_inference_steps=steps, guidance_scale=0.0, height=size, width=size, generator=generator, output_type="pt").images
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return image[0].float().cpu(), time.perf_counter() - start
+
+
+def image_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
+    """SSIM and PSNR (dB; inf for identical images) of one (3, H, W) image in [0, 1] against another."""
+    from mixdq.sensitivity.sweep import image_ssim
+
+    mse = float((reference - test).pow(2).mean())
+    psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    return {"ssim": image_ssim(reference[None], test[None]), "psnr": psnr}
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def _diff_image(a: torch.Tensor, b: torch.Tensor) -> Image.Image:
+    """|a − b| averaged over channels, amplified 4x so small errors are visible."""
+    diff = ((a - b).abs().mean(0) * 4).clamp(0, 1)
+    return Image.fromarray((diff.numpy() * 255).round().astype(np.uint8))
+
+
+def config_summary(config: PrecisionConfig, inventory: UNetInventory) -> str:
+    layers = list(inventory.layers)
+    mem = weight_memory(layers, config, inventory.other_params)
+    from mixdq.memory import average_weight_bits
+
+    return (
+        f"{config.model_id or 'model'}: {average_weight_bits(layers, config):.3f} average weight bits, "
+        f"{len(config.act_bits)} layers with quantized activations, {len(config.protected)} protected; "
+        f"{mem.total_bytes / MB:,.1f} MB ({mem.ratio:.2f}x smaller than FP16)"
+    )
+
+
+__all__ = [
+    "ConfigError",
+    "InfeasibleBudgetError",
+    "ModelWorkspace",
+    "PUBLISHED_LABEL",
+    "SensitivitySource",
+    "allocate",
+    "config_summary",
+    "export_config",
+    "image_metrics",
+    "import_config",
+    "infeasible_message",
+    "most_sensitive",
+    "pareto_figure",
+    "published_source",
+    "sensitivity_figures",
+]

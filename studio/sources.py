@@ -1,0 +1,53 @@
+"""Which sensitivity data the studio offers: the loaded model's (shipped or cached) and SDXL-Turbo's
+published table. Built once at start-up."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from mixdq.models import EMBEDDED_MODEL_DIR
+from mixdq.sensitivity.table import SensitivityTableError, read_table
+from studio.services import PUBLISHED_LABEL, ModelWorkspace, SensitivitySource, published_source
+
+SHIPPED_TABLE = EMBEDDED_MODEL_DIR / "sensitivity.csv"
+
+
+def model_table_path(fingerprint: str, cache_dir: Path) -> Path:
+    """Where a sweep of a model with this layer fingerprint is cached for the studio."""
+    return cache_dir / f"studio-sensitivity-{fingerprint}.csv"
+
+
+def find_model_table(workspace_fingerprint: str, layer_names: set[str], cache_dir: Path) -> pd.DataFrame | None:
+    """The loaded model's sensitivity table: shipped with the embedded model, or cached by a sweep."""
+    for path in (SHIPPED_TABLE, model_table_path(workspace_fingerprint, cache_dir)):
+        if not path.is_file():
+            continue
+        try:
+            table = read_table(path)
+        except SensitivityTableError:
+            continue
+        if set(table.layer) == layer_names:
+            return table
+    return None
+
+
+def build_sources(pipe, cache_dir: Path) -> tuple[ModelWorkspace, dict[str, Callable[[], SensitivitySource]]]:
+    """The workspace of the loaded model and the sensitivity sources (label -> cached factory),
+    loaded model first. The published SDXL-Turbo source is built in the background when it is not
+    the first one shown, so start-up does not wait for it."""
+    from mixdq.inventory import inventory_fingerprint, layer_inventory
+
+    layers = layer_inventory(pipe.unet)
+    table = find_model_table(inventory_fingerprint(layers), {i.name for i in layers}, cache_dir)
+    workspace = ModelWorkspace(pipe, cache_dir, table)
+    sources: dict[str, Callable[[], SensitivitySource]] = {}
+    if workspace.source is not None:
+        model_source = workspace.source
+        sources[model_source.label] = lambda: model_source
+        threading.Thread(target=published_source, name="published-source", daemon=True).start()
+    sources[PUBLISHED_LABEL] = published_source
+    return workspace, sources
