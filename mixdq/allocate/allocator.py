@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,8 +253,11 @@ class Allocator:
             fixed_k = self._best_k(side, allocated, solver)
         targets = group_targets(allocated, fixed_k, side.r)
         groups, statuses = {}, []
+        # The exact solvers run as subprocesses: solving the two groups side by side halves the wait.
+        with ThreadPoolExecutor(max_workers=len(GROUPS)) as pool:
+            solved = dict(zip(GROUPS, pool.map(lambda g: side.solve_group(g, targets[g], self.band, solver), GROUPS)))
         for group in GROUPS:
-            choice, status = side.solve_group(group, targets[group], self.band, solver)
+            choice, status = solved[group]
             if choice is None:
                 raise self._infeasible(target, budget_bits, fixed_k, f"{solver} found no {group} allocation: {status}")
             groups[group] = side.solution(group, targets[group], choice)

@@ -16,6 +16,7 @@ Binary ``c[i, b]``, one bit per layer, maximize ``Σ c·S``, size-weighted avera
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import pulp
@@ -60,15 +61,17 @@ class ExactGroupSolver:
         average = pulp.lpSum(weights[i] * bits[i] for i in range(n))
         self.problem += average >= 0, "band_low"
         self.problem += average <= 0, "band_high"
+        self._lock = threading.Lock()  # one model, re-solved in place: one solve at a time (studio users share it)
 
     def solve(self, target: float, band: float, solver: str) -> tuple[np.ndarray | None, str]:
         """(bit index per layer, or ``None`` if there is no solution; status) for ``target ± band``."""
-        self.problem.get_constraint_by_name("band_low").changeRHS(target - band)
-        self.problem.get_constraint_by_name("band_high").changeRHS(target + band)
-        status = self.problem.solve(make_solver(solver))
-        if status != pulp.LpStatusOptimal or self.problem.sol_status not in _FOUND:
-            return None, pulp.LpStatus[status]
-        picked = np.array([[v.varValue or 0.0 for v in row] for row in self.choice])
+        with self._lock:
+            self.problem.get_constraint_by_name("band_low").changeRHS(target - band)
+            self.problem.get_constraint_by_name("band_high").changeRHS(target + band)
+            status = self.problem.solve(make_solver(solver))
+            if status != pulp.LpStatusOptimal or self.problem.sol_status not in _FOUND:
+                return None, pulp.LpStatus[status]
+            picked = np.array([[v.varValue or 0.0 for v in row] for row in self.choice])
         return picked.argmax(axis=1), _FOUND[self.problem.sol_status]
 
 
