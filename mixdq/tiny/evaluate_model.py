@@ -1,0 +1,122 @@
+"""Measure the embedded model: text alignment of generated images, the checker, CLIP score, CPU latency.
+
+    python -m mixdq.tiny.evaluate_model --model assets/tiny-sdxl --json metrics.json --grid assets/tiny-sdxl/sample_grid.png
+
+Alignment = the share of images whose every caption attribute the checker reads back right, on
+held-out captions (a seed the training never draws from), per object count and step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from mixdq.tiny.checker import check
+from mixdq.tiny.clip import TINY_CLIP_DIR, clip_score, load_tiny_clip
+from mixdq.tiny.data import Scene, render, sample_scenes
+
+EVAL_SEED = 1_000_003  # held out: training draws from seeds 0-12
+CHECKER_SEED = 2_000_003
+GRID_SEED = 3_000_003
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "tiny-sdxl"
+
+
+@torch.no_grad()
+def generate(pipe: StableDiffusionXLPipeline, captions: list[str], steps: int, seed: int = 0, batch: int = 64) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1]; image i uses noise seed `seed + i`, whatever the batching."""
+    out = []
+    for i in range(0, len(captions), batch):
+        chunk = captions[i : i + batch]
+        generators = [torch.Generator(pipe.device).manual_seed(seed + i + j) for j in range(len(chunk))]
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=0.0, generator=generators, output_type="pt").images
+        out.append(images.float().cpu())
+    return torch.cat(out)
+
+
+def alignment(images: torch.Tensor, scenes: list[Scene]) -> float:
+    return float(np.mean([check(img, scene).correct for img, scene in zip(images, scenes)]))
+
+
+def checker_accuracy(n: int) -> float:
+    batch = sample_scenes(n, np.random.default_rng(CHECKER_SEED))
+    return alignment(render(batch), batch.scenes)
+
+
+def cpu_latency(pipe: StableDiffusionXLPipeline, steps: int = 4, repeats: int = 5) -> float:
+    """Median seconds for one image on the CPU (the caller sets the thread count)."""
+    caption = sample_scenes(1, np.random.default_rng(EVAL_SEED)).captions()
+    pipe(caption, num_inference_steps=steps, guidance_scale=0.0)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        pipe(caption, num_inference_steps=steps, guidance_scale=0.0)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 4) -> None:
+    n, c, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = torch.ones(rows * columns, c, h, w)
+    grid[:n] = images
+    grid = grid.view(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy()).save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Evaluate the embedded tiny model.")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--clip", type=Path, default=TINY_CLIP_DIR)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=256, help="held-out captions per object count")
+    p.add_argument("--objects", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--steps", type=int, nargs="+", default=[4, 1])
+    p.add_argument("--checker-n", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for the latency measurement")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--grid", type=Path, default=None, help="write a 4x4 sample grid (4 steps) here")
+    args = p.parse_args(argv)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.model, dtype=torch.float32, local_files_only=True)
+    pipe.to(args.device).set_progress_bar_config(disable=True)
+    clip = load_tiny_clip(args.clip) if (args.clip / "open_clip_model.safetensors").exists() else None
+    metrics: dict = {"model": str(args.model), "device": args.device, "dtype": "float32", "n_per_object_count": args.n}
+    if args.device.startswith("cuda"):
+        metrics["card"] = torch.cuda.get_device_name()
+    for k in args.objects:
+        batch = sample_scenes(args.n, np.random.default_rng(EVAL_SEED + k), object_counts=(k,))
+        for steps in args.steps:
+            images = generate(pipe, batch.captions(), steps)
+            metrics[f"alignment_{k}obj_{steps}step"] = alignment(images, batch.scenes)
+            if clip is not None:
+                model, _, tokenizer = clip
+                tokens = tokenizer(batch.captions())
+                metrics[f"clip_score_{k}obj_{steps}step"] = clip_score(model, images, tokens).mean().item()
+                metrics[f"clip_score_{k}obj_rendered"] = clip_score(model, render(batch), tokens).mean().item()
+            print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
+    metrics["checker_accuracy_rendered"] = checker_accuracy(args.checker_n)
+    metrics["checker_n"] = args.checker_n
+    if args.grid is not None:
+        batch = sample_scenes(16, np.random.default_rng(GRID_SEED))
+        save_grid(generate(pipe, batch.captions(), 4), args.grid)
+        metrics["grid_captions"] = batch.captions()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+        metrics[f"cpu_latency_4step_s_{args.threads}threads"] = cpu_latency(pipe)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
