@@ -143,8 +143,9 @@ def up_block_concat_splits(unet: nn.Module) -> dict[str, int]:
 def layer_inventory(unet: nn.Module) -> list[LayerInfo]:
     """All ``nn.Linear`` / ``nn.Conv2d`` layers of ``unet`` in module order.
 
-    Already-quantized layers (see :mod:`mixdq.quant`) report the shape of the layer they wrap,
-    so the inventory is the same before and after ``quantize_``.
+    Already-quantized layers (see :mod:`mixdq.quant`) report the shape of the layer they wrap, and
+    deployed packed layers (:mod:`mixdq.deploy`) the shape of the layer they replaced, so the inventory
+    is the same before and after ``quantize_`` and ``deploy``.
     """
     splits = up_block_concat_splits(unet)
     layers: list[LayerInfo] = []
@@ -155,11 +156,13 @@ def layer_inventory(unet: nn.Module) -> list[LayerInfo]:
         elif ".fp_module" in name:
             continue
         if isinstance(module, nn.Linear):
-            kind, rows, cols = "linear", module.out_features, module.in_features
+            kind, rows, cols, shape = "linear", module.out_features, module.in_features, tuple(module.weight.shape)
         elif isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
-            kind = "conv"
+            kind, shape = "conv", tuple(module.weight.shape)
             rows, cols = module.out_channels, module.in_channels // module.groups * kh * kw
+        elif hasattr(module, "weight_shape") and hasattr(module, "kind"):  # a deployed packed layer
+            kind, rows, cols, shape = module.kind, module.out_features, module.in_features, module.weight_shape
         else:
             continue
         layers.append(
@@ -168,8 +171,8 @@ def layer_inventory(unet: nn.Module) -> list[LayerInfo]:
                 kind=kind,
                 out_features=rows,
                 in_features=cols,
-                weight_shape=tuple(module.weight.shape),
-                has_bias=module.bias is not None,
+                weight_shape=shape,
+                has_bias=getattr(module, "bias", None) is not None,
                 group=layer_group(name),
                 block=layer_block(name),
                 concat_split=splits.get(name),
@@ -181,7 +184,7 @@ def layer_inventory(unet: nn.Module) -> list[LayerInfo]:
 def non_layer_param_count(unet: nn.Module) -> int:
     """Parameters outside the quantizable layers (norms, embeddings): they always stay in FP16."""
     total = sum(p.numel() for p in unet.parameters())
-    layer_params = sum(i.weight_numel + (i.out_features if i.has_bias else 0) for i in layer_inventory(unet))
+    layer_params = sum(p.numel() for i in layer_inventory(unet) for p in unet.get_submodule(i.name).parameters())
     return total - layer_params
 
 

@@ -1,0 +1,394 @@
+"""``deploy``: turn a fake-quant UNet into real packed-integer layers that run on :mod:`kernels`.
+
+Fake quantization (:mod:`mixdq.quant`) keeps every FP weight and only simulates rounding, so it saves no
+memory and is slower than FP16. ``deploy`` makes the chosen precision real, in place:
+
+* a layer with quantized weights becomes a :class:`DeployedLinear` / :class:`DeployedConv2d` holding the
+  integer codes packed along K (int8, two int4 or four int2 per byte, :class:`kernels.PackedWeight`), one
+  float32 scale and (for the A8 epilogue) one int32 row sum per output channel, the bias, and the static
+  activation scale / zero-point of each input part. Its ``forward`` is one call to ``kernels.quant_linear``
+  or ``kernels.conv2d_quant``: Triton on CUDA, the PyTorch integer reference elsewhere (``backend="auto"``);
+* a layer with FP weights but quantized activations (``W16A8``) stays a :class:`~mixdq.quant.QuantLayer`:
+  there is no integer kernel for a float weight, and int8-activation x FP16-weight is exactly what the fake
+  path computes (quantize, dequantize, FP16 matmul); it keeps its FP weights, as the accounting assumes;
+* a layer with neither quantized goes back to the plain ``nn.Linear`` / ``nn.Conv2d``.
+
+The codes are the ones the fake-quant layer uses (same scales, same :func:`~mixdq.quant.primitives.quantize_weight`)
+and the kernels quantize activations with ``round(x * (1 / scale))`` like the fake path, so a deployed layer
+matches its fake-quant layer up to float rounding of the accumulation and the kernels' 16-bit output.
+
+BOS-aware cross-attention ``to_k`` / ``to_v`` (MixDQ): token 0 of the text embedding is the BOS hidden state,
+the same for every prompt, and its K/V rows are computed in full precision. The fake layer computes them on
+demand; a deployed layer cannot (its FP weights are gone), so ``deploy`` precomputes them before freeing:
+for the token-0 vectors the fake layer already cached (calibration, earlier generations), the BOS state of the
+pipeline's own text encoders (one encode of the empty prompt), and the all-zeros vector (the negative
+embedding of ``force_zeros_for_empty_prompt`` under guidance). At run time token 0 is matched to the nearest
+cached vector within :data:`BOS_MATCH_RTOL` (the same vector from another batch size or kernel may differ in
+the last bits); a vector that matches none is an error, never a silent low-precision fallback.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import kernels
+from mixdq.config import PrecisionConfig
+from mixdq.inventory import layer_inventory, non_layer_param_count
+from mixdq.memory import MB, layer_weight_bytes, weight_memory
+from mixdq.quant.api import quant_layers, quantize_
+from mixdq.quant.layers import CalibrationRequiredError, QuantLayer
+from mixdq.quant.primitives import act_qparams, quantize_weight
+
+# Relative L2 distance under which a run-time token-0 vector counts as a cached one. The same BOS state
+# computed at another batch size or by another kernel differs by float rounding (< 1e-3 relative in FP16);
+# BOS states of other text encoders or hidden layers (clip_skip) differ by O(1).
+BOS_MATCH_RTOL = 1e-2
+
+
+class BosCacheMissError(RuntimeError):
+    """A deployed BOS-aware layer met a token-0 vector whose full-precision K/V it never precomputed."""
+
+
+def _nbytes(module: nn.Module) -> int:
+    """Exact bytes of every parameter and buffer a module holds."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class PackedLayer(nn.Module):
+    """What :class:`DeployedLinear` and :class:`DeployedConv2d` share: packed codes, scales, act params.
+
+    Not an ``nn.Linear`` / ``nn.Conv2d`` subclass on purpose: code that looks for those (the layer inventory,
+    ``quantize_``) must not mistake a packed layer for a float one. ``out_features``, ``in_features`` (per
+    output row: ``in_channels * kh * kw`` for a conv), ``weight_shape`` and ``kind`` describe the original layer.
+    Tensors are buffers, so ``.to(device)`` moves them and ``state_dict`` holds them; the activation
+    parameters are Python numbers because the kernels take them as launch arguments (no device sync).
+    """
+
+    kind: str
+
+    def __init__(self, layer: QuantLayer, backend: str) -> None:
+        super().__init__()
+        fp = layer.fp_module
+        bits = layer.weight_bits
+        scale = getattr(layer, f"weight_scale_{bits}").float()
+        codes = quantize_weight(fp.weight.detach(), scale, bits)
+        if codes.dim() == 4:
+            codes = kernels.conv_weight_matrix(codes)
+        packed = kernels.PackedWeight.from_codes(codes, scale, bits, k_split=layer.concat_split)
+        self.register_buffer("qweight", packed.data)
+        self.register_buffer("weight_scale", packed.scale)
+        self.register_buffer("weight_rowsum", packed.rowsum)
+        self.register_buffer("bias", None if fp.bias is None else fp.bias.detach().clone())
+        self.layer_name = layer.layer_name
+        self.weight_bits = bits
+        self.act_bits = layer.act_bits
+        self.out_features = packed.out_features
+        self.in_features = packed.in_features
+        self.k_split = layer.concat_split
+        self.weight_shape = tuple(fp.weight.shape)
+        self.backend = backend
+        self.act_kwargs = self._static_act_kwargs(layer)
+
+    @staticmethod
+    def _static_act_kwargs(layer: QuantLayer) -> dict[str, Any]:
+        """``act_scale`` / ``act_zp`` / ``act_bits`` for the kernels (empty for weight-only layers)."""
+        bits = layer.act_bits
+        if bits is None:
+            return {}
+        scales, zero_points = act_qparams(layer.act_range(bits), bits)
+        scale = tuple(float(s) for s in scales)
+        zero_point = tuple(int(z) for z in zero_points)
+        if len(scale) == 1:
+            return {"act_scale": scale[0], "act_zp": zero_point[0], "act_bits": bits}
+        return {"act_scale": scale, "act_zp": zero_point, "act_bits": bits}
+
+    @property
+    def packed_weight(self) -> kernels.PackedWeight:
+        return kernels.PackedWeight(
+            self.qweight, self.weight_scale, self.weight_rowsum, self.weight_bits, self.in_features, self.k_split
+        )
+
+    @property
+    def precision(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits or 16}"
+
+    def resolved_backend(self) -> str:
+        """``"triton"`` or ``"torch"``: what the kernels dispatch to for this layer's device now."""
+        return kernels.resolve_backend(self.qweight, self.backend)
+
+    def extra_repr(self) -> str:
+        extras = [f"{self.precision}", f"out={self.out_features}", f"in={self.in_features}", f"backend={self.backend}"]
+        if self.k_split is not None:
+            extras.append(f"k_split={self.k_split}")
+        return ", ".join(extras)
+
+
+def _bos_vectors(layer: QuantLayer, extra_bos: torch.Tensor | None) -> torch.Tensor:
+    """``(K, C_in)`` token-0 vectors to precompute: zeros, those the fake layer cached, and ``extra_bos``."""
+    weight = layer.fp_module.weight
+    rows = [torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)]
+    for known in (layer._bos_inputs, extra_bos):
+        if known is not None:
+            rows.append(known.detach().to(weight.device, weight.dtype))
+    return torch.cat(rows)
+
+
+class DeployedLinear(PackedLayer):
+    """Packed replacement of a quantized ``nn.Linear``; BOS-aware for cross-attention ``to_k`` / ``to_v``.
+
+    ``bos_inputs`` ``(K, C_in)`` / ``bos_outputs`` ``(K, C_out)`` (model dtype, BOS-aware layers only): the
+    token-0 vectors this layer knows and their full-precision outputs, precomputed by :func:`deploy`.
+    """
+
+    kind = "linear"
+
+    def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
+        super().__init__(layer, backend)
+        if not layer.bos_aware:
+            self.register_buffer("bos_inputs", None)
+            self.register_buffer("bos_outputs", None)
+            return
+        keys = torch.unique(_bos_vectors(layer, extra_bos), dim=0)
+        self.register_buffer("bos_inputs", keys)
+        self.register_buffer("bos_outputs", layer.fp_module(keys).detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bos_inputs is None:
+            return self._matmul(x)
+        return torch.cat([self._bos_rows(x[:, 0]).unsqueeze(1), self._matmul(x[:, 1:])], dim=1)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.quant_linear(x, self.packed_weight, bias=self.bias, backend=self.backend, **self.act_kwargs)
+        return y.to(x.dtype)
+
+    def _bos_rows(self, token0: torch.Tensor) -> torch.Tensor:
+        """Full-precision outputs ``(B, C_out)`` for token-0 inputs ``(B, C_in)``, from the precomputed cache."""
+        keys = self.bos_inputs.float()
+        distance, index = torch.cdist(token0.float(), keys).min(dim=1)
+        hit = distance <= BOS_MATCH_RTOL * keys.norm(dim=1)[index]
+        if token0.is_cuda:
+            # a device-side check: a host sync here would break CUDA-graph capture and torch.compile graphs
+            torch._assert_async(hit.all(), self._miss_message())
+        elif not bool(hit.all()):
+            raise BosCacheMissError(self._miss_message())
+        return self.bos_outputs[index].to(token0.dtype)
+
+    def _miss_message(self) -> str:
+        return (
+            f"{self.layer_name}: token 0 of the text embedding is none of the {len(self.bos_inputs)} vectors whose "
+            "full-precision K/V were precomputed at deploy time (the text encoders' BOS state, the all-zeros "
+            "negative embedding, and the vectors seen before deploy), and the FP weights needed to compute it "
+            "were freed. Deploy with the pipeline whose text encoders make the embeddings (mixdq.deploy(pipe)), "
+            "or run one generation with the same embedding settings (e.g. clip_skip, custom prompt_embeds) on "
+            "the fake-quant model before deploying."
+        )
+
+
+class DeployedConv2d(PackedLayer):
+    """Packed replacement of a quantized ``nn.Conv2d`` (weight in channels-last ``(kh, kw, C)`` order)."""
+
+    kind = "conv"
+
+    def __init__(self, layer: QuantLayer, backend: str) -> None:
+        super().__init__(layer, backend)
+        conv = layer.fp_module
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride
+        self.padding = conv.padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.conv2d_quant(
+            x,
+            self.packed_weight,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            bias=self.bias,
+            backend=self.backend,
+            **self.act_kwargs,
+        )
+        return y.to(x.dtype)
+
+
+def check_deployable(layer: QuantLayer, extra_bos: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError`` for a layer that cannot be packed (checked for all layers before any changes)."""
+    if layer.weight_bits is None:
+        return
+    if layer.bos_aware and layer._bos_inputs is None and extra_bos is None:
+        raise ValueError(
+            f"{layer.layer_name} is BOS-aware but no BOS vector is known: deploy the pipeline (mixdq.deploy(pipe)) "
+            "so its text encoders can supply it, or run one generation with the fake-quant UNet first."
+        )
+    if layer.act_bits is not None and layer.act_range(layer.act_bits) is None:
+        raise CalibrationRequiredError(layer.layer_name, layer.act_bits)
+    conv = layer.fp_module
+    if not isinstance(conv, nn.Conv2d):
+        return
+    problems = []
+    if conv.groups != 1:
+        problems.append(f"groups={conv.groups}")
+    if conv.dilation != (1, 1):
+        problems.append(f"dilation={conv.dilation}")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        problems.append(f"padding={conv.padding!r} mode {conv.padding_mode!r}")
+    if layer.concat_split is not None and conv.kernel_size != (1, 1):
+        problems.append(f"a concat-split input with kernel {conv.kernel_size}")
+    if problems:
+        raise ValueError(
+            f"{layer.layer_name}: the quantized conv kernels support groups=1, dilation 1, integer zero padding "
+            f"and concat-split inputs on 1x1 convs only; this layer has {', '.join(problems)}. "
+            "Keep its weights in FP16 (protect it in the PrecisionConfig)."
+        )
+
+
+def deploy_layer(layer: QuantLayer, backend: str = "auto", extra_bos: torch.Tensor | None = None) -> nn.Module:
+    """The module that replaces one fake-quant layer (see the module docstring for the three cases).
+
+    A BOS-aware layer precomputes the full-precision output of the all-zeros vector, of the token-0 vectors
+    the fake layer cached, and of ``extra_bos`` ``(K, C_in)`` (the pipeline's BOS state).
+    """
+    check_deployable(layer, extra_bos)
+    if layer.weight_bits is None:
+        return layer if layer.act_bits is not None else layer.fp_module
+    if isinstance(layer.fp_module, nn.Conv2d):
+        return DeployedConv2d(layer, backend)
+    return DeployedLinear(layer, backend, extra_bos)
+
+
+@dataclass(frozen=True)
+class DeployedLayerReport:
+    """One layer after :func:`deploy`."""
+
+    name: str
+    precision: str  # "W4A8", "W4A16" (weight-only), "W16A8" (activation-only), "FP16"
+    backend: str  # "triton", "torch reference" (integer kernels' PyTorch path), "fake-quant", "torch" (float)
+    nbytes: int  # every tensor the layer's module holds, exact
+    accounted_bytes: int  # mixdq.memory.layer_weight_bytes at its weight bits
+
+
+@dataclass(frozen=True)
+class DeployReport:
+    """What :func:`deploy` made: per-layer precision and backend, and the exact bytes held.
+
+    ``weight_bytes`` counts every parameter and buffer of the deployed UNet in the dtype it is held in (float32
+    on a CPU model). It exceeds the planner's ``accounted_bytes`` (:func:`mixdq.memory.weight_memory`) by
+    what the kernels keep beyond ``ceil(K * bits / 8)`` packed bytes + one FP16 scale + FP16 bias per row:
+    float32 scales (+2 B per row), int32 row sums for the A8 zero-point correction (+4 B per row and input
+    part), the BOS K/V caches, the buffers of layers left on the fake path, and float tensors wider than FP16.
+    """
+
+    layers: tuple[DeployedLayerReport, ...]
+    weight_bytes: int
+    accounted_bytes: int
+    fp16_bytes: int  # the same UNet with every weight in FP16
+    dtype: torch.dtype  # the UNet's float dtype
+    kernel_backend: str  # "triton" or "torch": where the packed layers' kernels run
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller than the FP16 UNet the deployed weights are."""
+        return self.fp16_bytes / self.weight_bytes
+
+    def describe(self) -> str:
+        """One line for logs and the studio."""
+        counts = Counter(layer.precision for layer in self.layers).most_common()
+        mix = ", ".join(f"{n} {precision}" for precision, n in counts)
+        if self.kernel_backend == "triton":
+            path = "Triton kernels on CUDA"
+        elif torch.cuda.is_available():
+            path = "PyTorch reference path (backend='torch')"
+        else:
+            path = "CPU reference path (no CUDA)"
+        held = (
+            "" if self.dtype == torch.float16 else f", float tensors held in {str(self.dtype).removeprefix('torch.')}"
+        )
+        return (
+            f"deployed {len(self.layers)} layers: {mix}; weights {self.weight_bytes / MB:.1f} MB "
+            f"(vs {self.fp16_bytes / MB:.1f} MB FP16, {self.ratio:.1f}x{held}); {path}"
+        )
+
+
+def _unet_dtype(unet: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in unet.parameters() if p.is_floating_point())
+
+
+def _pipeline_bos(model: Any, unet: nn.Module) -> torch.Tensor | None:
+    """``(1, C)`` token 0 of the pipeline's text embedding of the empty prompt (``None`` for a bare UNet).
+
+    With causal attention the BOS token attends only to itself, so this is token 0 of every prompt's embedding.
+    """
+    if model is unet or not hasattr(model, "encode_prompt"):
+        return None
+    embeds = model.encode_prompt(
+        prompt="", device=model.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )[0]
+    return embeds[0, :1]
+
+
+@torch.no_grad()
+def deploy(model: Any, config: PrecisionConfig | None = None, act_ranges=None, backend: str = "auto") -> DeployReport:
+    """Replace the fake-quant layers of ``model``'s UNet (a pipeline or the UNet) by packed-integer layers.
+
+    ``config`` (with ``act_ranges`` from :func:`mixdq.calibrate.calibrate` if it quantizes activations) is
+    applied first with :func:`~mixdq.quant.quantize_`; without it the UNet must already be fake-quantized.
+    Every layer is checked before the first one is replaced. Deployment is one way: the FP weights of the
+    packed layers are dropped (memory returns once no one else holds the old layers), so ``quantize_``,
+    ``quantization_off`` and sensitivity sweeps do not apply to the result; deploy a copy to keep both.
+    On CUDA the UNet must be float16/bfloat16 (the Triton kernels' activation types).
+    """
+    if backend not in kernels.BACKENDS:
+        raise ValueError(f"backend must be one of {list(kernels.BACKENDS)}, got {backend!r}.")
+    unet = getattr(model, "unet", model)
+    if any(isinstance(m, PackedLayer) for m in unet.modules()):
+        raise ValueError("this UNet is already deployed; deploy a fresh fake-quant copy instead.")
+    if config is not None:
+        quantize_(unet, config, act_ranges)
+    elif act_ranges is not None:
+        raise ValueError("act_ranges are applied together with a config: pass config=... as well.")
+    layers = quant_layers(unet)
+    if not layers:
+        raise ValueError("the UNet is not fake-quantized: pass a PrecisionConfig, or call mixdq.quantize_ first.")
+    dtype = _unet_dtype(unet)
+    kernel_backend = kernels.resolve_backend(next(unet.parameters()), backend)
+    if kernel_backend == "triton" and dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton kernels take float16/bfloat16 activations; cast the UNet first (it is {dtype}).")
+    needs_bos = any(q.bos_aware and q.weight_bits is not None for q in layers.values())
+    pipeline_bos = _pipeline_bos(model, unet) if needs_bos else None
+    for layer in layers.values():
+        check_deployable(layer, pipeline_bos)
+    inventory = layer_inventory(unet)
+    bits = PrecisionConfig(weight_bits={n: q.weight_bits for n, q in layers.items() if q.weight_bits is not None})
+    other_params = non_layer_param_count(unet)
+    fp16_bytes = weight_memory(inventory, None, other_params).total_bytes
+    accounted_bytes = weight_memory(inventory, bits, other_params).total_bytes
+
+    reports = []
+    for info in inventory:
+        layer = layers.pop(info.name)
+        module = deploy_layer(layer, backend, pipeline_bos)
+        unet.set_submodule(info.name, module)
+        if isinstance(module, PackedLayer):
+            precision = module.precision
+            layer_backend = "triton" if module.resolved_backend() == "triton" else "torch reference"
+        elif isinstance(module, QuantLayer):
+            precision, layer_backend = f"W16A{module.act_bits}", "fake-quant"
+        else:
+            precision, layer_backend = "FP16", "torch"
+        accounted = layer_weight_bytes(info, layer.weight_bits)
+        reports.append(DeployedLayerReport(info.name, precision, layer_backend, _nbytes(module), accounted))
+    return DeployReport(
+        layers=tuple(reports),
+        weight_bytes=_nbytes(unet),
+        accounted_bytes=accounted_bytes,
+        fp16_bytes=fp16_bytes,
+        dtype=dtype,
+        kernel_backend=kernel_backend,
+    )

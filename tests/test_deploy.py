@@ -1,0 +1,285 @@
+"""deploy(): packed-integer layers against the fake-quant layers they replace, and a deployed pipeline.
+
+On CPU the packed layers run the kernels' PyTorch integer reference; their 16-bit output is the only
+difference from the fake-quant layer, so per-layer outputs must agree to one FP16 rounding.
+"""
+
+import copy
+import gc
+import os
+import types
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from mixdq.calibrate import calibrate
+from mixdq.config import PrecisionConfig
+from mixdq.deploy import BosCacheMissError, DeployedConv2d, DeployedLinear, PackedLayer, deploy, deploy_layer
+from mixdq.inventory import layer_inventory
+from mixdq.memory import MB
+from mixdq.quant import QuantLayer, QuantMode, quant_layers, quantize_
+
+WEIGHT_ACT_BITS = [(8, 8), (4, 8), (2, 8), (8, 4), (4, None), (2, None)]
+
+
+def fake_quant_layer(module: nn.Module, weight_bits, act_bits, x: torch.Tensor, **kwargs) -> QuantLayer:
+    """A QuantLayer calibrated on ``x`` by its own CALIBRATE mode (BOS exclusion and concat split included),
+    then run once in QUANTIZED mode as inference would (which fills a BOS-aware layer's token-0 cache)."""
+    layer = QuantLayer(module, "layer", **kwargs)
+    layer.weight_bits = weight_bits
+    if act_bits is not None:
+        layer.act_bits = act_bits
+        layer.mode = QuantMode.CALIBRATE
+        layer(x)
+        layer.mode = QuantMode.QUANTIZED
+    layer(x)
+    return layer
+
+
+def assert_within_fp16_rounding(y: torch.Tensor, ref: torch.Tensor) -> None:
+    # One FP16 rounding of the output (relative 2**-11) plus fp32 accumulation-order noise. Measured on CPU
+    # (2-core dev box) over the shapes below: max |y - ref| reaches 0.99 of 2**-11 |ref| + 1e-6 max|ref|.
+    bound = 2**-11 * ref.abs() + 1e-5 * ref.abs().max()
+    excess = ((y - ref).abs() / bound).max().item()
+    assert excess <= 1.0, f"deployed output off by {excess:.2f}x the FP16-rounding bound"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("weight_bits,act_bits", WEIGHT_ACT_BITS)
+def test_linear_matches_fake_quant(weight_bits, act_bits):
+    torch.manual_seed(0)
+    x = torch.randn(4, 10, 96)
+    layer = fake_quant_layer(nn.Linear(96, 80), weight_bits, act_bits, x)
+    ref = layer(x)
+    deployed = deploy_layer(layer)
+    assert isinstance(deployed, DeployedLinear) and not isinstance(deployed, nn.Linear)
+    assert deployed.precision == f"W{weight_bits}A{act_bits or 16}"
+    assert_within_fp16_rounding(deployed(x), ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("weight_bits,act_bits", WEIGHT_ACT_BITS)
+def test_conv3x3_matches_fake_quant(weight_bits, act_bits, stride):
+    torch.manual_seed(1)
+    x = torch.randn(2, 32, 9, 9)
+    layer = fake_quant_layer(nn.Conv2d(32, 48, 3, stride=stride, padding=1), weight_bits, act_bits, x)
+    ref = layer(x)
+    deployed = deploy_layer(layer)
+    assert isinstance(deployed, DeployedConv2d)
+    y = deployed(x)
+    assert y.shape == ref.shape
+    assert_within_fp16_rounding(y, ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("weight_bits", [8, 4, 2])
+def test_concat_split_shortcut_matches_fake_quant(weight_bits):
+    """Up-block conv_shortcut: cat([upsampled, skip]) with ranges 20x apart, one activation quantizer each."""
+    torch.manual_seed(2)
+    x = torch.cat([torch.randn(2, 16, 8, 8), 20 * torch.randn(2, 24, 8, 8)], dim=1)
+    layer = fake_quant_layer(nn.Conv2d(40, 24, 1), weight_bits, 8, x, concat_split=16)
+    ref = layer(x)
+    deployed = deploy_layer(layer)
+    assert deployed.k_split == 16 and len(deployed.act_kwargs["act_scale"]) == 2
+    assert_within_fp16_rounding(deployed(x), ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("weight_bits,act_bits", [(8, 8), (4, 8), (4, None)])
+def test_bos_aware_to_k_serves_token0_from_the_precomputed_cache(weight_bits, act_bits):
+    """attn2.to_k: token 0 (the BOS outlier, same for every prompt) gets the full-precision K row."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 12, 64)
+    x[:, 0] = 30 * torch.randn(64)  # one BOS vector, far outside the other tokens' range
+    layer = fake_quant_layer(nn.Linear(64, 32), weight_bits, act_bits, x, bos_aware=True)
+    fp = layer.fp_module
+    ref = layer(x)
+    deployed = deploy_layer(layer)
+    y = deployed(x)
+    torch.testing.assert_close(y[:, 0], fp(x[:, 0]), rtol=1e-6, atol=1e-6)
+    assert_within_fp16_rounding(y[:, 1:], ref[:, 1:])
+
+    # guidance with force_zeros_for_empty_prompt: the negative embedding is all zeros, its K row is the bias
+    x_cfg = x.clone()
+    x_cfg[1, 0] = 0.0
+    assert torch.equal(deployed(x_cfg)[1, 0], fp.bias)
+    # the same BOS state from another batch size or kernel may differ in its last bits: still a hit
+    assert torch.equal(deployed(x * (1 + 1e-5))[:, 0], y[:, 0])
+    x_other = x.clone()
+    x_other[:, 0] = torch.randn(64)
+    with pytest.raises(BosCacheMissError, match="deploy"):
+        deployed(x_other)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no CUDA device and TRITON_INTERPRET!=1: Triton cannot launch here",
+)
+@torch.no_grad()
+def test_triton_backend_runs_the_deployed_layers(monkeypatch):
+    """The same packed buffers through the Triton kernels (interpreter on CPU) agree with the reference path."""
+    import kernels.gemm_wxa8
+
+    calls = []
+    real = kernels.gemm_wxa8.gemm_a8
+    monkeypatch.setattr(kernels.gemm_wxa8, "gemm_a8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = [(nn.Linear(40, 24), torch.randn(2, 5, 40)), (nn.Conv2d(8, 12, 3, padding=1), torch.randn(1, 8, 5, 5))]
+    for module, x in cases:
+        deployed = deploy_layer(fake_quant_layer(module, 4, 8, x)).to(device)
+        x = x.to(device)
+        deployed.backend = "triton"
+        y = deployed(x)
+        deployed.backend = "torch"
+        assert_within_fp16_rounding(y.float(), deployed(x).float())
+    assert len(calls) == 2
+
+
+# ---- a whole deployed pipeline ---------------------------------------------------------------------
+CALIBRATION_PROMPTS = ["a red circle above a blue square", "a green triangle left of a purple circle"]
+ACT_ONLY_LAYER = "mid_block.attentions.0.proj_out"
+PROTECTED = ["conv_in", "conv_out"]
+
+
+def mixed_config(unet: nn.Module, act_ranges=None) -> PrecisionConfig:
+    """MixDQ-like mix: content layers cycle W2/W4/W8, quality layers W4/W8, A8 except every fifth layer
+    (weight-only), one activation-only layer (unless ``act_ranges`` is None: no activations), two protected."""
+    weight_bits, act_bits = {}, {}
+    for i, info in enumerate(layer_inventory(unet)):
+        choices = (2, 4, 8) if info.group == "content" else (4, 8)
+        weight_bits[info.name] = choices[i % len(choices)]
+        if i % 5 and act_ranges is not None:
+            act_bits[info.name] = 8
+    if act_ranges is not None:
+        del weight_bits[ACT_ONLY_LAYER]
+        act_bits[ACT_ONLY_LAYER] = 8
+    return PrecisionConfig(weight_bits=weight_bits, act_bits=act_bits, protected=PROTECTED)
+
+
+def generate(pipe) -> torch.Tensor:
+    """One prompt with guidance 2: the UNet sees the BOS of the prompt and the all-zeros negative embedding."""
+    return pipe(
+        prompt="a blue circle right of a red triangle",
+        num_inference_steps=1,
+        guidance_scale=2.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(1234),
+        output_type="pt",
+    ).images
+
+
+@pytest.fixture(scope="module")
+def deployed_pipe(random_pipe):
+    pipe = type(random_pipe)(**{**random_pipe.components, "unet": copy.deepcopy(random_pipe.unet)})
+    pipe.set_progress_bar_config(disable=True)
+    ranges = calibrate(
+        pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
+    )
+    config = mixed_config(pipe.unet, ranges)
+    quantize_(pipe, config, ranges)
+    fake_images = generate(pipe)
+    fp_weights = [weakref.ref(q.fp_module.weight) for q in quant_layers(pipe).values() if q.weight_bits is not None]
+    protected = {name: pipe.unet.get_submodule(name).fp_module for name in PROTECTED}
+    report = deploy(pipe)
+    gc.collect()
+    images = generate(pipe)
+    return types.SimpleNamespace(
+        pipe=pipe,
+        config=config,
+        report=report,
+        fake_images=fake_images,
+        images=images,
+        fp_weights=fp_weights,
+        protected=protected,
+    )
+
+
+def test_deployed_images_match_fake_quant(deployed_pipe):
+    psnr = 10 * torch.log10(1.0 / (deployed_pipe.images - deployed_pipe.fake_images).pow(2).mean()).item()
+    print(f"deployed vs fake-quant PSNR {psnr:.1f} dB")
+    # Measured on CPU (2-core dev box, random-weight fixture, 1 step, 64 px, guidance 2): 49.0 dB.
+    assert psnr > 40.0
+
+
+def test_fp_weights_of_packed_layers_are_freed(deployed_pipe):
+    unet = deployed_pipe.pipe.unet
+    assert deployed_pipe.fp_weights and all(ref() is None for ref in deployed_pipe.fp_weights)
+    packed = [m for m in unet.modules() if isinstance(m, PackedLayer)]
+    assert len(packed) == len(deployed_pipe.fp_weights)
+    assert all(not list(m.parameters()) for m in packed)
+    assert isinstance(unet.get_submodule(ACT_ONLY_LAYER), QuantLayer)  # FP weight, quantized input: fake path
+
+
+def test_protected_layers_stay_plain_fp(deployed_pipe):
+    for name, original in deployed_pipe.protected.items():
+        module = deployed_pipe.pipe.unet.get_submodule(name)
+        assert module is original and type(module) is nn.Conv2d
+
+
+def test_report_counts_backends_and_exact_bytes(deployed_pipe):
+    report, unet = deployed_pipe.report, deployed_pipe.pipe.unet
+    held = sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
+    assert report.weight_bytes == held
+    by_name = {layer.name: layer for layer in report.layers}
+    assert by_name[ACT_ONLY_LAYER].precision == "W16A8" and by_name["conv_in"].precision == "FP16"
+    packed = {name: m for name, m in unet.named_modules() if isinstance(m, PackedLayer)}
+    assert {layer.name for layer in report.layers if layer.backend == "torch reference"} == set(packed)  # CPU
+    assert len(report.layers) == len(packed) + len(PROTECTED) + 1  # + the activation-only layer
+    for module in packed.values():
+        packed_row = -(-module.in_features * module.weight_bits // 8)  # what mixdq.memory assumes
+        assert module.qweight.numel() * module.qweight.element_size() == module.out_features * packed_row
+    line = report.describe()
+    print(line)
+    assert line.startswith(f"deployed {len(report.layers)} layers: ") and "CPU reference path" in line
+    assert f"{report.fp16_bytes / MB:.1f} MB FP16" in line
+
+
+@torch.no_grad()
+def test_fp16_bytes_match_the_accounting_plus_kernel_extras(fresh_random_pipe):
+    """In FP16, bytes held = mixdq.memory's accounting + what the kernels keep beyond it, exactly:
+    +2 B per row (float32 scales), +4 B per row and input part (int32 row sums), the BOS K/V caches."""
+    pipe = fresh_random_pipe
+    pipe.unet.half()
+    parts = {info.name: 1 if info.concat_split is None else 2 for info in layer_inventory(pipe.unet)}
+    ranges = {8: {name: torch.tensor([[-4.0, 4.0]] * n) for name, n in parts.items()}}  # no calibration needed
+    report = deploy(pipe, mixed_config(pipe.unet, ranges), ranges)
+
+    extras = 0
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, PackedLayer):
+            extras += module.out_features * (2 + 4 * module.weight_rowsum.shape[0])
+            if module.kind == "linear" and module.bos_inputs is not None:
+                # the pipeline's BOS state was encoded at deploy time: this model never ran a generation
+                assert len(module.bos_inputs) == 2  # BOS + zeros
+                extras += sum(t.numel() * t.element_size() for t in (module.bos_inputs, module.bos_outputs))
+    act_only = pipe.unet.get_submodule(ACT_ONLY_LAYER)
+    extras += sum(b.numel() * b.element_size() for b in act_only.buffers())
+    assert report.weight_bytes == report.accounted_bytes + extras
+    accounted_ratio = report.fp16_bytes / report.accounted_bytes
+    print(
+        f"FP16 deploy: held {report.weight_bytes} B, accounted {report.accounted_bytes} B, FP16 {report.fp16_bytes} B; "
+        f"{report.ratio:.2f}x vs {accounted_ratio:.2f}x accounted"
+    )
+    # tiny fixture (K = 32..1280): the per-row extras are ~5% of the packed bytes; at SDXL sizes < 2%
+    assert report.ratio > 0.9 * accounted_ratio
+    assert "float tensors held" not in report.describe()
+
+
+def test_inventory_is_unchanged_by_deploy(fresh_random_pipe):
+    """Deployed packed layers still report the layer they replaced (names, shapes, bias, other params)."""
+    from mixdq.calibrate import calibrate
+    from mixdq.config import PrecisionConfig
+    from mixdq.deploy import deploy
+    from mixdq.inventory import layer_inventory, non_layer_param_count
+
+    pipe = fresh_random_pipe
+    before, other_before = layer_inventory(pipe.unet), non_layer_param_count(pipe.unet)
+    ranges = calibrate(pipe, prompts=["a red circle"], num_inference_steps=1, height=64, width=64, progress=False)
+    deploy(pipe, PrecisionConfig.uniform(before, 4, 8), ranges)
+    assert layer_inventory(pipe.unet) == before
+    assert non_layer_param_count(pipe.unet) == other_before
