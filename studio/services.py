@@ -25,7 +25,9 @@ from mixdq.allocate import AUTO, AllocationResult, Allocator, InfeasibleBudgetEr
 from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
 from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
+from mixdq.evaluate.metrics import clip_score
 from mixdq.memory import MB, weight_memory
+from mixdq.models import EMBEDDED_MODEL_ID
 from mixdq.sensitivity.published import SDXL_TURBO_MODEL_ID, UNetInventory, load_published_table, sdxl_turbo_inventory
 from mixdq.sensitivity.table import GROUP_METRIC, select_protected
 from studio.plots import bits_heatmap, ssim_to_db, unet_heatmap
@@ -223,6 +225,7 @@ class ModelWorkspace:
         self.cache_dir = cache_dir
         self.lock = threading.Lock()
         self._ranges = None
+        self._judges = None
         self.source = SensitivitySource.build(f"{self.model_id} (loaded model)", self.model_id, table, self.inventory) if table is not None else None
 
     @property
@@ -241,24 +244,42 @@ class ModelWorkspace:
             self._ranges = (steps, ranges)
         return self._ranges[1]
 
+    def judges(self):
+        """(CLIP scorer, alignment checker) of the embedded model; ``(None, None)`` for other models,
+        whose CLIP weights may not be on this machine."""
+        if self._judges is None:
+            self._judges = (None, None)
+            if self.model_id == EMBEDDED_MODEL_ID:
+                from mixdq.evaluate.embedded import embedded_checker, embedded_clip_scorer
+
+                self._judges = (embedded_clip_scorer(), embedded_checker)
+        return self._judges
+
     def compare(self, config: PrecisionConfig, prompt: str, seed: int, steps: int, size: int) -> dict:
-        """FP and quantized images from the same noise, their difference and metrics."""
+        """FP and quantized images from the same noise, their difference and metrics (CLIP score and
+        caption alignment too for the embedded model)."""
         from mixdq.quant import quantization_off, quantize_
 
         config.validate(self.layers)
         with self.lock:
-            ranges = self.act_ranges(steps)
+            ranges = self.act_ranges(steps) if config.act_bits else None
             quantize_(self.pipe, config, ranges)
             with quantization_off(self.pipe):
                 fp, fp_seconds = self._generate(prompt, seed, steps, size)
             quant, quant_seconds = self._generate(prompt, seed, steps, size)
         mem = weight_memory(self.layers, config, self.inventory.other_params)
         fp_mem = weight_memory(self.layers, None, self.inventory.other_params)
+        metrics = image_metrics(fp, quant)
+        scorer, checker = self.judges()
+        if scorer is not None:
+            scores = clip_score(scorer, torch.stack([fp, quant]), [prompt, prompt])
+            metrics["clip_fp"], metrics["clip_quant"] = (float(v) for v in scores)
+            metrics["aligned_fp"], metrics["aligned_quant"] = (_aligned(checker, image, prompt) for image in (fp, quant))
         return {
             "fp": _to_pil(fp),
             "quant": _to_pil(quant),
             "diff": _diff_image(fp, quant),
-            "metrics": image_metrics(fp, quant),
+            "metrics": metrics,
             "fp_seconds": fp_seconds,
             "quant_seconds": quant_seconds,
             "fp_mb": fp_mem.total_bytes / MB,
@@ -282,6 +303,14 @@ def image_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, floa
     mse = float((reference - test).pow(2).mean())
     psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
     return {"ssim": image_ssim(reference[None], test[None]), "psnr": psnr}
+
+
+def _aligned(checker, image: torch.Tensor, prompt: str) -> bool | None:
+    """The checker's verdict, or ``None`` when the prompt is not in the embedded model's caption language."""
+    try:
+        return bool(checker(image, prompt))
+    except ValueError:
+        return None
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mixdq.inventory import LayerInfo, inventory_fingerprint, layer_inventory
 from mixdq.models import EMBEDDED_MODEL_DIR
 from mixdq.sensitivity.table import SensitivityTableError, read_table
 from studio.services import PUBLISHED_LABEL, ModelWorkspace, SensitivitySource, published_source
@@ -21,16 +22,20 @@ def model_table_path(fingerprint: str, cache_dir: Path) -> Path:
     return cache_dir / f"studio-sensitivity-{fingerprint}.csv"
 
 
-def find_model_table(workspace_fingerprint: str, layer_names: set[str], cache_dir: Path) -> pd.DataFrame | None:
-    """The loaded model's sensitivity table: shipped with the embedded model, or cached by a sweep."""
-    for path in (SHIPPED_TABLE, model_table_path(workspace_fingerprint, cache_dir)):
+def find_model_table(layers: list[LayerInfo], cache_dir: Path) -> pd.DataFrame | None:
+    """The loaded model's sensitivity table: shipped with the embedded model, or cached by a sweep.
+    A table counts only if it lists exactly this model's layers with this model's weight sizes (a model
+    of the same architecture family but other widths has the same layer names)."""
+    numel = {info.name: info.weight_numel for info in layers}
+    for path in (SHIPPED_TABLE, model_table_path(inventory_fingerprint(layers), cache_dir)):
         if not path.is_file():
             continue
         try:
             table = read_table(path)
         except SensitivityTableError:
             continue
-        if set(table.layer) == layer_names:
+        weights = table[table.target == "weight"].drop_duplicates("layer")
+        if set(table.layer) == set(numel) and all(numel[n] == size for n, size in zip(weights.layer, weights["size"])):
             return table
     return None
 
@@ -39,10 +44,8 @@ def build_sources(pipe, cache_dir: Path) -> tuple[ModelWorkspace, dict[str, Call
     """The workspace of the loaded model and the sensitivity sources (label -> cached factory),
     loaded model first. The published SDXL-Turbo source is built in the background when it is not
     the first one shown, so start-up does not wait for it."""
-    from mixdq.inventory import inventory_fingerprint, layer_inventory
-
     layers = layer_inventory(pipe.unet)
-    table = find_model_table(inventory_fingerprint(layers), {i.name for i in layers}, cache_dir)
+    table = find_model_table(layers, cache_dir)
     workspace = ModelWorkspace(pipe, cache_dir, table)
     sources: dict[str, Callable[[], SensitivitySource]] = {}
     if workspace.source is not None:

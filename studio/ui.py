@@ -120,8 +120,15 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
         m = out["metrics"]
         backend = "CPU reference path (fake-quant simulation)" if workspace.device.type == "cpu" else "CUDA (fake-quant simulation)"
         fp_name = "FP (computed in FP32 on CPU)" if workspace.device.type == "cpu" else "FP16"
+        judged = ""
+        if "clip_fp" in m:
+            verdict = {True: "all attributes right", False: "attributes wrong", None: "caption not in the model's language"}
+            judged = (
+                f"**CLIP score** (embedded CLIP) FP {m['clip_fp']:.1f} · quantized {m['clip_quant']:.1f} · "
+                f"**alignment checker** FP: {verdict[m['aligned_fp']]}, quantized: {verdict[m['aligned_quant']]}  \n"
+            )
         report = (
-            f"**SSIM** {m['ssim']:.4f} · **PSNR** {m['psnr']:.2f} dB  \n"
+            f"**SSIM** {m['ssim']:.4f} · **PSNR** {m['psnr']:.2f} dB  \n" + judged +
             f"**{fp_name}**: {out['fp_seconds']:.2f} s, {out['fp_mb']:,.2f} MB UNet weights in FP16 · "
             f"**quantized**: {out['quant_seconds']:.2f} s, {out['quant_mb']:,.2f} MB ({out['fp_mb'] / out['quant_mb']:.2f}x smaller)  \n"
             f"quantized image computed on: **{backend}**"
