@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -43,14 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(workspace, sources)
     demo.queue(default_concurrency_limit=4, max_size=32)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    _, local_url, share_url = demo.launch(
-        server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True, quiet=True
-    )
+    gradio_says = io.StringIO()  # Gradio explains a failed share link in a dozen lines; we say it in one
+    with contextlib.redirect_stdout(gradio_says):
+        _, local_url, share_url = demo.launch(
+            server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True, quiet=True
+        )
     print(f"MixDQ Studio ready at {local_url} ({time.perf_counter() - started:.1f} s)", flush=True)
     if args.share and not share_url:
-        print("Could not create a public share link (no internet?); serving locally only.", flush=True)
+        reason = gradio_says.getvalue().strip().splitlines()[0] if gradio_says.getvalue().strip() else "no answer"
+        print(f"No public share link ({reason.rstrip('. ')}); serving locally only.", flush=True)
     elif share_url:
         print(f"Public link: {share_url}", flush=True)
+    else:
+        print(gradio_says.getvalue(), end="", flush=True)
     try:
         demo.block_thread()
     except KeyboardInterrupt:

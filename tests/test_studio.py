@@ -197,3 +197,30 @@ def test_browser_slider_compare_and_download(studio, tmp_path):
     print(timings)
     assert release_seconds < 5.0  # generous for a loaded CI machine; README reports the measured value
     shutil.copy(saved, SCREENSHOTS / "exported.json")
+
+
+def test_share_failure_is_one_line_and_keeps_serving(tmp_path):
+    """No internet here: `--share` must say so in one line and the local page must keep serving."""
+    from mixdq.models import build_random_pipeline
+
+    folder = tmp_path / "pipe"
+    build_random_pipeline(seed=0).save_pretrained(folder)
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--model", str(folder), "--share", "--port", str(port), "--device", "cpu", "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        lines = []
+        while not any(line.startswith(("No public share link", "Public link")) for line in lines):
+            line = process.stdout.readline()
+            assert line, f"app.py ended early: {lines}"
+            lines.append(line)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    share_lines = [line for line in lines if "share" in line.lower()]
+    if any(line.startswith("Public link") for line in lines):
+        pytest.skip("this machine has internet: a public link was created")
+    assert len(share_lines) == 1 and share_lines[0].rstrip().endswith("serving locally only.")
