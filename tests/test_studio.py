@@ -102,6 +102,25 @@ def test_allocate_then_export_round_trip(client, tmp_path):
     assert "3.9" in summary or "x smaller" in summary
 
 
+def test_concurrent_users_keep_their_own_configs(studio):
+    """Two sessions allocating different budgets at the same time each export their own config."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    def session(bits: float) -> float:
+        user = Client(studio[0], verbose=False)
+        user.predict(PUBLISHED_LABEL, "average bits", bits, 1300.0, True, 8, True, 0.6, api_name="/allocate")
+        files, _ = user.predict(PUBLISHED_LABEL, api_name="/export")
+        config = PrecisionConfig.load(next(f for f in files if f.endswith(".json")))
+        return average_weight_bits(list(sdxl_turbo_inventory().layers), config)
+
+    budgets = [3.5, 6.0, 4.5]
+    with ThreadPoolExecutor(len(budgets)) as pool:
+        achieved = list(pool.map(session, budgets))
+    assert all(abs(a - b) <= 0.02 for a, b in zip(achieved, budgets, strict=True)), achieved
+
+
 def test_budget_in_mb_and_infeasible_budget(client):
     status = client.predict(PUBLISHED_LABEL, "MB", 4.0, 1500.0, False, 8, True, 0.6, api_name="/allocate")[3]
     assert "activations FP16" in status
