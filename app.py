@@ -17,7 +17,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from mixdq.cli import DEFAULT_CACHE
 
     parser = argparse.ArgumentParser(description="MixDQ Studio: see what each bit costs before you ship it.")
-    parser.add_argument("--model", default=None, help="hub id (e.g. stabilityai/sdxl-turbo) or local folder; default: the embedded model")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub id (e.g. stabilityai/sdxl-turbo) or local folder; default: the embedded model",
+    )
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public link (needs internet)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for your network)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -33,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from mixdq.models import ModelNotAvailableError, load_pipeline
     from studio.sources import build_sources
-    from studio.services import ModelWorkspace
     from studio.ui import build_demo
 
     try:

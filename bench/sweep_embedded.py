@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--prompts", type=int, default=16, help="prompts from assets/prompts.txt (default 16)")
-    parser.add_argument("--calibration-prompts", type=int, default=None, help="prompts for calibration (default: all 64)")
+    parser.add_argument(
+        "--calibration-prompts", type=int, default=None, help="prompts for calibration (default: all 64)"
+    )
     parser.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, as MixDQ's published data)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--layers", type=int, default=None, help="sweep only the first N layers (timing runs)")
@@ -41,20 +43,31 @@ def main() -> None:
     size = pipe.default_sample_size * pipe.vae_scale_factor
     prompts = default_prompts()[: args.prompts]
     started = time.perf_counter()
-    ranges = calibrate(pipe, default_prompts()[: args.calibration_prompts], num_inference_steps=args.steps, seed=args.seed, height=size, width=size)
+    ranges = calibrate(
+        pipe,
+        default_prompts()[: args.calibration_prompts],
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        height=size,
+        width=size,
+    )
     calibration_seconds = time.perf_counter() - started
     from mixdq.inventory import forward_order_key, layer_inventory
 
     names = sorted((i.name for i in layer_inventory(pipe.unet)), key=forward_order_key)
     layers = tuple(names[: args.layers]) if args.layers else None
-    settings = SweepSettings(prompts=tuple(prompts), num_inference_steps=args.steps, seed=args.seed, height=size, width=size, layers=layers)
+    settings = SweepSettings(
+        prompts=tuple(prompts), num_inference_steps=args.steps, seed=args.seed, height=size, width=size, layers=layers
+    )
     table, stats = run_sweep(pipe, ranges, settings, act_ranges_key=ranges.provenance.get("prompts_sha256", ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if layers is None:
         write_table(table, args.out)
     report = {
         "model_id": pipe.model_id,
-        "device": torch.cuda.get_device_name() if pipe.unet.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if pipe.unet.device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "settings": {k: v for k, v in asdict(settings).items() if k != "prompts"} | {"num_prompts": len(prompts)},

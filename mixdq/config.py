@@ -116,10 +116,14 @@ class PrecisionConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a precision config must be a JSON object, got {type(data).__name__}.")
         if data.get("format") != FORMAT_NAME:
-            raise ConfigError(f"not a MixDQ Studio precision config: 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}.")
+            raise ConfigError(
+                f"not a MixDQ Studio precision config: 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}."
+            )
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ConfigError(f"unsupported schema_version {version!r}; this version of MixDQ Studio reads {SCHEMA_VERSION}.")
+            raise ConfigError(
+                f"unsupported schema_version {version!r}; this version of MixDQ Studio reads {SCHEMA_VERSION}."
+            )
         for key, kind in (("weight_bits", dict), ("act_bits", dict), ("protected", list), ("metadata", dict)):
             if not isinstance(data.get(key, kind()), kind):
                 raise ConfigError(f"'{key}' must be a JSON {'object' if kind is dict else 'array'}.")
@@ -140,7 +144,9 @@ class PrecisionConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{source} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from None
+            raise ConfigError(
+                f"{source} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}."
+            ) from None
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
@@ -234,5 +240,5 @@ def _parse_mixdq_yaml(text: str, source: str) -> dict[str, int]:
             bits = int(bits)
         if isinstance(bits, bool) or not isinstance(bits, int):
             raise ConfigError(f"{source}: layer {name!r} has bits {bits!r}; expected an integer.")
-        result[name[len(MIXDQ_YAML_PREFIX):]] = bits
+        result[name[len(MIXDQ_YAML_PREFIX) :]] = bits
     return result

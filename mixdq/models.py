@@ -184,7 +184,9 @@ def _byte_level_clip_tokenizer():
 
 def _byte_symbols() -> list[str]:
     """GPT-2/CLIP's reversible byte -> printable-character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     symbols, extra = [], 0
     for byte in range(256):
         if byte in printable:

@@ -99,7 +99,9 @@ def bits_heatmap(names: Sequence[str], bits: Mapping[str, int | None], title: st
     """The allocation: each layer coloured by its bits (FP16 layers as 16)."""
     values = {n: float(bits.get(n) or 16) for n in names}
     scale = [[0.0, BIT_COLOURS[2]], [0.15, BIT_COLOURS[4]], [0.43, BIT_COLOURS[8]], [1.0, BIT_COLOURS[16]]]
-    fig = unet_heatmap(names, values, title, "bits", {n: f"{int(v)} bits" for n, v in values.items()}, colorscale="Turbo")
+    fig = unet_heatmap(
+        names, values, title, "bits", {n: f"{int(v)} bits" for n, v in values.items()}, colorscale="Turbo"
+    )
     fig.update_traces(colorscale=scale, zmin=2, zmax=16, colorbar=dict(title="bits", tickvals=[2, 4, 8, 16]))
     return fig
 

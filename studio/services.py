@@ -24,8 +24,8 @@ from PIL import Image
 from mixdq.allocate import AUTO, AllocationResult, Allocator, InfeasibleBudgetError
 from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
-from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
 from mixdq.evaluate.metrics import clip_score
+from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
 from mixdq.memory import MB, weight_memory
 from mixdq.models import EMBEDDED_MODEL_ID
 from mixdq.sensitivity.published import SDXL_TURBO_MODEL_ID, UNetInventory, load_published_table, sdxl_turbo_inventory
@@ -98,7 +98,11 @@ def sensitivity_figures(source: SensitivitySource, target: str, bit: int) -> tup
         sizes = dict(zip(rows.layer, rows["size"], strict=True))
         side = "weights" if target == "weight" else "activations"
         if metric == "sqnr":
-            figures.append(unet_heatmap(names, raw, f"Quality layers: UNet-output SQNR, {side} at {bit} bits", "SQNR dB", sizes=sizes))
+            figures.append(
+                unet_heatmap(
+                    names, raw, f"Quality layers: UNet-output SQNR, {side} at {bit} bits", "SQNR dB", sizes=sizes
+                )
+            )
         else:
             shown = {n: ssim_to_db(v) for n, v in raw.items()}
             hover = {n: f"SSIM {v:.5f}" for n, v in raw.items()}
@@ -150,18 +154,30 @@ def allocate(
     memory = memory_figure(source.fp16_mb(), result.weight_mb)
     groups = ", ".join(f"{g} {s.average:.2f}" for g, s in weight.groups.items())
     act = result.act
-    act_text = "activations FP16" if act is None else f"activations {act.average_bits:.2f} bits ({act.solver}, {act.status})"
+    solve_ms = 1000 * (weight.seconds + (act.seconds if act else 0))
+    act_text = (
+        "activations FP16" if act is None else f"activations {act.average_bits:.2f} bits ({act.solver}, {act.status})"
+    )
     summary = (
         f"weights {weight.average_bits:.3f} bits (groups: {groups}; K = {weight.k:.3f}), {act_text}; "
         f"UNet weights {result.weight_mb:,.1f} MB vs FP16 {source.fp16_mb():,.1f} MB "
         f"({source.fp16_mb() / result.weight_mb:.2f}x smaller); {len(source.protected)} protected layers in FP16; "
-        f"solver {weight.solver}, status {weight.status}, {1000 * (weight.seconds + (act.seconds if act else 0)):.0f} ms"
+        f"solver {weight.solver}, status {weight.status}, {solve_ms:.0f} ms"
     )
     return AllocationView(result, figure, memory, summary)
 
 
 def memory_figure(fp16_mb: float, quant_mb: float) -> go.Figure:
-    fig = go.Figure(go.Bar(x=[fp16_mb, quant_mb], y=["FP16", "quantized"], orientation="h", text=[f"{fp16_mb:,.1f} MB", f"{quant_mb:,.1f} MB"], textposition="auto", marker_color=["#1f77b4", "#2ca02c"]))
+    fig = go.Figure(
+        go.Bar(
+            x=[fp16_mb, quant_mb],
+            y=["FP16", "quantized"],
+            orientation="h",
+            text=[f"{fp16_mb:,.1f} MB", f"{quant_mb:,.1f} MB"],
+            textposition="auto",
+            marker_color=["#1f77b4", "#2ca02c"],
+        )
+    )
     fig.update_layout(title="UNet weight memory", height=180, margin=dict(l=10, r=10, t=40, b=20), xaxis_title="MB")
     return fig
 
@@ -169,11 +185,27 @@ def memory_figure(fp16_mb: float, quant_mb: float) -> go.Figure:
 def pareto_figure(source: SensitivitySource, current_bits: float | None = None) -> go.Figure:
     """Score (size-weighted normalized sensitivity) against UNet MB, with the current point marked."""
     front = source.front
-    fig = go.Figure(go.Scatter(x=front.mb, y=front.score, mode="lines+markers", name="MixDQ front", hovertemplate="%{x:.1f} MB<br>score %{y:.3f}<extra></extra>"))
+    fig = go.Figure(
+        go.Scatter(
+            x=front.mb,
+            y=front.score,
+            mode="lines+markers",
+            name="MixDQ front",
+            hovertemplate="%{x:.1f} MB<br>score %{y:.3f}<extra></extra>",
+        )
+    )
     if current_bits is not None:
         current = front.iloc[(front.average_bits - current_bits).abs().argsort()[:1]]
-        fig.add_trace(go.Scatter(x=current.mb, y=current.score, mode="markers", marker=dict(size=14, color="red"), name="current"))
-    fig.update_layout(title="Precision / quality frontier (weights)", xaxis_title="UNet weights (MB)", yaxis_title="score (1 = all 8-bit)", height=300, margin=dict(l=10, r=10, t=40, b=40))
+        fig.add_trace(
+            go.Scatter(x=current.mb, y=current.score, mode="markers", marker=dict(size=14, color="red"), name="current")
+        )
+    fig.update_layout(
+        title="Precision / quality frontier (weights)",
+        xaxis_title="UNet weights (MB)",
+        yaxis_title="score (1 = all 8-bit)",
+        height=300,
+        margin=dict(l=10, r=10, t=40, b=40),
+    )
     return fig
 
 
@@ -182,7 +214,9 @@ def infeasible_message(err: InfeasibleBudgetError) -> str:
 
 
 # ---- export / import --------------------------------------------------------------------------------
-def export_config(config: PrecisionConfig, layers_inventory: UNetInventory, directory: str | Path | None = None) -> tuple[Path, Path, Path]:
+def export_config(
+    config: PrecisionConfig, layers_inventory: UNetInventory, directory: str | Path | None = None
+) -> tuple[Path, Path, Path]:
     """Write the config as JSON and as MixDQ yaml (weights, activations); return the three paths."""
     directory = Path(directory or tempfile.mkdtemp(prefix="mixdq-config-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -226,7 +260,11 @@ class ModelWorkspace:
         self.lock = threading.Lock()
         self._ranges = None
         self._judges = None
-        self.source = SensitivitySource.build(f"{self.model_id} (loaded model)", self.model_id, table, self.inventory) if table is not None else None
+        self.source = (
+            SensitivitySource.build(f"{self.model_id} (loaded model)", self.model_id, table, self.inventory)
+            if table is not None
+            else None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -274,7 +312,9 @@ class ModelWorkspace:
         if scorer is not None:
             scores = clip_score(scorer, torch.stack([fp, quant]), [prompt, prompt])
             metrics["clip_fp"], metrics["clip_quant"] = (float(v) for v in scores)
-            metrics["aligned_fp"], metrics["aligned_quant"] = (_aligned(checker, image, prompt) for image in (fp, quant))
+            metrics["aligned_fp"], metrics["aligned_quant"] = (
+                _aligned(checker, image, prompt) for image in (fp, quant)
+            )
         return {
             "fp": _to_pil(fp),
             "quant": _to_pil(quant),
@@ -290,7 +330,15 @@ class ModelWorkspace:
     def _generate(self, prompt: str, seed: int, steps: int, size: int) -> tuple[torch.Tensor, float]:
         generator = torch.Generator("cpu").manual_seed(seed)
         start = time.perf_counter()
-        image = self.pipe(prompt, num_inference_steps=steps, guidance_scale=0.0, height=size, width=size, generator=generator, output_type="pt").images
+        image = self.pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            height=size,
+            width=size,
+            generator=generator,
+            output_type="pt",
+        ).images
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return image[0].float().cpu(), time.perf_counter() - start

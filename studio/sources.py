@@ -35,7 +35,8 @@ def find_model_table(layers: list[LayerInfo], cache_dir: Path) -> pd.DataFrame |
         except SensitivityTableError:
             continue
         weights = table[table.target == "weight"].drop_duplicates("layer")
-        if set(table.layer) == set(numel) and all(numel[n] == size for n, size in zip(weights.layer, weights["size"])):
+        sizes = zip(weights.layer, weights["size"], strict=True)
+        if set(table.layer) == set(numel) and all(numel[n] == size for n, size in sizes):
             return table
     return None
 

@@ -57,14 +57,26 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
         mb_low, mb_high = _inner_range(*map(source.bits_to_mb, source.weight_range_bits()), 0.1)
         return (
             gr.update(minimum=low, maximum=high, value=bits, visible=unit != "MB"),
-            gr.update(minimum=mb_low, maximum=mb_high, value=min(max(round(source.bits_to_mb(bits), 1), mb_low), mb_high), visible=unit == "MB"),
+            gr.update(
+                minimum=mb_low,
+                maximum=mb_high,
+                value=min(max(round(source.bits_to_mb(bits), 1), mb_low), mb_high),
+                visible=unit == "MB",
+            ),
         )
 
     def run_allocation(label, unit, budget_bits, budget_mb, quantize_acts, act_bits, k_auto, k_value, exact):
         source = source_of(label)
         budget = budget_mb if unit == "MB" else budget_bits
         try:
-            view = services.allocate(source, float(budget), "MB" if unit == "MB" else "bits", float(act_bits) if quantize_acts else None, "auto" if k_auto else float(k_value), exact)
+            view = services.allocate(
+                source,
+                float(budget),
+                "MB" if unit == "MB" else "bits",
+                float(act_bits) if quantize_acts else None,
+                "auto" if k_auto else float(k_value),
+                exact,
+            )
         except InfeasibleBudgetError as err:
             return gr.update(), gr.update(), gr.update(), services.infeasible_message(err), gr.update()
         pareto = services.pareto_figure(source, view.result.weight.average_bits)
@@ -118,19 +130,29 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
         except ConfigError as err:
             raise gr.Error(f"This config does not fit the loaded model: {err}") from None
         m = out["metrics"]
-        backend = "CPU reference path (fake-quant simulation)" if workspace.device.type == "cpu" else "CUDA (fake-quant simulation)"
+        backend = (
+            "CPU reference path (fake-quant simulation)"
+            if workspace.device.type == "cpu"
+            else "CUDA (fake-quant simulation)"
+        )
         fp_name = "FP (computed in FP32 on CPU)" if workspace.device.type == "cpu" else "FP16"
         judged = ""
         if "clip_fp" in m:
-            verdict = {True: "all attributes right", False: "attributes wrong", None: "caption not in the model's language"}
+            verdict = {
+                True: "all attributes right",
+                False: "attributes wrong",
+                None: "caption not in the model's language",
+            }
             judged = (
                 f"**CLIP score** (embedded CLIP) FP {m['clip_fp']:.1f} · quantized {m['clip_quant']:.1f} · "
                 f"**alignment checker** FP: {verdict[m['aligned_fp']]}, quantized: {verdict[m['aligned_quant']]}  \n"
             )
         report = (
-            f"**SSIM** {m['ssim']:.4f} · **PSNR** {m['psnr']:.2f} dB  \n" + judged +
-            f"**{fp_name}**: {out['fp_seconds']:.2f} s, {out['fp_mb']:,.2f} MB UNet weights in FP16 · "
-            f"**quantized**: {out['quant_seconds']:.2f} s, {out['quant_mb']:,.2f} MB ({out['fp_mb'] / out['quant_mb']:.2f}x smaller)  \n"
+            f"**SSIM** {m['ssim']:.4f} · **PSNR** {m['psnr']:.2f} dB  \n"
+            + judged
+            + f"**{fp_name}**: {out['fp_seconds']:.2f} s, {out['fp_mb']:,.2f} MB UNet weights in FP16 · "
+            f"**quantized**: {out['quant_seconds']:.2f} s, {out['quant_mb']:,.2f} MB "
+            f"({out['fp_mb'] / out['quant_mb']:.2f}x smaller)  \n"
             f"quantized image computed on: **{backend}**"
         )
         return (out["fp"], out["quant"]), out["diff"], report
@@ -154,11 +176,28 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
         with gr.Tab("Budget"):
             with gr.Row():
                 unit = gr.Radio(list(UNITS), value=UNITS[0], label="budget unit")
-                budget = gr.Slider(low, high, value=start_bits, step=0.01, label="weight budget (average bits)", elem_id="budget-slider")
-                budget_mb = gr.Slider(mb_low, mb_high, value=round(first.bits_to_mb(start_bits), 1), step=0.1, label="weight budget (MB of UNet weights)", elem_id="budget-mb-slider", visible=False)
+                budget = gr.Slider(
+                    low,
+                    high,
+                    value=start_bits,
+                    step=0.01,
+                    label="weight budget (average bits)",
+                    elem_id="budget-slider",
+                )
+                budget_mb = gr.Slider(
+                    mb_low,
+                    mb_high,
+                    value=round(first.bits_to_mb(start_bits), 1),
+                    step=0.1,
+                    label="weight budget (MB of UNet weights)",
+                    elem_id="budget-mb-slider",
+                    visible=False,
+                )
             with gr.Row():
                 quantize_acts = gr.Checkbox(value=True, label="quantize activations")
-                act_bits = gr.Slider(4, 8, value=8, step=0.25, label="activation budget (average bits)", elem_id="act-slider")
+                act_bits = gr.Slider(
+                    4, 8, value=8, step=0.25, label="activation budget (average bits)", elem_id="act-slider"
+                )
                 k_auto = gr.Checkbox(value=True, label="auto K (best content/quality ratio)")
                 k_value = gr.Slider(0.2, 2.0, value=0.6, step=0.01, label="K = content bits / quality bits")
             status = gr.Markdown(elem_id="allocation-status")
@@ -172,8 +211,16 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
                 preset = gr.Radio(list(PRESETS), value=PRESETS[0], label="quantized config")
             with gr.Row():
                 seed = gr.Number(0, precision=0, label="seed")
-                steps = gr.Slider(1, TURBO_SAMPLING.max_steps, value=TURBO_SAMPLING.num_inference_steps, step=1, label="steps")
-                size = gr.Slider(64, MAX_SIZE[workspace.device.type], value=workspace.default_size(), step=64, label="resolution (px)")
+                steps = gr.Slider(
+                    1, TURBO_SAMPLING.max_steps, value=TURBO_SAMPLING.num_inference_steps, step=1, label="steps"
+                )
+                size = gr.Slider(
+                    64,
+                    MAX_SIZE[workspace.device.type],
+                    value=workspace.default_size(),
+                    step=64,
+                    label="resolution (px)",
+                )
             generate = gr.Button("Generate FP vs quantized", variant="primary", elem_id="generate")
             with gr.Row():
                 slider = gr.ImageSlider(label="full precision | quantized", type="pil", format="png")
@@ -194,17 +241,30 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
         alloc_inputs = [source, unit, budget, budget_mb, quantize_acts, act_bits, k_auto, k_value]
         alloc_outputs = [allocation_plot, memory_plot, pareto_plot, status, config_state]
         for component in (budget, budget_mb, act_bits, k_value):
-            component.input(preview, alloc_inputs, alloc_outputs, show_progress="hidden", trigger_mode="always_last", api_name=False)
+            component.input(
+                preview, alloc_inputs, alloc_outputs, show_progress="hidden", trigger_mode="always_last", api_name=False
+            )
             api_name = "allocate" if component is budget else False
             component.release(solve, alloc_inputs, alloc_outputs, show_progress="hidden", api_name=api_name)
         for component in (quantize_acts, k_auto):
             component.change(solve, alloc_inputs, alloc_outputs, show_progress="hidden", api_name=False)
         unit.change(switch_unit, [source, unit, budget, budget_mb], [budget, budget_mb], api_name=False)
-        source.change(reset_sliders, [source, unit], [budget, budget_mb], api_name=False).then(solve, alloc_inputs, alloc_outputs, api_name=False)
-        generate.click(compare, [config_state, preset, prompt, seed, steps, size], [slider, diff, report], api_name="compare", concurrency_id="gpu", concurrency_limit=1)
+        source.change(reset_sliders, [source, unit], [budget, budget_mb], api_name=False).then(
+            solve, alloc_inputs, alloc_outputs, api_name=False
+        )
+        generate.click(
+            compare,
+            [config_state, preset, prompt, seed, steps, size],
+            [slider, diff, report],
+            api_name="compare",
+            concurrency_id="gpu",
+            concurrency_limit=1,
+        )
         export_button.click(export, [config_state, source], [files, export_status], api_name="export")
         upload.upload(import_file, [upload, source], [config_state, import_status], api_name="import_config")
-        demo.load(show_sensitivity, view_inputs, view_outputs, api_name=False).then(solve, alloc_inputs, alloc_outputs, api_name=False)
+        demo.load(show_sensitivity, view_inputs, view_outputs, api_name=False).then(
+            solve, alloc_inputs, alloc_outputs, api_name=False
+        )
     return demo
 
 

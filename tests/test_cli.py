@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_help_lists_the_workflow():
-    out = subprocess.run([sys.executable, "-m", "mixdq", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mixdq", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     for command in ("calibrate", "generate", "sensitivity", "allocate"):
         assert command in out
 
@@ -34,8 +36,33 @@ def test_generate_fp_and_quantized_pngs(saved_pipe, tmp_path, capsys):
     folder, layers = saved_pipe
     config = PrecisionConfig.uniform(layers, 8, 8, model_id="random")
     config.save(tmp_path / "w8a8.json")
-    common = ["--model", str(folder), "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--steps", "1", "--size", "64"]
-    assert main(["generate", *common, "--prompt", "a red circle", "--config", str(tmp_path / "w8a8.json"), "--out", str(tmp_path / "out")]) == 0
+    common = [
+        "--model",
+        str(folder),
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--steps",
+        "1",
+        "--size",
+        "64",
+    ]
+    assert (
+        main(
+            [
+                "generate",
+                *common,
+                "--prompt",
+                "a red circle",
+                "--config",
+                str(tmp_path / "w8a8.json"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     written = sorted((tmp_path / "out").glob("*.png"))
     assert [p.name for p in written] == ["a-red-circle-seed0-fp.png", "a-red-circle-seed0-quant.png"]
     assert all(Image.open(p).size == (64, 64) for p in written)
@@ -48,7 +75,19 @@ def test_generate_rejects_a_config_for_another_model(saved_pipe, tmp_path):
     config.fingerprint = "0000000000000000"
     config.save(tmp_path / "other.json")
     with pytest.raises(SystemExit, match="made for another model"):
-        main(["generate", "--model", str(folder), "--device", "cpu", "--prompt", "x", "--config", str(tmp_path / "other.json")])
+        main(
+            [
+                "generate",
+                "--model",
+                str(folder),
+                "--device",
+                "cpu",
+                "--prompt",
+                "x",
+                "--config",
+                str(tmp_path / "other.json"),
+            ]
+        )
 
 
 def test_missing_model_is_one_clear_line(capsys, monkeypatch):

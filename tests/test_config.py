@@ -81,7 +81,10 @@ def test_bad_configs_name_the_first_offender(mixed, layers, mutate, message):
         ("[1, 2]", "must be a JSON object, got list"),
         ('{"format": "other"}', "not a MixDQ Studio precision config"),
         (json.dumps({"format": FORMAT_NAME, "schema_version": 99}), "unsupported schema_version 99"),
-        (json.dumps({"format": FORMAT_NAME, "schema_version": 1, "weight_bits": [4]}), "'weight_bits' must be a JSON object"),
+        (
+            json.dumps({"format": FORMAT_NAME, "schema_version": 1, "weight_bits": [4]}),
+            "'weight_bits' must be a JSON object",
+        ),
     ],
 )
 def test_malformed_json(text, message):

@@ -36,7 +36,11 @@ def test_groups_match_exact_suffixes_only():
 @pytest.mark.parametrize(
     "name, unit, role",
     [
-        ("down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0", "down_blocks.1.attentions.0.transformer_blocks.1", "attn2.to_out.0"),
+        (
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0",
+            "down_blocks.1.attentions.0.transformer_blocks.1",
+            "attn2.to_out.0",
+        ),
         ("mid_block.resnets.1.conv_shortcut", "mid_block.resnets.1", "resnet.conv_shortcut"),
         ("up_blocks.0.attentions.2.proj_out", "up_blocks.0.attentions.2", "proj_out"),
         ("up_blocks.1.upsamplers.0.conv", "up_blocks.1.upsamplers.0", "upsample.conv"),
@@ -78,9 +82,13 @@ def test_concat_split_matches_the_real_concat(random_pipe, monkeypatch):
     monkeypatch.setattr(torch, "cat", spy_cat)
     added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.zeros(1, 6)}
     with torch.no_grad():
-        random_pipe.unet(torch.randn(1, 4, 16, 16), 999, encoder_hidden_states=torch.randn(1, 77, 64), added_cond_kwargs=added)
+        random_pipe.unet(
+            torch.randn(1, 4, 16, 16), 999, encoder_hidden_states=torch.randn(1, 77, 64), added_cond_kwargs=added
+        )
     monkeypatch.undo()
-    expected = [(i.concat_split, i.in_features) for i in layer_inventory(random_pipe.unet) if i.concat_split is not None]
+    expected = [
+        (i.concat_split, i.in_features) for i in layer_inventory(random_pipe.unet) if i.concat_split is not None
+    ]
     assert pairs == expected
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mixdq.models import ModelNotAvailableError, TURBO_SAMPLING, load_pipeline
+from mixdq.models import TURBO_SAMPLING, ModelNotAvailableError, load_pipeline
 
 
 def test_local_folder_round_trip(random_pipe, tmp_path):

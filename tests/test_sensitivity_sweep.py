@@ -1,6 +1,5 @@
 """The one-layer-at-a-time sensitivity sweep on the random fixture pipeline."""
 
-
 import pandas as pd
 import pytest
 import torch
@@ -69,7 +68,11 @@ def test_cache_is_reused_and_shards_merge(swept, monkeypatch):
     small = SweepSettings(prompts=PROMPTS, height=64, width=64, layers=tuple(layers), targets=("weight",))
     parts = [run_sweep(pipe, ranges, small, shard=(i, 2), progress=False)[0] for i in range(2)]
     merged = merge_shards(parts).sort_values(["layer", "bit"]).reset_index(drop=True)
-    expected = table[(table.target == "weight") & table.layer.isin(layers)].sort_values(["layer", "bit"]).reset_index(drop=True)
+    expected = (
+        table[(table.target == "weight") & table.layer.isin(layers)]
+        .sort_values(["layer", "bit"])
+        .reset_index(drop=True)
+    )
     pd.testing.assert_frame_equal(merged, expected)
     with pytest.raises(ValueError, match="two rows"):
         merge_shards([parts[0], parts[0]])

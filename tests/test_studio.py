@@ -25,8 +25,14 @@ from studio.services import PUBLISHED_LABEL
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 SCREENSHOTS = Path(os.environ.get("MIXDQ_SCREENSHOT_DIR", "/tmp/mixdq-studio-screenshots"))
 
@@ -49,8 +55,22 @@ def studio(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIXDQ_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--model", str(folder), "--port", str(port), "--device", "cpu", "--cache-dir", env["MIXDQ_CACHE_DIR"]],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "app.py",
+            "--model",
+            str(folder),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--cache-dir",
+            env["MIXDQ_CACHE_DIR"],
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -141,7 +161,9 @@ def test_import_rejects_bad_files_with_a_message(client, tmp_path):
 
 
 def test_compare_uniform_w8a8(client):
-    (fp_path, quant_path), diff_path, report = client.predict("uniform W8A8", "a red circle", 0, 1, 64, api_name="/compare")
+    (fp_path, quant_path), diff_path, report = client.predict(
+        "uniform W8A8", "a red circle", 0, 1, 64, api_name="/compare"
+    )
     from PIL import Image
 
     assert Image.open(fp_path).size == (64, 64) and Image.open(quant_path).size == (64, 64)
@@ -161,8 +183,12 @@ def test_browser_slider_compare_and_download(studio, tmp_path):
     profile = tmp_path / "profile"
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1500}, accept_downloads=True,
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1500},
+            accept_downloads=True,
         )
         page = context.new_page()
         loaded = time.perf_counter()
@@ -183,7 +209,8 @@ def test_browser_slider_compare_and_download(studio, tmp_path):
             "([before]) => { const t = document.querySelector('#allocation-status').innerText;"
             " const bits = (s) => (s.match(/weights (\\d+\\.\\d+) bits/) || [])[1];"
             " return t.includes('solver cbc') && bits(t) !== undefined && bits(t) !== bits(before); }",
-            arg=[before], timeout=30_000,
+            arg=[before],
+            timeout=30_000,
         )
         release_seconds = time.perf_counter() - released
         after = status.inner_text()
@@ -211,7 +238,11 @@ def test_browser_slider_compare_and_download(studio, tmp_path):
         context.close()
     config = json.loads(saved.read_text())
     assert config["format"] == "mixdq-studio/precision-config" and config["model_id"] == "stabilityai/sdxl-turbo"
-    timings = {"app_start_to_serving_s": start_seconds, "first_page_s": first_page_seconds, "slider_release_to_update_s": release_seconds}
+    timings = {
+        "app_start_to_serving_s": start_seconds,
+        "first_page_s": first_page_seconds,
+        "slider_release_to_update_s": release_seconds,
+    }
     (SCREENSHOTS / "timings.json").write_text(json.dumps(timings, indent=2))
     print(timings)
     assert release_seconds < 5.0  # generous for a loaded CI machine; README reports the measured value
@@ -226,8 +257,24 @@ def test_share_failure_is_one_line_and_keeps_serving(tmp_path):
     build_random_pipeline(seed=0).save_pretrained(folder)
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--model", str(folder), "--share", "--port", str(port), "--device", "cpu", "--cache-dir", str(tmp_path / "cache")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "app.py",
+            "--model",
+            str(folder),
+            "--share",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     try:
         lines = []

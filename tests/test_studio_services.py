@@ -19,7 +19,9 @@ def test_compare_on_the_embedded_model(tmp_path):
 
     workspace = ModelWorkspace(load_pipeline(device="cpu"), tmp_path)
     fp_only = PrecisionConfig(model_id=workspace.model_id)  # nothing quantized: both images must match
-    out = workspace.compare(fp_only, "a large red circle in the center, on a white background", seed=3, steps=1, size=128)
+    out = workspace.compare(
+        fp_only, "a large red circle in the center, on a white background", seed=3, steps=1, size=128
+    )
     m = out["metrics"]
     assert m["psnr"] == math.inf and m["clip_fp"] == m["clip_quant"]
     assert m["aligned_fp"] is True and m["aligned_quant"] is True  # the embedded model draws this caption right
