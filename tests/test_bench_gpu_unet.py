@@ -1,0 +1,61 @@
+"""bench/gpu_unet.py end to end on the CPU with the tiny UNet, so the GPU run (10-minute calls, no time for
+a second try) does not die on a wiring bug: random weights, calibration, BOS cache, deploy, timing, results."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ["fp16_eager", "w8a8", "w4a16"]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("gpu_unet", ROOT / "bench" / "gpu_unet.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_cpu_run_writes_a_row_per_variant_with_finite_numbers(tmp_path):
+    bench = load_bench()
+    argv = ["--tiny", "--device", "cpu", "--px", "64", "--variants", ",".join(VARIANTS), "--warmup", "1"]
+    threads = torch.get_num_threads()
+    # the tiny UNet's ops are too small to share; two OpenMP threads on a busy 2-core box spin (measured: 10 s
+    # with one thread, over 2 min with two while other tests ran)
+    torch.set_num_threads(1)
+    try:
+        bench.main([*argv, "--repeats", "3", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+
+    result = json.loads((tmp_path / "gpu_unet.json").read_text())
+    assert result["meta"]["px"] == [64] and result["meta"]["device"] == "cpu"
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == VARIANTS
+    for name, row in rows.items():
+        assert row["status"] == "ok", row.get("error")
+        assert row["px"] == 64 and row["method"] == "perf_counter" and row["samples"] == 3
+        for key in ("ms", "ms_min", "ms_max", "vs_fp16_eager", "rel_err_vs_fp16"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (name, key, row[key])
+        assert row["output_finite"]
+        assert row["static_mb"] is None and row["peak_mb"] is None  # CUDA-only numbers
+        assert row["vs_fp16_compiled"] is None  # the compiled baseline was not selected
+    assert rows["fp16_eager"]["vs_fp16_eager"] == 1.0 and rows["fp16_eager"]["rel_err_vs_fp16"] == 0.0
+    assert rows["fp16_eager"]["deploy"] is None
+
+    for name, bits in (("w8a8", "W8A8"), ("w4a16", "W4A16")):
+        deployed = rows[name]["deploy"]
+        assert deployed["precisions"] == {bits: 264}  # every Linear/Conv2d of the embedded UNet, packed
+        assert deployed["kernel_backend"] == "torch"
+        assert 0 < deployed["weight_mb"] < deployed["fp16_mb"] and math.isfinite(deployed["ratio"])
+        # deployed vs its own fake-quant model: the deploy numerics contract, through the whole UNet
+        assert rows[name]["rel_err_vs_fake_quant"] < 0.1
+    assert rows["w4a16"]["deploy"]["weight_mb"] < rows["w8a8"]["deploy"]["weight_mb"]
+
+    table = (tmp_path / "gpu_unet.md").read_text()
+    assert "| ours W8A8 (uniform) | 64 | perf_counter |" in table and "CPU reference path" in table
