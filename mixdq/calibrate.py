@@ -40,6 +40,7 @@ FALLBACK_PROMPTS: tuple[str, ...] = (
 FORMAT_NAME = "mixdq-studio/activation-ranges"
 SCHEMA_VERSION = 1
 # Describes the quantizer whose ranges are cached; change it whenever the quantizer's math changes.
+# ``bos_aware_text_embedding`` is the default; calibrate(bos_aware=False) records False instead.
 QUANTIZER_SETTINGS: dict[str, Any] = {
     "activations": "static per-tensor asymmetric min-max, range contains 0",
     "ema_momentum": EMA_MOMENTUM,
@@ -111,6 +112,7 @@ def calibrate(
     weight_bits: int | PrecisionConfig | None = 8,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    bos_aware: bool = True,
 ) -> ActivationRanges:
     """Activation ranges of every UNet layer at every bit in ``act_bits``.
 
@@ -123,6 +125,10 @@ def calibrate(
     With ``cache_dir`` a result made with the same model, prompts, steps, seed, resolution, batch size,
     bits and quantizer is loaded instead of recomputed. Either way the UNet is left wrapped with the
     ranges loaded and computing exact FP (no layer quantized): apply a config with ``quantize_(unet, config)``.
+
+    ``bos_aware=False`` calibrates the naive baseline: the BOS token (token 0 of the text embedding) counts in
+    the ``attn2.to_k`` / ``to_v`` ranges, as in plain min-max quantization. The flag is part of the cache key,
+    and ``quantize_`` refuses ranges made under the other setting.
     """
     unet = pipe.unet
     layers = layer_inventory(unet)
@@ -152,16 +158,16 @@ def calibrate(
         "batch_size": batch_size,
         "act_bits": sorted(act_bits),
         "weight_bits": _weight_spec(weight_bits),
-        "quantizer": QUANTIZER_SETTINGS,
+        "quantizer": QUANTIZER_SETTINGS | {"bos_aware_text_embedding": bos_aware},
     }
     cache_path = _cache_path(cache_dir, provenance) if cache_dir is not None else None
     if cache_path is not None and _read_manifest(cache_path) == _manifest(provenance):
         result = ActivationRanges.load(cache_path)
-        quantize_(unet, None, act_ranges=result)
+        quantize_(unet, None, act_ranges=result, bos_aware=bos_aware)
         logger.info("loaded activation ranges from %s", cache_path)
         return result
 
-    quantize_(unet, None)
+    quantize_(unet, None, bos_aware=bos_aware)
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     bar = tqdm(total=len(act_bits) * len(batches), desc="calibrating", disable=not progress)
     try:
@@ -185,7 +191,7 @@ def calibrate(
                 bar.update(1)
     finally:
         bar.close()
-        quantize_(unet, None)
+        quantize_(unet, None, bos_aware=bos_aware)
     ranges = {bits: by_layer for bits, by_layer in collect_act_ranges(unet).items() if bits in act_bits}
     result = ActivationRanges(ranges=ranges, provenance=provenance)
     if cache_path is not None:

@@ -1,4 +1,5 @@
-"""``python -m mixdq``: calibrate, measure sensitivities, allocate bits and generate images from the shell."""
+"""``python -m mixdq``: calibrate, measure sensitivities, allocate bits, generate images and evaluate configs
+from the shell."""
 
 from __future__ import annotations
 
@@ -126,6 +127,88 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from mixdq.config import ConfigError, PrecisionConfig
+    from mixdq.evaluate import embedded_checker, evaluate, save_results
+    from mixdq.inventory import layer_inventory
+    from mixdq.models import EMBEDDED_MODEL_DIR, load_pipeline
+
+    names = [name for name, _ in args.config]
+    for name in names:
+        if name == "FP" or names.count(name) > 1:
+            raise SystemExit(f"error: --config name {name!r} is used twice (the FP row is named 'FP').")
+    unknown = sorted(set(args.naive) - set(names))
+    if unknown:
+        raise SystemExit(f"error: --naive {unknown[0]!r} is not a --config name; names: {names}.")
+    pipe = load_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    layers = layer_inventory(pipe.unet)
+    configs: dict[str, PrecisionConfig | None] = {"FP": None}
+    for name, path in args.config:
+        try:
+            configs[name] = PrecisionConfig.load(path)
+            configs[name].validate(layers)
+        except ConfigError as err:
+            raise SystemExit(f"error: {path}: {err}") from None
+    prompts = _read_prompts(args.prompts)
+    # The embedded model's captions carry their ground truth, so it gets the alignment checker and its CLIP.
+    embedded = args.model is None or Path(args.model).resolve() == EMBEDDED_MODEL_DIR.resolve()
+    if prompts is None:
+        if not embedded:
+            raise SystemExit("error: --prompts FILE is required for a model other than the embedded one.")
+        from mixdq.calibrate import default_prompts
+
+        prompts = default_prompts()
+    scorer = _clip_scorer(args.clip, embedded)
+    checker = embedded_checker if embedded else None
+    table = evaluate(
+        pipe,
+        configs,
+        prompts,
+        seeds=args.seeds,
+        num_inference_steps=args.steps,
+        height=args.size,
+        width=args.size,
+        scorer=scorer,
+        checker=checker,
+        attributes=prompts if checker is not None else None,
+        calibration_prompts=_read_prompts(args.calibration_prompts),
+        cache_dir=args.cache_dir,
+        batch_size=args.batch_size,
+        bos_aware={name: False for name in args.naive},
+    )
+    csv_path, json_path = save_results(table, args.out)
+    print(table.to_string(index=False))
+    print(f"results -> {csv_path}, {json_path}")
+
+
+def _clip_scorer(spec: str | None, embedded: bool):
+    """``None``: the embedded tiny CLIP for the embedded model, no CLIP metrics otherwise; ``none``; or
+    ``ARCH:WEIGHTS`` for an open_clip model whose weights are a local file (nothing is downloaded)."""
+    from mixdq.evaluate import OpenClipScorer, embedded_clip_scorer
+
+    if spec is None:
+        return embedded_clip_scorer() if embedded else None
+    if spec == "none":
+        return None
+    if spec == "embedded":
+        return embedded_clip_scorer()
+    arch, _, weights = spec.partition(":")
+    if not weights or not Path(weights).is_file():
+        raise SystemExit(f"error: --clip {spec!r}: expected none, embedded or ARCH:PATH with PATH an existing weights file.")
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights)
+    return OpenClipScorer(model, preprocess, open_clip.get_tokenizer(arch))
+
+
+def _named_path(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} must be NAME=path.json, e.g. W4A8=configs/w4a8.json")
+    return name, Path(path)
+
+
 def _shard(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)/(\d+)", text)
     if not match or not 0 <= int(match[1]) < int(match[2]):
@@ -165,6 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="merge shard tables (CSV) instead of sweeping")
     p.add_argument("--out", type=Path, default=Path("sensitivity.csv"), help="table CSV to write (default ./sensitivity.csv)")
     p.set_defaults(handler=cmd_sensitivity)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="FP vs quantized images from identical noise: memory, CLIP score, FD, alignment, SSIM/PSNR per config",
+        description="Evaluate precision configs against FP on a prompt set: one row per config (FP first) with UNet "
+        "weight MB, CLIP score, Fréchet distance of CLIP features vs FP, alignment (embedded model only), SSIM and "
+        "PSNR vs FP. Example on SDXL-Turbo (needs its weights locally): python -m mixdq evaluate --model "
+        "stabilityai/sdxl-turbo --config W4A8=w4a8.json --prompts coco.txt --calibration-prompts calib.txt "
+        "--clip ViT-L-14:/path/open_clip_pytorch_model.bin --steps 1 --size 512 --out results/turbo",
+    )
+    _model_args(p)
+    p.add_argument("--config", type=_named_path, action="append", default=[], metavar="NAME=PATH", help="a precision config JSON, repeatable")
+    p.add_argument("--naive", action="append", default=[], metavar="NAME", help="evaluate config NAME without BOS handling (MixDQ's naive baseline), repeatable")
+    p.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line (default for the embedded model: assets/prompts.txt)")
+    p.add_argument("--calibration-prompts", type=Path, default=None, help="prompts for activation calibration (default: assets/prompts.txt)")
+    p.add_argument("--seeds", type=int, default=0, help="image i uses noise seed SEEDS + i (default 0)")
+    p.add_argument("--steps", type=int, default=1, choices=range(1, 5), metavar="{1..4}", help="denoising steps (default 1)")
+    p.add_argument("--size", type=int, default=None, help="image height and width in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
+    p.add_argument("--clip", default=None, help="none | embedded | ARCH:WEIGHTS_FILE (open_clip); default: embedded for the embedded model, else none")
+    p.add_argument("--out", type=Path, default=Path("evaluation"), help="results stem: writes STEM.csv and STEM.json (default ./evaluation)")
+    p.set_defaults(handler=cmd_evaluate)
 
     add_allocate_parser(sub)
     return parser

@@ -6,12 +6,16 @@ weights a cap on the MB of the whole UNet. It is turned into a target for the no
 quality target with ratio K (fixed, or "auto": the best K on a grid), and each group is solved on
 its own. :class:`Allocator` keeps the per-group models between calls, so the studio can re-solve
 on every slider release without rebuilding them.
+
+Each group is scored by MixDQ's decoupled metric (:data:`GROUP_METRIC`: content by image SSIM, quality by
+UNet-output SQNR) unless ``metrics`` says otherwise: ``metrics={"content": "sqnr", "quality": "sqnr"}`` is
+the paper's single-metric ablation, and needs a table with SQNR rows for content layers.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +37,16 @@ from mixdq.config import PrecisionConfig
 from mixdq.inventory import inventory_fingerprint
 from mixdq.memory import FP16_BITS, MB, weight_memory
 from mixdq.sensitivity.published import UNetInventory
-from mixdq.sensitivity.table import GROUPS, TARGETS, GroupMatrix, SensitivityTableError, group_matrix, validate_table
+from mixdq.sensitivity.table import (
+    GROUP_METRIC,
+    GROUPS,
+    METRICS,
+    TARGETS,
+    GroupMatrix,
+    SensitivityTableError,
+    group_matrix,
+    validate_table,
+)
 
 BAND = 0.02  # MixDQ's tolerance on each group's average bits
 APPROX = "approx"
@@ -113,10 +126,13 @@ class AllocationResult:
 class _Side:
     """Per-target data: group matrices, size bookkeeping and lazily built solvers."""
 
-    def __init__(self, table: pd.DataFrame, target: str, protected: frozenset[str]) -> None:
+    def __init__(
+        self, table: pd.DataFrame, target: str, protected: frozenset[str], metrics: Mapping[str, str]
+    ) -> None:
         self.target = target
         self.matrices: dict[str, GroupMatrix] = {
-            g: group_matrix(table, target, g, candidate_bits(target, g), exclude=protected) for g in GROUPS
+            g: group_matrix(table, target, g, candidate_bits(target, g), exclude=protected, metric=metrics[g])
+            for g in GROUPS
         }
         empty = [g for g, m in self.matrices.items() if not len(m.layers)]
         if empty:
@@ -184,6 +200,7 @@ class Allocator:
 
     ``protected`` layers stay FP16 on both sides and are excluded from the programs. With
     ``inventory`` (the model's layers), budgets may be given in MB and results carry exact MB.
+    ``metrics`` maps each group to the metric that scores it (default MixDQ's :data:`GROUP_METRIC`).
     """
 
     def __init__(
@@ -193,8 +210,15 @@ class Allocator:
         inventory: UNetInventory | None = None,
         band: float = BAND,
         model_id: str = "",
+        metrics: Mapping[str, str] = GROUP_METRIC,
     ) -> None:
         self.table = validate_table(table)
+        if set(metrics) != set(GROUPS) or not set(metrics.values()) <= set(METRICS):
+            raise ValueError(
+                f"metrics {dict(metrics)!r} must map each of the groups {list(GROUPS)} to one of {list(METRICS)}, "
+                f"e.g. MixDQ's {GROUP_METRIC!r}."
+            )
+        self.metrics = dict(metrics)
         known = set(self.table["layer"])
         unknown = [name for name in protected if name not in known]
         if unknown:
@@ -216,7 +240,7 @@ class Allocator:
         if target not in TARGETS:
             raise ValueError(f"target {target!r} is not one of {list(TARGETS)}.")
         if target not in self._sides:
-            self._sides[target] = _Side(self.table, target, frozenset(self.protected))
+            self._sides[target] = _Side(self.table, target, frozenset(self.protected), self.metrics)
         return self._sides[target]
 
     def feasible_range(self, target: str = "weight", k: float | str = AUTO) -> tuple[float, float]:
@@ -348,6 +372,7 @@ class Allocator:
             mb = weight_memory(layers, config, self.inventory.other_params).total_bytes / MB
         config.metadata["allocation"] = {
             "band": self.band,
+            "metrics": self.metrics,
             "weight_mb": mb,
             "objective": weight.score + (act.score if act is not None else 0.0),
             "weight": weight.summary(),

@@ -67,13 +67,18 @@ def evaluate(
     inception_weights: str | Path | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    bos_aware: bool | Mapping[str, bool] = True,
 ) -> pd.DataFrame:
     """Quality and weight memory of each config (``None`` = FP) against the FP images, one row per config.
 
     ``seeds``: one per prompt, or an int ``s`` giving prompt *i* the seed ``s + i``. Activation ranges: the given
     ``act_ranges`` for every config, else each config that quantizes activations is calibrated with its own weight
     bits (MixDQ: upstream layers quantized) on ``calibration_prompts`` (default: ``assets/prompts.txt``, not the
-    evaluation prompts), cached under ``cache_dir``. Sampling is guidance 0, SDXL-Turbo style.
+    evaluation prompts), cached under ``cache_dir``, at the activation bits the config uses. Sampling is guidance 0,
+    SDXL-Turbo style.
+
+    ``bos_aware``: MixDQ's BOS handling for every config, or per config name (names left out get ``True``);
+    ``{"naive W8A8": False}`` makes the ablation's naive baseline, calibrated the naive way too.
 
     Only the FP images (and their features) are kept in memory; each config's images are scored batch by batch.
     The UNet is left wrapped by :func:`mixdq.quant.quantize_` computing exact FP, as calibration leaves it.
@@ -81,6 +86,7 @@ def evaluate(
     prompts = list(prompts)
     seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
     _check_inputs(configs, prompts, seeds, checker, attributes, batch_size)
+    bos = _bos_flags(configs, bos_aware)
     fid = inception_fid_metric(inception_weights) if inception_weights is not None else None
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
@@ -131,11 +137,13 @@ def evaluate(
                         num_inference_steps=num_inference_steps,
                         height=height,
                         width=width,
+                        act_bits=tuple(sorted(set(config.act_bits.values()))),
                         weight_bits=config,
                         cache_dir=cache_dir,
                         progress=False,
+                        bos_aware=bos[name],
                     )
-                quantize_(pipe, config, act_ranges=ranges)
+                quantize_(pipe, config, act_ranges=ranges, bos_aware=bos[name])
                 bar.set_description(f"evaluate: {name}")
             start = time.perf_counter()
             scores: dict[str, list[torch.Tensor]] = {"ssim": [], "sq_error": [], "features": [], "aligned": []}
@@ -194,6 +202,16 @@ def _check_inputs(
         raise ValueError(f"attributes: {len(attributes)} entries for {len(prompts)} prompts; pass one per prompt.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+
+
+def _bos_flags(configs: Mapping[str, PrecisionConfig | None], bos_aware: bool | Mapping[str, bool]) -> dict[str, bool]:
+    """``{config name: bos_aware}`` from one flag for all or a per-name map (missing names: ``True``)."""
+    if isinstance(bos_aware, bool):
+        return dict.fromkeys(configs, bos_aware)
+    unknown = sorted(set(bos_aware) - set(configs))
+    if unknown:
+        raise ValueError(f"bos_aware: unknown config {unknown[0]!r}; the configs are {list(configs)}.")
+    return {name: bool(bos_aware.get(name, True)) for name in configs}
 
 
 def _image_features(scorer: ClipScorer, images: torch.Tensor) -> torch.Tensor:

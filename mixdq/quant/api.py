@@ -35,17 +35,28 @@ def quant_layers(model: Any) -> dict[str, QuantLayer]:
     return {name: m for name, m in _unet_of(model).named_modules() if isinstance(m, QuantLayer)}
 
 
-def quantize_(model: Any, config: PrecisionConfig | None = None, act_ranges: ActivationRanges | RangeMap | None = None):
+def quantize_(
+    model: Any,
+    config: PrecisionConfig | None = None,
+    act_ranges: ActivationRanges | RangeMap | None = None,
+    bos_aware: bool = True,
+):
     """Make ``model``'s UNet fake-quantized per ``config`` (``None``: every layer in FP) and return ``model``.
 
     ``act_ranges`` (from :func:`mixdq.calibrate.calibrate`) are loaded into the layers first; ranges loaded
     earlier stay. Everything is validated before the first module is touched, so a bad config or missing
     calibration raises with the UNet unchanged. Calling it again on a quantized UNet only re-applies bits.
+
+    ``bos_aware=False`` is the naive baseline of MixDQ's ablation: cross-attention ``to_k`` / ``to_v`` quantize
+    the BOS token with the rest of the text embedding. Every call sets the flag, so a naive run cannot leak
+    into the next one; ranges calibrated under the other setting are rejected (their ``to_k`` / ``to_v``
+    ranges include or exclude the BOS outlier).
     """
     unet = _unet_of(model)
     layers = layer_inventory(unet)
     if config is not None:
         config.validate(layers)
+    _check_bos_setting(act_ranges, bos_aware)
     ranges = _check_ranges(layers, act_ranges)
     existing = quant_layers(unet)
     for info in layers:
@@ -58,8 +69,9 @@ def quantize_(model: Any, config: PrecisionConfig | None = None, act_ranges: Act
     for info in layers:
         layer = existing.get(info.name)
         if layer is None:
-            layer = QuantLayer(unet.get_submodule(info.name), info.name, info.concat_split, info.takes_text_embedding)
+            layer = QuantLayer(unet.get_submodule(info.name), info.name, info.concat_split)
             unet.set_submodule(info.name, layer)
+        layer.bos_aware = bos_aware and info.takes_text_embedding
         for bits, by_layer in ranges.items():
             if info.name in by_layer:
                 layer.set_act_range(bits, by_layer[info.name])
@@ -69,6 +81,18 @@ def quantize_(model: Any, config: PrecisionConfig | None = None, act_ranges: Act
             layer.set_bits(config.layer_weight_bits(info.name), config.layer_act_bits(info.name))
         layer.mode = QuantMode.QUANTIZED
     return model
+
+
+def _check_bos_setting(act_ranges: ActivationRanges | RangeMap | None, bos_aware: bool) -> None:
+    """Ranges that say how they were calibrated must match ``bos_aware`` (plain maps carry no provenance)."""
+    if act_ranges is None or isinstance(act_ranges, Mapping):
+        return
+    calibrated = act_ranges.provenance.get("quantizer", {}).get("bos_aware_text_embedding")
+    if calibrated is not None and calibrated != bos_aware:
+        raise ConfigError(
+            f"act_ranges were calibrated with bos_aware={calibrated} but quantize_ was called with "
+            f"bos_aware={bos_aware}; calibrate again with calibrate(pipe, ..., bos_aware={bos_aware})."
+        )
 
 
 def _check_ranges(

@@ -7,6 +7,9 @@ SSIM: torchmetrics' implementation, Gaussian window 11×11, σ = 1.5, data range
 
 Each evaluation costs one batched UNet forward (quality) or one batched sampling run plus decoding
 (content); :class:`SweepStats` reports both in UNet-forward equivalents.
+
+``SweepSettings(metrics="sqnr")`` scores every layer, content layers included, by UNet-output SQNR: the
+single-metric baseline of MixDQ's ablation ("mixed precision without metric decoupling") needs those rows.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from mixdq.sensitivity.table import COLUMNS, GROUP_METRIC, validate_table
 SSIM_WINDOW = {"kernel_size": 11, "sigma": 1.5, "gaussian_kernel": True, "data_range": 1.0}
 # A layer whose quantization changes nothing would score infinite SQNR; tables hold finite numbers.
 MAX_SQNR_DB = 200.0
+DECOUPLED = "decoupled"
+SWEEP_METRICS: tuple[str, ...] = (DECOUPLED, "sqnr")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,15 @@ class SweepSettings:
     act_bits: tuple[int, ...] = ACT_BITS
     targets: tuple[str, ...] = ("weight", "act")
     layers: tuple[str, ...] | None = None  # sweep only these layers (default: all)
+    metrics: str = DECOUPLED  # DECOUPLED: each group by GROUP_METRIC; "sqnr": every layer by UNet-output SQNR
+
+    def __post_init__(self) -> None:
+        if self.metrics not in SWEEP_METRICS:
+            raise ValueError(f"sweep metrics {self.metrics!r} is not one of {list(SWEEP_METRICS)}.")
+
+    def metric(self, group: str) -> str:
+        """The metric that scores a layer of ``group`` in this sweep."""
+        return GROUP_METRIC[group] if self.metrics == DECOUPLED else self.metrics
 
 
 @dataclass
@@ -232,7 +246,7 @@ def run_sweep(
     started = time.perf_counter()
     for name, target, bit in tqdm(jobs, desc=f"sensitivity {index + 1}/{count}", disable=not progress, unit="eval"):
         info = by_name[name]
-        metric = GROUP_METRIC[info.group]
+        metric = settings.metric(info.group)
         layer = modules[name]
         tick = time.perf_counter()
         layer.set_bits(bit if target == "weight" else None, bit if target == "act" else None)

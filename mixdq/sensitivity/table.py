@@ -8,6 +8,7 @@ always means less damage (SQNR in dB, SSIM in [0, 1]).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +100,15 @@ class GroupMatrix:
 
 
 def group_matrix(
-    table: pd.DataFrame, target: str, group: str, bits: tuple[int, ...], exclude: frozenset[str] = frozenset()
+    table: pd.DataFrame,
+    target: str,
+    group: str,
+    bits: tuple[int, ...],
+    exclude: frozenset[str] = frozenset(),
+    metric: str | None = None,
 ) -> GroupMatrix:
-    """Pivot ``table`` into ``group``'s matrix for ``target`` at ``bits``, scored by the group's metric.
+    """Pivot ``table`` into ``group``'s matrix for ``target`` at ``bits``, scored by ``metric`` (default: the
+    group's own, :data:`GROUP_METRIC`; another one reproduces the single-metric ablation).
 
     Layers in ``exclude`` (protected ones) are left out. Every remaining layer of the group must have
     a value at every bit; the error names the first one that does not.
@@ -110,7 +117,9 @@ def group_matrix(
         raise SensitivityTableError(f"target {target!r} is not one of {list(TARGETS)}.")
     if group not in GROUPS:
         raise SensitivityTableError(f"group {group!r} is not one of {list(GROUPS)}.")
-    metric = GROUP_METRIC[group]
+    metric = GROUP_METRIC[group] if metric is None else metric
+    if metric not in METRICS:
+        raise SensitivityTableError(f"metric {metric!r} is not one of {list(METRICS)}.")
     members = table.loc[(table["target"] == target) & (table["group"] == group) & ~table["layer"].isin(exclude)]
     layers = tuple(dict.fromkeys(members["layer"]))
     rows = members.loc[(members["metric"] == metric) & members["bit"].isin(bits)]
@@ -148,13 +157,19 @@ def size_ratio(table: pd.DataFrame, target: str, exclude: frozenset[str] = froze
     return sizes["content"] / sizes["quality"]
 
 
-def select_protected(table: pd.DataFrame, share: float = 0.01, act_bit: int | None = None) -> list[str]:
+def select_protected(
+    table: pd.DataFrame,
+    share: float = 0.01,
+    act_bit: int | None = None,
+    metrics: Mapping[str, str] = GROUP_METRIC,
+) -> list[str]:
     """The ~``share`` most activation-sensitive layers, which MixDQ keeps entirely in FP16.
 
     Criterion (MixDQ's, reproduced on its published SDXL-Turbo data): per group, the
     ``ceil(share × layers in the group)`` layers with the lowest activation sensitivity at the highest
     activation bit-width present (8), scored by the group's own metric (SQNR for quality, SSIM for
-    content). At 1% that is 4 quality + 5 content = 9 of SDXL's 794 layers. Ties go by layer name.
+    content; ``metrics`` overrides it per group for the single-metric ablation). At 1% that is
+    4 quality + 5 content = 9 of SDXL's 794 layers. Ties go by layer name.
     """
     if not 0 <= share < 1:
         raise ValueError(f"protected share {share!r} must be in [0, 1), e.g. 0.01 for 1%.")
@@ -166,10 +181,10 @@ def select_protected(table: pd.DataFrame, share: float = 0.01, act_bit: int | No
     for group in GROUPS:
         members = act.loc[act["group"] == group, "layer"].unique()
         count = math.ceil(share * len(members) - 1e-9)  # 0.05 · 420 is 21.000000000000004 in floats
-        scored = act.loc[(act["group"] == group) & (act["metric"] == GROUP_METRIC[group]) & (act["bit"] == bit)]
+        scored = act.loc[(act["group"] == group) & (act["metric"] == metrics[group]) & (act["bit"] == bit)]
         if count and scored["layer"].nunique() < len(members):
             raise SensitivityTableError(
-                f"{group} layers lack act {GROUP_METRIC[group]} values at {bit} bits, needed to choose protected layers."
+                f"{group} layers lack act {metrics[group]} values at {bit} bits, needed to choose protected layers."
             )
         protected += scored.sort_values(["value", "layer"])["layer"].head(count).tolist()
     return protected
