@@ -9,6 +9,7 @@ switched between FP and quantized). Per-user choices travel in arguments, never 
 from __future__ import annotations
 
 import functools
+import math
 import tempfile
 import threading
 import time
@@ -34,6 +35,7 @@ from studio.plots import bits_heatmap, ssim_to_db, unet_heatmap
 
 PUBLISHED_LABEL = "SDXL-Turbo (published by the MixDQ authors)"
 PROTECTED_SHARE = 0.01
+BITS_STEP = 0.05  # weight-budget slider resolution (MixDQ's band is ±0.02 bits, so finer steps add nothing)
 FRONT_POINTS = 24
 
 
@@ -64,6 +66,16 @@ class SensitivitySource:
     @property
     def protected(self) -> tuple[str, ...]:
         return self.allocator.protected
+
+    def prewarm(self, step: float, act_bits: float = 8.0) -> None:
+        """Solve the exact ILP for every slider position (weights at ``step`` resolution, auto K, activations
+        at ``act_bits``) so that releasing the slider is a lookup. Meant for a background thread."""
+        low, high = self.weight_range_bits()
+        budgets = np.arange(math.ceil(low / step + 1e-9), math.floor(high / step - 1e-9) + 1) * step
+        start = 4.0  # the studio's default: solve outward from it, where users start dragging
+        self.allocator.allocate_side("act", act_bits, AUTO, "cbc")
+        for budget in sorted(budgets, key=lambda b: abs(b - start)):
+            self.allocator.allocate_side("weight", round(float(budget), 6), AUTO, "cbc")
 
     def weight_range_bits(self) -> tuple[float, float]:
         return self.allocator.feasible_range("weight")
@@ -145,8 +157,9 @@ def allocate(
     ``exact=False`` uses the millisecond greedy (slider preview); ``exact=True`` the CBC ILP.
     Raises :class:`InfeasibleBudgetError` with the feasible range in its message.
     """
-    kwargs = {"weight_mb": weight_budget} if unit == "MB" else {"weight_bits": weight_budget}
+    kwargs = {"weight_mb": weight_budget} if unit == "MB" else {"weight_bits": round(weight_budget, 6)}
     solver = "cbc" if exact else "approx"
+    precomputed = unit != "MB" and exact and source.allocator.is_solved("weight", round(weight_budget, 6), k, solver)
     result = source.allocator.allocate(**kwargs, act_bits=act_bits, k=k, act_k=AUTO, solver=solver)
     weight = result.weight
     title = f"Allocation: {weight.average_bits:.3f} average weight bits ({'exact ILP' if exact else 'preview'})"
@@ -163,6 +176,7 @@ def allocate(
         f"UNet weights {result.weight_mb:,.1f} MB vs FP16 {source.fp16_mb():,.1f} MB "
         f"({source.fp16_mb() / result.weight_mb:.2f}x smaller); {len(source.protected)} protected layers in FP16; "
         f"solver {weight.solver}, status {weight.status}, {solve_ms:.0f} ms"
+        + (" (solved in the background before you asked)" if precomputed else "")
     )
     return AllocationView(result, figure, memory, summary)
 

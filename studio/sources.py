@@ -3,6 +3,8 @@ published table. Built once at start-up."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ import pandas as pd
 from mixdq.inventory import LayerInfo, inventory_fingerprint, layer_inventory
 from mixdq.models import EMBEDDED_MODEL_DIR
 from mixdq.sensitivity.table import SensitivityTableError, read_table
-from studio.services import PUBLISHED_LABEL, ModelWorkspace, SensitivitySource, published_source
+from studio.services import BITS_STEP, PUBLISHED_LABEL, ModelWorkspace, SensitivitySource, published_source
 
 SHIPPED_TABLE = EMBEDDED_MODEL_DIR / "sensitivity.csv"
 
@@ -52,6 +54,14 @@ def build_sources(pipe, cache_dir: Path) -> tuple[ModelWorkspace, dict[str, Call
     if workspace.source is not None:
         model_source = workspace.source
         sources[model_source.label] = lambda: model_source
-        threading.Thread(target=published_source, name="published-source", daemon=True).start()
     sources[PUBLISHED_LABEL] = published_source
+    threading.Thread(target=_prewarm, args=(list(sources.values()),), name="prewarm", daemon=True).start()
     return workspace, sources
+
+
+def _prewarm(factories: list[Callable[[], SensitivitySource]]) -> None:
+    """Build every source and solve its slider positions, at low CPU priority so users come first."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)  # this thread and the CBC it starts
+    for factory in factories:
+        factory().prewarm(BITS_STEP)

@@ -14,6 +14,7 @@ from studio import services
 from studio.services import ModelWorkspace, SensitivitySource
 
 UNITS = ("average bits", "MB")
+BITS_STEP = services.BITS_STEP
 PRESETS = ("current allocation", "uniform W8A8", "uniform W4A8", "uniform W8A16 (weights only)")
 MAX_SIZE = {"cpu": 256, "cuda": 1024}
 
@@ -22,7 +23,7 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
     """The four views: sensitivity heatmaps, the live budget, FP vs quantized images, export/import."""
     labels = list(sources)
     first = sources[labels[0]]()
-    low, high = _inner_range(*first.weight_range_bits(), 0.01)
+    low, high = _inner_range(*first.weight_range_bits(), BITS_STEP)
     start_bits = min(max(4.0, low), high)
     mb_low, mb_high = _inner_range(*map(first.bits_to_mb, first.weight_range_bits()), 0.1)
 
@@ -45,14 +46,14 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
             mb_low, mb_high = _inner_range(*map(source.bits_to_mb, source.weight_range_bits()), 0.1)
             mb = min(max(round(source.bits_to_mb(bits_value), 1), mb_low), mb_high)
             return gr.update(visible=False), gr.update(visible=True, value=mb)
-        low, high = _inner_range(*source.weight_range_bits(), 0.01)
+        low, high = _inner_range(*source.weight_range_bits(), BITS_STEP)
         bits = min(max(round(source.mb_to_bits(mb_value), 2), low), high)
         return gr.update(visible=True, value=bits), gr.update(visible=False)
 
     def reset_sliders(label, unit):
         """New source, new feasible range: both sliders re-bounded, at 4 bits where possible."""
         source = source_of(label)
-        low, high = _inner_range(*source.weight_range_bits(), 0.01)
+        low, high = _inner_range(*source.weight_range_bits(), BITS_STEP)
         bits = min(max(4.0, low), high)
         mb_low, mb_high = _inner_range(*map(source.bits_to_mb, source.weight_range_bits()), 0.1)
         return (
@@ -180,7 +181,7 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
                     low,
                     high,
                     value=start_bits,
-                    step=0.01,
+                    step=BITS_STEP,
                     label="weight budget (average bits)",
                     elem_id="budget-slider",
                 )

@@ -260,10 +260,18 @@ class Allocator:
         """
         if solver not in METHODS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {list(METHODS)}.")
-        key = (target, float(budget_bits), k, solver)
+        key = self._key(target, budget_bits, k, solver)
         if key not in self._solved:
             self._solved[key] = self._allocate_side(target, budget_bits, k, solver)
         return self._solved[key]
+
+    def is_solved(self, target: str, budget_bits: float, k: float | str = AUTO, solver: str = "cbc") -> bool:
+        """Whether this side allocation is already in the cache (answered without solving)."""
+        return self._key(target, budget_bits, k, solver) in self._solved
+
+    @staticmethod
+    def _key(target: str, budget_bits: float, k: float | str, solver: str) -> tuple:
+        return (target, round(float(budget_bits), 9), k, solver)
 
     def _allocate_side(self, target: str, budget_bits: float, k: float | str, solver: str) -> SideAllocation:
         start = time.perf_counter()
