@@ -13,6 +13,7 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from mixdq.models import turbo_scheduler_kwargs
 from mixdq.tiny.vocab import build_clip_tokenizer, vocab_size
 
 IMAGE_SIZE = 128
@@ -76,14 +77,7 @@ def build_vae() -> AutoencoderKL:
 
 def build_scheduler() -> EulerAncestralDiscreteScheduler:
     """SDXL-Turbo's scheduler; the model is trained for v-prediction."""
-    return EulerAncestralDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="trailing",
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
+    return EulerAncestralDiscreteScheduler(**turbo_scheduler_kwargs(), prediction_type="v_prediction")
 
 
 def build_pipeline() -> StableDiffusionXLPipeline:
