@@ -25,7 +25,7 @@ from PIL import Image
 from mixdq.allocate import AUTO, AllocationResult, Allocator, InfeasibleBudgetError
 from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
-from mixdq.evaluate.metrics import clip_score
+from mixdq.evaluate.metrics import clip_score, psnr, ssim
 from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
 from mixdq.memory import MB, weight_memory
 from mixdq.models import EMBEDDED_MODEL_ID
@@ -359,12 +359,9 @@ class ModelWorkspace:
 
 
 def image_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
-    """SSIM and PSNR (dB; inf for identical images) of one (3, H, W) image in [0, 1] against another."""
-    from mixdq.sensitivity.sweep import image_ssim
-
-    mse = float((reference - test).pow(2).mean())
-    psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-    return {"ssim": image_ssim(reference[None], test[None]), "psnr": psnr}
+    """SSIM and PSNR (dB; inf for identical images) of one (3, H, W) image in [0, 1] against another,
+    measured as the evaluation tables measure them."""
+    return {"ssim": float(ssim(reference[None], test[None])[0]), "psnr": psnr(reference[None], test[None])}
 
 
 def _aligned(checker, image: torch.Tensor, prompt: str) -> bool | None:

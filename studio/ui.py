@@ -15,6 +15,7 @@ from studio.services import ModelWorkspace, SensitivitySource
 
 UNITS = ("average bits", "MB")
 BITS_STEP = services.BITS_STEP
+MB_STEP = 0.1
 PRESETS = ("current allocation", "uniform W8A8", "uniform W4A8", "uniform W8A16 (weights only)")
 MAX_SIZE = {"cpu": 256, "cuda": 1024}
 
@@ -23,9 +24,8 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
     """The four views: sensitivity heatmaps, the live budget, FP vs quantized images, export/import."""
     labels = list(sources)
     first = sources[labels[0]]()
-    low, high = _inner_range(*first.weight_range_bits(), BITS_STEP)
+    low, high, mb_low, mb_high = _slider_bounds(first)
     start_bits = min(max(4.0, low), high)
-    mb_low, mb_high = _inner_range(*map(first.bits_to_mb, first.weight_range_bits()), 0.1)
 
     def source_of(label: str) -> SensitivitySource:
         return sources[label]()
@@ -42,20 +42,18 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
     def switch_unit(label, unit, bits_value, mb_value):
         """Show the slider of the chosen unit, at the budget the other one had."""
         source = source_of(label)
+        low, high, mb_low, mb_high = _slider_bounds(source)
         if unit == "MB":
-            mb_low, mb_high = _inner_range(*map(source.bits_to_mb, source.weight_range_bits()), 0.1)
             mb = min(max(round(source.bits_to_mb(bits_value), 1), mb_low), mb_high)
             return gr.update(visible=False), gr.update(visible=True, value=mb)
-        low, high = _inner_range(*source.weight_range_bits(), BITS_STEP)
         bits = min(max(round(source.mb_to_bits(mb_value), 2), low), high)
         return gr.update(visible=True, value=bits), gr.update(visible=False)
 
     def reset_sliders(label, unit):
         """New source, new feasible range: both sliders re-bounded, at 4 bits where possible."""
         source = source_of(label)
-        low, high = _inner_range(*source.weight_range_bits(), BITS_STEP)
+        low, high, mb_low, mb_high = _slider_bounds(source)
         bits = min(max(4.0, low), high)
-        mb_low, mb_high = _inner_range(*map(source.bits_to_mb, source.weight_range_bits()), 0.1)
         return (
             gr.update(minimum=low, maximum=high, value=bits, visible=unit != "MB"),
             gr.update(
@@ -189,7 +187,7 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
                     mb_low,
                     mb_high,
                     value=round(first.bits_to_mb(start_bits), 1),
-                    step=0.1,
+                    step=MB_STEP,
                     label="weight budget (MB of UNet weights)",
                     elem_id="budget-mb-slider",
                     visible=False,
@@ -267,6 +265,15 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
             solve, alloc_inputs, alloc_outputs, api_name=False
         )
     return demo
+
+
+def _slider_bounds(source: SensitivitySource) -> tuple[float, float, float, float]:
+    """(bits low, bits high, MB low, MB high) of the weight-budget sliders for ``source``."""
+    low, high = source.weight_range_bits()
+    return (
+        *_inner_range(low, high, BITS_STEP),
+        *_inner_range(source.bits_to_mb(low), source.bits_to_mb(high), MB_STEP),
+    )
 
 
 def _inner_range(low: float, high: float, step: float) -> tuple[float, float]:
