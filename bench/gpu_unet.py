@@ -10,11 +10,15 @@ after every row, so a killed call keeps what it measured::
     python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null && \\
     PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_unet.py --out $OUT --px 1024 512
 
-A cold machine spends ~2 min per resolution compiling the FP16 baseline (never max-autotune) plus Triton
-JIT/autotune for our kernels; if the 10-minute call is too short, split it (the baseline is in every call)::
+A cold machine spends ~2 min per resolution compiling the FP16 baseline (never max-autotune) and about as
+long for each of our compiled variants; if the 10-minute call is too short, split it (the baseline is in
+every call, so every ratio is same-run)::
 
-    ... bench/gpu_unet.py --out $OUT --px 1024 --variants fp16_compiled,w8a8,w4a8,w4a16,fp16_eager
-    ... bench/gpu_unet.py --out $OUT --px 512  --variants fp16_compiled,w8a8,w4a8,w4a16,fp16_eager
+    ... bench/gpu_unet.py --out $OUT --px 1024 --variants fp16_compiled,w8a8_compiled,w4a8_compiled
+    ... bench/gpu_unet.py --out $OUT --px 1024 --variants fp16_compiled,w4a16_compiled,fp16_eager,w8a8,w4a8
+
+Our kernels pick their tiles by a rule (``kernels/tiles.py``) instead of autotuning: a cold autotune of every
+GEMM shape took minutes on the H200. ``MIXDQ_TRITON_AUTOTUNE=1`` restores it.
 
 (device tool: ``carry: [".whl"]``; ``bench/configs/`` is tracked-or-untracked, not ignored, so it travels.)
 
@@ -36,8 +40,9 @@ What is measured
   because the allocator imports PuLP, which the GPU machine lacks; see ``bench/configs/``); ``w4a16`` ours,
   every layer weight-only int4; ``fp16_eager``; ``torchao`` int8 dynamic-activation / int8-weight, compiled,
   time-embedding linears skipped (``torch._int_mm`` needs M > 16) -- reported "not installed" without torchao.
-  Opt-in: ``w8a8_compiled`` / ``w4a8_compiled``, ours under torch.compile, which fuses the attention/norm/
-  elementwise part (~42% of the compiled step) as the FP16 baseline does.
+  ``*_compiled``: ours under torch.compile (first in the default order: the baseline that counts is compiled
+  FP16), which fuses the attention/norm/elementwise part (~42% of the compiled step) as the FP16 baseline
+  does; our GEMMs are ``torch.library`` custom ops (``kernels/ops.py``), so the UNet compiles as one graph.
 * Ours = ``mixdq.deploy``: ``quantize_`` with activation ranges from a short ``QuantMode.CALIBRATE`` pass on
   random inputs, one fake-quant forward per resolution (fills the BOS token-0 cache of the cross-attention
   ``to_k`` / ``to_v``, which a bare UNet needs before deploy, and gives the fake-quant output the deployed
@@ -60,7 +65,6 @@ import datetime
 import gc
 import importlib.util
 import json
-import math
 import platform
 import statistics
 import sys
@@ -108,8 +112,12 @@ VARIANTS: dict[str, str] = {
     "torchao": "torchao int8 dyn-act/int8-weight, compiled",
     "w8a8_compiled": "ours W8A8 + torch.compile",
     "w4a8_compiled": "ours MixDQ mixed ~W4A8 + torch.compile",
+    "w4a16_compiled": "ours W4A16 (uniform, weight-only) + torch.compile",
 }
-DEFAULT_VARIANTS = ("fp16_compiled", "w8a8", "w4a8", "w4a16", "fp16_eager", "torchao")
+DEFAULT_VARIANTS = (
+    "fp16_compiled", "w8a8_compiled", "w4a8_compiled", "w4a16_compiled", "fp16_eager", "w8a8", "w4a8", "w4a16",
+    "torchao",
+)  # fmt: skip
 BASELINES = {"vs_fp16_compiled": "fp16_compiled", "vs_fp16_eager": "fp16_eager"}
 
 
@@ -300,6 +308,7 @@ def build_variant(name: str, setup: Setup) -> Built:
         "torchao": lambda: build_torchao(setup),
         "w8a8_compiled": lambda: compiled(build_ours(setup, uniform(8, 8))),
         "w4a8_compiled": lambda: compiled(build_ours(setup, mixed(setup))),
+        "w4a16_compiled": lambda: compiled(build_ours(setup, uniform(4, None))),
     }
     return builders[name]()
 

@@ -10,12 +10,12 @@ reference, :mod:`kernels.reference`, elsewhere):
 
 Importing this package imports neither triton nor any kernel module; they load on first Triton use.
 ``backend="triton"`` forces the kernels (on CPU that needs ``TRITON_INTERPRET=1`` set before triton loads),
-``backend="torch"`` the reference.
+``backend="torch"`` the reference. The Triton GEMMs are called through ``torch.library`` custom ops
+(:mod:`kernels.ops`), so a deployed model compiles with ``torch.compile`` without graph breaks.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -53,10 +53,13 @@ __all__ = [
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.cache
+# read once at import: torch.compile traces resolve_backend, and a cached function call there breaks the graph
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def has_triton_gpu() -> bool:
     """True when the Triton kernels can run on a CUDA device here."""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    return TRITON_INSTALLED and torch.cuda.is_available()
 
 
 def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
@@ -64,7 +67,7 @@ def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda and has_triton_gpu() else "torch"
+        return "triton" if x.is_cuda and TRITON_INSTALLED else "torch"
     return backend
 
 
@@ -102,9 +105,9 @@ def quant_linear(
     use_triton = resolve_backend(x, backend) == "triton"
     if act_scale is None:
         if use_triton:
-            from kernels.gemm_weight_only import gemm_a16
+            from kernels.ops import call_gemm_a16
 
-            y = gemm_a16(x2, weight, bias)
+            y = call_gemm_a16(x2, weight, bias)
         else:
             y = reference.gemm_a16(x2, weight, bias)
     else:
@@ -112,9 +115,9 @@ def quant_linear(
             raise ValueError("act_zp is required with act_scale (A8 path)")
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
         if use_triton:
-            from kernels.gemm_wxa8 import gemm_a8
+            from kernels.ops import call_gemm_a8
 
-            y = gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
+            y = call_gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits)
         else:
             y = reference.gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
     return y.view(*lead, -1)

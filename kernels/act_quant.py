@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import check_act_params, inv_scale
+from kernels.tiles import autotune_enabled
 
 
 def get_act_quant_autotune_config() -> list[triton.Config]:
@@ -83,7 +84,13 @@ def quantize_act(
     # 3. launch
     R, C = x2.shape
     grid = lambda META: (triton.cdiv(R, META["BLOCK_R"]), triton.cdiv(C, META["BLOCK_C"]))
-    act_quant_kernel[grid](
+    # a memory-bound pass: the middle config is within noise of the best, and skipping the autotuner saves
+    # a benchmark per new channel count at warm-up (kernels.tiles)
+    kernel, config = act_quant_kernel, {}
+    if not autotune_enabled():
+        configs = act_quant_kernel.configs
+        kernel, config = act_quant_kernel.fn, configs[len(configs) // 2].all_kwargs()
+    kernel[grid](
         x2,
         o2,
         R,
@@ -95,5 +102,6 @@ def quantize_act(
         inv_scale(scale),
         float(zp),
         QMAX=2**bits - 1,
+        **config,
     )
     return out

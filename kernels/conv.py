@@ -72,8 +72,10 @@ def conv2d_quant(
     else:
         parts = act_parts(weight, act_scale, act_zp)
         xq = torch.empty(B, H, W, C, dtype=torch.int8, device=x.device)
+        # under torch.compile the PyTorch quantizer (same codes) lets Inductor fuse it into what precedes
+        quant_backend = "torch" if torch.compiler.is_compiling() else backend
         for c0, c1, s, z in parts:
-            quantize_act(xh[..., c0:c1], s, z, act_bits, out=xq[..., c0:c1], backend=backend)
+            quantize_act(xh[..., c0:c1], s, z, act_bits, out=xq[..., c0:c1], backend=quant_backend)
         cols = im2col_nhwc(xq, (kh, kw), st, pad, [(c0, c1, z - ACT_OFFSET) for c0, c1, _, z in parts])
     y = quant_linear(cols, weight, act_scale, act_zp, bias, act_bits=act_bits, backend=backend)
     return y.view(B, Ho, Wo, -1).permute(0, 3, 1, 2)

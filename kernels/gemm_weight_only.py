@@ -22,6 +22,7 @@ import triton.language as tl
 
 from kernels.gemm_wxa8 import grouped_tile, load_weight_tile, prune_by_m
 from kernels.pack import PackedWeight
+from kernels.tiles import device_sms, launch_gemm
 
 
 def get_gemm_a16_autotune_config() -> list[triton.Config]:
@@ -93,7 +94,8 @@ def gemm_a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     # 3. launch
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-    gemm_a16_kernel[grid](
+    launch_gemm(
+        gemm_a16_kernel, grid, M, N, device_sms(x), prune_by_m,
         x, weight.data, weight.scale, bias if bias is not None else weight.scale, out,
         M, N, K,
         x.stride(0), x.stride(1), weight.data.stride(0), weight.data.stride(1), out.stride(0), out.stride(1),

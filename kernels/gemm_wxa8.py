@@ -24,6 +24,7 @@ import triton.language as tl
 from kernels.act_quant import quantize_tile
 from kernels.pack import PackedWeight
 from kernels.reference import ACT_OFFSET, act_parts, check_act_params, inv_scale
+from kernels.tiles import device_sms, launch_gemm
 
 
 def get_gemm_a8_autotune_config() -> list[triton.Config]:
@@ -179,7 +180,8 @@ def gemm_a8(
     (_, k_split, s1, z1), (_, _, s2, z2) = parts[0], parts[-1]
     # 3. launch
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-    gemm_a8_kernel[grid](
+    launch_gemm(
+        gemm_a8_kernel, grid, M, N, device_sms(x), prune_by_m,
         x, weight.data, weight.scale, weight.rowsum, bias if bias is not None else weight.scale, out,
         M, N, K, k_split,
         x.stride(0), x.stride(1), weight.data.stride(0), weight.data.stride(1), out.stride(0), out.stride(1),

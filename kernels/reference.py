@@ -65,6 +65,7 @@ def check_act_params(scale: float, zp: int, bits: int) -> None:
         raise ValueError(f"activation scale must be > 0, got {scale!r}")
 
 
+@torch.compiler.assume_constant_result
 def inv_scale(scale: float) -> float:
     """``1 / scale`` rounded to float32, the multiplier every quantizer here uses."""
     return float(1.0 / torch.tensor(scale, dtype=torch.float32))

@@ -12,6 +12,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mixdq.calibrate import calibrate
@@ -137,6 +138,35 @@ def test_triton_backend_runs_the_deployed_layers(monkeypatch):
         deployed.backend = "torch"
         assert_within_fp16_rounding(y.float(), deployed(x).float())
     assert len(calls) == 2
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no CUDA device and TRITON_INTERPRET!=1: Triton cannot launch here",
+)
+@torch.no_grad()
+def test_deployed_layers_compile_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces deployed A8, weight-only and 3x3-conv layers (the Triton GEMMs are
+    custom ops with fake implementations, checked by aot_eager) and computes exactly what eager computes."""
+    torch.manual_seed(5)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, img = torch.randn(2, 5, 40), torch.randn(1, 8, 5, 5)
+    a8 = deploy_layer(fake_quant_layer(nn.Linear(40, 24), 4, 8, x))
+    a16 = deploy_layer(fake_quant_layer(nn.Linear(24, 16), 8, None, torch.randn(2, 5, 24)))
+    conv = deploy_layer(fake_quant_layer(nn.Conv2d(8, 12, 3, padding=1), 2, 8, img))
+    for layer in (a8, a16, conv):
+        layer.backend = "triton"
+
+    def block(x, img):
+        return a16(F.gelu(a8(x))), conv(F.silu(img))
+
+    x, img = x.to(device).half(), img.to(device).half()
+    for layer in (a8, a16, conv):
+        layer.half().to(device)
+    eager = block(x, img)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(x, img)
+    for e, c in zip(eager, compiled, strict=True):
+        assert torch.equal(e, c)
 
 
 # ---- a whole deployed pipeline ---------------------------------------------------------------------

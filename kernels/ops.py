@@ -1,0 +1,100 @@
+"""The Triton GEMMs as ``torch.library`` custom ops, so ``torch.compile`` can compile a deployed UNet.
+
+Dynamo cannot trace into our launchers (autotune with config pruning, Python-float launch arguments), and a
+graph break per layer would leave the attention / norm / elementwise work -- ~42% of a compiled SDXL step --
+uncompiled. As custom ops each GEMM is one opaque node with a shape-only fake implementation: Inductor fuses
+everything around it (and, for the convs, the activation quantization into the preceding GroupNorm/SiLU),
+and the compiled graph still calls the same kernels, so numerics do not change.
+
+Tensors travel as the op's arguments and everything else as ints / floats / lists (``k_split = -1``: none).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kernels.pack import PackedWeight
+
+
+def _weight(qweight: torch.Tensor, scale: torch.Tensor, rowsum: torch.Tensor, bits: int, k: int, split: int):
+    return PackedWeight(qweight, scale, rowsum, bits, k, None if split < 0 else split)
+
+
+def _act(values: list):
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _a8_out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
+
+
+@torch.library.custom_op("mixdq::gemm_a8", mutates_args=())
+def gemm_a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_rowsum: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045 (torch.library's schema inference reads Optional)
+    weight_bits: int,
+    in_features: int,
+    k_split: int,
+    act_scale: list[float],
+    act_zp: list[int],
+    act_bits: int,
+) -> torch.Tensor:
+    """W{8,4,2}A8 Triton GEMM, ``x [M, K]`` (int8 codes or float) -> ``[M, N]`` float16 / bfloat16."""
+    from kernels.gemm_wxa8 import gemm_a8 as launch
+
+    weight = _weight(qweight, weight_scale, weight_rowsum, weight_bits, in_features, k_split)
+    return launch(x, weight, _act(act_scale), _act(act_zp), bias, act_bits, _a8_out_dtype(x))
+
+
+@gemm_a8.register_fake
+def _(x, qweight, weight_scale, weight_rowsum, bias, weight_bits, in_features, k_split, act_scale, act_zp, act_bits):
+    return x.new_empty(x.shape[0], weight_scale.shape[0], dtype=_a8_out_dtype(x))
+
+
+@torch.library.custom_op("mixdq::gemm_a16", mutates_args=())
+def gemm_a16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_rowsum: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    weight_bits: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Weight-only W{8,4,2}A16 Triton GEMM, 16-bit ``x [M, K]`` -> ``[M, N]`` in x's dtype."""
+    from kernels.gemm_weight_only import gemm_a16 as launch
+
+    return launch(x, _weight(qweight, weight_scale, weight_rowsum, weight_bits, in_features, -1), bias)
+
+
+@gemm_a16.register_fake
+def _(x, qweight, weight_scale, weight_rowsum, bias, weight_bits, in_features):
+    return x.new_empty(x.shape[0], weight_scale.shape[0])
+
+
+def call_gemm_a8(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    act_scale: float | tuple[float, float],
+    act_zp: int | tuple[int, int],
+    bias: torch.Tensor | None,
+    act_bits: int,
+) -> torch.Tensor:
+    """:func:`gemm_a8` with the :mod:`kernels` calling convention (scalars or pairs, a PackedWeight)."""
+    scales = [float(s) for s in (act_scale if isinstance(act_scale, tuple) else (act_scale,))]
+    zero_points = [int(z) for z in (act_zp if isinstance(act_zp, tuple) else (act_zp,))]
+    split = -1 if weight.k_split is None else weight.k_split
+    return torch.ops.mixdq.gemm_a8(
+        x, weight.data, weight.scale, weight.rowsum, bias, weight.bits, weight.in_features, split, scales,
+        zero_points, act_bits,
+    )  # fmt: skip
+
+
+def call_gemm_a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`gemm_a16` with the :mod:`kernels` calling convention."""
+    return torch.ops.mixdq.gemm_a16(x, weight.data, weight.scale, weight.rowsum, bias, weight.bits, weight.in_features)
