@@ -134,6 +134,7 @@ class Setup:
     mixed_config: PrecisionConfig | None
     act_ranges: dict[int, dict[str, torch.Tensor]] | None = None
     reference: dict[int, torch.Tensor] | None = None  # px -> FP16 eager output (float32, host)
+    profile: bool = False  # add a per-kernel-category GPU time breakdown to every CUDA row
 
 
 @dataclass
@@ -366,6 +367,56 @@ def time_cpu(call: Callable[[], torch.Tensor], warmup: int, repeats: int) -> Tim
     return Timing("perf_counter", samples, output, warmup_s, None)
 
 
+# ---- where the time goes ------------------------------------------------------------------------------
+KERNEL_CATEGORIES = (  # first match wins; names as the CUDA profiler reports them
+    ("ours: A8 GEMM", ("gemm_a8_kernel",)),
+    ("ours: weight-only GEMM", ("gemm_a16_kernel",)),
+    ("ours: activation quantization", ("act_quant_kernel",)),
+    ("attention", ("flash", "fmha", "attention", "softmax")),
+    ("cuBLAS / CUTLASS GEMM", ("gemm", "xmma", "cutlass", "sm90_", "ampere_", "cublas")),
+    ("convolution (cuDNN)", ("conv", "cudnn", "implicit")),
+    ("Inductor fused kernels", ("triton_",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, needles in KERNEL_CATEGORIES:
+        if any(needle in lowered for needle in needles):
+            return category
+    return "other"
+
+
+def kernel_profile(call: Callable[[], torch.Tensor], steps: int = 3, top: int = 15) -> dict[str, Any]:
+    """GPU time per step by kernel category and the ``top`` kernels, from ``steps`` uncaptured calls.
+
+    Uncaptured, so launch gaps do not show here (the timed rows use CUDA graphs); device time only.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            call()
+        torch.cuda.synchronize()
+    kernels_ms: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", 0) or 0
+        if device_us > 0:
+            kernels_ms[event.key] += device_us / 1000 / steps
+            calls[event.key] += event.count // steps
+    by_category: Counter[str] = Counter()
+    for name, ms in kernels_ms.items():
+        by_category[kernel_category(name)] += ms
+    return {
+        "ms_per_step": sum(kernels_ms.values()),
+        "by_category_ms": dict(by_category.most_common()),
+        "top_kernels": [
+            {"name": name[:120], "ms": ms, "calls": calls[name]} for name, ms in kernels_ms.most_common(top)
+        ],
+    }
+
+
 # ---- one variant, all resolutions -------------------------------------------------------------------
 def free_device_memory(device: torch.device) -> int | None:
     """Drop what the previous variant left behind; the bytes still allocated (CUDA) after that."""
@@ -423,6 +474,11 @@ def bench_variant(
             on_row(row | {"status": "error", "error": failure(err)})
             continue
         fake_quant = None if built.fake_quant is None else rel_err(timing.output, built.fake_quant[px])
+        if setup.profile and setup.device.type == "cuda":
+            try:
+                row["profile"] = kernel_profile(lambda: step(built.module, inputs))
+            except Exception as err:  # noqa: BLE001 (the timing row matters more than its breakdown)
+                row["profile"] = {"error": failure(err)}
         on_row(
             row
             | {
@@ -440,7 +496,7 @@ def bench_variant(
             }
         )
         del timing
-    del built
+    built = None  # drop the last reference before freeing device memory
     if name.endswith("compiled") or name == "torchao":
         torch._dynamo.reset()  # compiled code and guards hold on to the module
     free_device_memory(setup.device)
@@ -495,6 +551,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r.get("deploy") and r["px"] == rows[0]["px"]:
             lines += ["", f"{r['label']}: {r['deploy']['describe']}"]
+    for r in rows:
+        if "by_category_ms" in r.get("profile", {}):
+            parts = ", ".join(f"{name} {ms:.2f}" for name, ms in r["profile"]["by_category_ms"].items())
+            lines += ["", f"GPU ms by kernel category, {r['label']} {r['px']} px (uncaptured, profiler): {parts}"]
     return "\n".join(lines) + "\n"
 
 
@@ -528,6 +588,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=30, help="timed replays (or samples) per row (default: 30)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke run: no graphs, no memory)")
+    parser.add_argument(
+        "--profile", action="store_true", help="add GPU time by kernel category (torch.profiler) to each CUDA row"
+    )
     parser.add_argument("--tiny", action="store_true", help="the embedded model's small UNet config (smoke runs)")
     parser.add_argument("--mixed-config", type=Path, help="PrecisionConfig JSON for the w4a8 variants")
     args = parser.parse_args(argv)
@@ -564,6 +627,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         text=text_inputs(unet_config, device, dtype),
         px=args.px,
         mixed_config=PrecisionConfig.load(mixed_path) if wants_mixed else None,
+        profile=args.profile,
     )
     calibrate_and_reference(setup, act_bits_needed(args.variants, setup.mixed_config))
     params = sum(t.numel() for t in state.values())

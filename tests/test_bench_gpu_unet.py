@@ -59,3 +59,15 @@ def test_tiny_cpu_run_writes_a_row_per_variant_with_finite_numbers(tmp_path):
 
     table = (tmp_path / "gpu_unet.md").read_text()
     assert "| ours W8A8 (uniform) | 64 | perf_counter |" in table and "CPU reference path" in table
+
+
+def test_kernel_categories_sort_profiler_names():
+    """The --profile breakdown puts our kernels, attention, cuBLAS and Inductor's kernels in their own rows."""
+    kernel_category = load_bench().kernel_category
+
+    assert kernel_category("gemm_a8_kernel") == "ours: A8 GEMM"
+    assert kernel_category("act_quant_kernel") == "ours: activation quantization"
+    assert kernel_category("pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert kernel_category("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "cuBLAS / CUTLASS GEMM"
+    assert kernel_category("triton_per_fused_native_group_norm_silu_3") == "Inductor fused kernels"
+    assert kernel_category("void at::native::elementwise_kernel<128, 2>") == "other"
