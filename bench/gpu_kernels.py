@@ -3,7 +3,7 @@
     PYTHONUNBUFFERED=1 python bench/gpu_kernels.py $OUT/gpu_kernels [--px 1024|512] [--repeats 20]
 
 writes ``<prefix>.json`` and ``<prefix>.md``, rewritten after every shape (a killed run keeps what it measured).
-A cold run JIT-compiles and autotunes every kernel variant (a few minutes); ``--shapes 0,1,2`` splits the
+A cold run JIT-compiles every kernel variant (with --autotune also benchmarks every tile per shape, minutes); ``--shapes 0,1,2`` splits the
 work over several calls, and Triton's cache (~/.triton/cache) makes later calls on the same machine fast.
 
 Shapes (M tokens, N out, K in, count per UNet step) are the SDXL UNet linears at 1024 px from
@@ -142,11 +142,21 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda") -> dict
         try:
             row["rel_err"][name] = rel_err(fn(), ref_fn())
             row["us"][name] = gpu_time_us(fn, repeats)
-            row["configs"][name] = str(getattr(kernel, "best_config", None))
+            row["configs"][name] = str(chosen_config(kernel, M, N, x16))
         except Exception as e:  # noqa: BLE001 (a kernel failing on one shape must not lose the others)
             row["errors"][name] = f"{type(e).__name__}: {e}"[:300]
     row["tops"] = {k: 2 * M * N * K / (v * 1e-6) / 1e12 for k, v in row["us"].items() if k != "actq"}
     return row
+
+
+def chosen_config(kernel, M: int, N: int, x: torch.Tensor):
+    """The tile the launch used: the autotuner's pick with --autotune, else the default rule's."""
+    from kernels.gemm_wxa8 import prune_by_m
+    from kernels.tiles import autotune_enabled, device_sms, pick_gemm_config
+
+    if autotune_enabled():
+        return getattr(kernel, "best_config", None)
+    return pick_gemm_config(prune_by_m(kernel.configs, {"M": M}), M, N, device_sms(x))
 
 
 COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "actq", "w8a8", "w8a8_fused", "w4a8", "w4a8_fused", "w2a8",
@@ -195,12 +205,22 @@ def main() -> None:
     parser.add_argument("--px", type=int, choices=(1024, 512), default=1024)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-peak", action="store_true", help="skip the 8192^3 shape")
+    parser.add_argument(
+        "--autotune", action="store_true", help="autotune our kernels per shape (MIXDQ_TRITON_AUTOTUNE=1) instead of "
+        "the default tile rule: shows what the rule leaves on the table"
+    )
     parser.add_argument("--shapes", help="comma-separated row indices to run (0-5 UNet shapes, 6 = 8192^3)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_kernels.py needs a CUDA GPU")
     import triton
 
+    if args.autotune:
+        import os
+
+        from kernels.tiles import AUTOTUNE_ENV
+
+        os.environ[AUTOTUNE_ENV] = "1"
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -208,6 +228,7 @@ def main() -> None:
         "triton": triton.__version__,
         "command": " ".join(["python", *sys.argv]),
         "px": args.px,
+        "tiles": "autotuned per shape" if args.autotune else "default rule (kernels/tiles.py)",
         "timing": "CUDA graph of back-to-back calls, CUDA events, median of replays / iters",
         "act_scale": ACT_SCALE,
         "act_zp": ACT_ZP,
