@@ -3,8 +3,9 @@
     PYTHONUNBUFFERED=1 python bench/gpu_kernels.py $OUT/gpu_kernels [--px 1024|512] [--repeats 20]
 
 writes ``<prefix>.json`` and ``<prefix>.md``, rewritten after every shape (a killed run keeps what it measured).
-A cold run JIT-compiles every kernel variant (with --autotune also benchmarks every tile per shape, minutes); ``--shapes 0,1,2`` splits the
-work over several calls, and Triton's cache (~/.triton/cache) makes later calls on the same machine fast.
+A cold run JIT-compiles every kernel variant (``--autotune`` also benchmarks every tile per shape: minutes);
+``--shapes 0,1,2`` splits the work over several calls, and Triton's cache (~/.triton/cache) makes later calls on
+the same machine fast.
 
 Shapes (M tokens, N out, K in, count per UNet step) are the SDXL UNet linears at 1024 px from
 ENV-NOTES.md section 7 (at 512 px M is a quarter, except the 77 text tokens) plus 8192^3 for the peak.
