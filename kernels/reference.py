@@ -25,6 +25,8 @@ Integer matmuls run in float64, which is exact for these magnitudes (|acc| < 2**
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from kernels.pack import PackedWeight, qmax
@@ -65,10 +67,17 @@ def check_act_params(scale: float, zp: int, bits: int) -> None:
         raise ValueError(f"activation scale must be > 0, got {scale!r}")
 
 
-@torch.compiler.assume_constant_result
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def inv_scale(scale: float) -> float:
-    """``1 / scale`` rounded to float32, the multiplier every quantizer here uses."""
-    return float(1.0 / torch.tensor(scale, dtype=torch.float32))
+    """``1 / scale`` rounded to float32, the multiplier every quantizer here uses.
+
+    Equal to ``float(1 / torch.tensor(scale, dtype=torch.float32))``: a float32 quotient computed in float64 and
+    rounded once is correctly rounded. Plain Python, so torch.compile folds it to a constant (no ``.item()``).
+    """
+    return _float32(1.0 / _float32(scale))
 
 
 def quantize_act(x: torch.Tensor, scale: float, zp: int, bits: int = 8) -> torch.Tensor:

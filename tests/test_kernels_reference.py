@@ -101,3 +101,11 @@ def test_act_codes_equal_the_fake_quant_layers_codes():
         scale, zp = primitives.act_qparams(act_range, bits)
         expected = primitives.quantize_act(x, act_range, bits) - 128
         assert torch.equal(reference.quantize_act(x, float(scale), int(zp), bits).int(), expected)
+
+
+def test_inv_scale_is_the_float32_reciprocal_torch_computes():
+    """The plain-Python reciprocal (foldable by torch.compile) equals torch's float32 division bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    scales = (10 ** (torch.rand(5000, generator=generator, dtype=torch.float64) * 11 - 8)).tolist()
+    for scale in [*scales, 1.0, 3.0, 0.1, 2.0**-20]:
+        assert reference.inv_scale(scale) == float(1.0 / torch.tensor(scale, dtype=torch.float32))
