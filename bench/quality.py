@@ -6,7 +6,12 @@
 Rows (each a precision config evaluated by :func:`mixdq.evaluate.evaluate` with identical noise per prompt):
 FP | naive min-max W8A8 (BOS token quantized with the rest of the text embedding) | + BOS-aware W8A8 |
 + mixed precision scored by one metric (UNet-output SQNR for every layer, ~W4A8) | MixDQ (metric-decoupled)
-at W8A8, W5A8, W4A8 and W3.66A16 | uniform W4A8 at MixDQ W4A8's memory. Columns: UNet weight MB and ratio
+at W8A8, W5A8, W4A8 and W3.66A16 | uniform W4A8 at MixDQ W4A8's memory.
+
+K (content bits / quality bits) of every mixed-precision row is chosen as MixDQ's search does in its last step:
+the integer program's allocations at a few K are generated and ranked by an image metric
+(:func:`mixdq.evaluate.select_k`: PSNR vs FP), on *validation* captions drawn with their own seed, disjoint
+from the reported captions. ``--k-selection auto`` uses the allocator's sensitivity-only auto K instead. Columns: UNet weight MB and ratio
 vs FP16, CLIP score (the embedded tiny CLIP), Fréchet distance of CLIP features vs FP, alignment (the
 rule-based checker reads back every attribute of the caption), SSIM and PSNR vs FP.
 
@@ -35,6 +40,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,7 +51,7 @@ import torch
 from mixdq.allocate import Allocator
 from mixdq.calibrate import calibrate, default_prompts
 from mixdq.config import PrecisionConfig
-from mixdq.evaluate import embedded_checker, embedded_clip_scorer, evaluate
+from mixdq.evaluate import KSelection, embedded_checker, embedded_clip_scorer, evaluate, select_k
 from mixdq.inventory import layer_inventory, non_layer_param_count
 from mixdq.models import EMBEDDED_MODEL_DIR, load_pipeline
 from mixdq.sensitivity.published import UNetInventory
@@ -61,7 +67,11 @@ CONTENT_SQNR_TABLE = RESULTS / "tiny_content_sqnr.csv"
 SWEEP_PROMPTS, SWEEP_STEPS, SWEEP_SEED = 16, 1, 42
 SQNR_ONLY = {"content": "sqnr", "quality": "sqnr"}
 PROTECTED_SHARE = 0.01
-ACT_BUDGET = 8.0
+ACT_BUDGET = 8.0  # over the non-protected layers: every one of them at 8 bits
+# Validation captions for choosing K: their own seed, apart from the reported (EVAL_SEED), training, checker,
+# grid and calibration-prompt seeds of mixdq.tiny.
+VALIDATION_SEED = 5_000_003
+K_SELECTION = ("images", "auto")
 
 
 def content_sqnr_rows(pipe) -> tuple[pd.DataFrame, dict]:
@@ -133,19 +143,38 @@ def merge_into_shipped(extra: pd.DataFrame) -> bool:
     return True
 
 
-def held_out_prompts(count: int) -> tuple[list[str], list[Scene]]:
-    """``count`` held-out captions, half with one object and half with two (the first ``count / 2`` of the
-    caption lists :mod:`mixdq.tiny.evaluate_model` scores the model card on), and their ground truth."""
+def held_out_prompts(count: int, seed: int = EVAL_SEED) -> tuple[list[str], list[Scene]]:
+    """``count`` held-out captions, half with one object and half with two (by default the first ``count / 2``
+    of the caption lists :mod:`mixdq.tiny.evaluate_model` scores the model card on), and their ground truth."""
     per_count = count // 2
     scenes: list[Scene] = []
     for objects in (1, 2):
-        scenes += sample_scenes(per_count, np.random.default_rng(EVAL_SEED + objects), object_counts=(objects,)).scenes
+        scenes += sample_scenes(per_count, np.random.default_rng(seed + objects), object_counts=(objects,)).scenes
     return [scene.caption() for scene in scenes], scenes
 
 
-def ablation_configs(pipe, table: pd.DataFrame) -> tuple[dict[str, PrecisionConfig | None], dict[str, bool], dict[str, str]]:
+def validation_prompts(count: int, exclude: Collection[str] = ()) -> list[str]:
+    """Captions that choose K: half 1-object, half 2-object, from :data:`VALIDATION_SEED`, none of them in
+    ``exclude`` (the reported captions: the small 1-object caption space repeats captions across seeds)."""
+    prompts: list[str] = []
+    for objects in (1, 2):
+        rng = np.random.default_rng(VALIDATION_SEED + objects)
+        kept: list[str] = []
+        while len(kept) < count // 2:
+            scene = sample_scenes(1, rng, object_counts=(objects,)).scenes[0]
+            if scene.caption() not in exclude:
+                kept.append(scene.caption())
+        prompts += kept
+    return prompts
+
+
+def ablation_configs(
+    pipe, table: pd.DataFrame, choose_k: Callable[[Allocator, float, float | None], PrecisionConfig] | None = None
+) -> tuple[dict[str, PrecisionConfig | None], dict[str, bool], dict[str, str]]:
     """The ablation's configs in table order, which of them skip BOS handling, and how each was made.
 
+    ``choose_k(allocator, weight_bits, act_bits)`` makes each mixed-precision config (e.g. by
+    :func:`mixdq.evaluate.select_k`); ``None`` uses the allocator's auto K.
     Memory matching: uniform W4A8 has 4.00 average weight bits with no FP16 layer; MixDQ W4A8 is allocated at
     an overall 4.00 average bits with its protected layers counted at 16, met within MixDQ's ±0.02-bit band,
     so the two differ by at most that band (the table shows both MB).
@@ -162,6 +191,8 @@ def ablation_configs(pipe, table: pd.DataFrame) -> tuple[dict[str, PrecisionConf
     )
 
     def allocated(allocator: Allocator, weight_bits: float, act_bits: float | None) -> PrecisionConfig:
+        if choose_k is not None:
+            return choose_k(allocator, weight_bits, act_bits)
         return allocator.allocate(weight_bits=weight_bits, act_bits=act_bits, k="auto", solver="cbc").config
 
     uniform_w8a8 = PrecisionConfig.uniform(layers, 8, 8, model_id=pipe.model_id)
@@ -176,12 +207,13 @@ def ablation_configs(pipe, table: pd.DataFrame) -> tuple[dict[str, PrecisionConf
         "MixDQ W3.66A16": allocated(mixdq, 3.66, None),
         "uniform W4A8 (BOS-aware)": PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id),
     }
+    k_how = "K chosen by image validation (see below)" if choose_k is not None else "auto K"
     how = {
         "FP": "the pipeline in float32, no layer quantized",
         "naive W8A8 (no BOS)": "every layer W8A8 min-max; BOS token quantized with the text embedding (calibrated that way)",
         "+ BOS-aware W8A8": "every layer W8A8 min-max; attn2.to_k/to_v skip token 0 (FP K/V for BOS)",
-        "+ MP, SQNR only, W4A8": "ILP at 4.0 avg weight bits, 8.0 act bits; every layer scored by UNet-output SQNR; 1% protected chosen by SQNR",
-        "MixDQ W8A8": "ILP at 8.0 avg weight bits (protected at 16), 8.0 act bits; content SSIM / quality SQNR; 1% protected",
+        "+ MP, SQNR only, W4A8": f"ILP at 4.0 avg weight bits, every non-protected activation at 8 bits; every layer scored by UNet-output SQNR; 1% protected chosen by SQNR; {k_how}",
+        "MixDQ W8A8": f"ILP at 8.0 avg weight bits (protected at 16), every non-protected activation at 8 bits; content SSIM / quality SQNR; 1% protected; {k_how}",
         "MixDQ W5A8": "as MixDQ W8A8 at 5.0 avg weight bits",
         "MixDQ W4A8": "as MixDQ W8A8 at 4.0 avg weight bits",
         "MixDQ W3.66A16": "as MixDQ W8A8 at 3.66 avg weight bits, activations FP",
@@ -216,6 +248,28 @@ def markdown(tables: dict[int, pd.DataFrame], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def k_selection_markdown(selections: dict[str, KSelection]) -> str:
+    """Every K candidate of every mixed-precision row, with the validation score that ranked it."""
+    if not selections:
+        return ""
+    lines = ["", "### K selection (validation captions, not the reported ones)", ""]
+    for label, sel in selections.items():
+        lines += [f"**{label}** (chosen K = {sel.k:.3f}):", "", "| K | auto K | content bits | quality bits | SSIM | PSNR dB |", "|---|---|---|---|---|---|"]
+        for row in sel.table.itertuples():
+            mark = "**" if row.k == sel.k else ""
+            lines.append(
+                f"| {mark}{row.k:.3f}{mark} | {'yes' if row.auto else ''} | {row.content_bits:.2f} | "
+                f"{row.quality_bits:.2f} | {row.ssim:.4f} | {row.psnr_db:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _count(args: argparse.Namespace, steps: int) -> int:
+    """Reported prompts at ``steps`` steps."""
+    return args.prompts if steps != 1 or args.prompts_1step is None else args.prompts_1step
+
+
 def _machine() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
@@ -231,6 +285,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mixdq-studio", help="calibration cache")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_embedded", help="writes OUT.json, OUT.md, OUT.csv")
     parser.add_argument("--note", default="", help="a line for the results (e.g. what else loaded the machine)")
+    parser.add_argument("--k-selection", choices=K_SELECTION, default="images", help="images: choose K by generating validation images (default); auto: the allocator's auto K")
+    parser.add_argument("--validation-prompts", type=int, default=64, help="validation captions per K candidate (default 64)")
+    parser.add_argument("--validation-steps", type=int, default=None, help="steps of the validation images (default: the first of --steps)")
     parser.add_argument("--merge-content-sqnr", action="store_true", help="sweep (or read) the content SQNR rows, append them to the shipped table, exit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -244,13 +301,38 @@ def main() -> None:
         merge_into_shipped(extra)
         return
     table = shipped if extra is None else validate_table(pd.concat([shipped, extra], ignore_index=True))
-    configs, bos_aware, how = ablation_configs(pipe, table)
+    selections: dict[str, KSelection] = {}
+    choose_k = None
+    if args.k_selection == "images":
+        reported = {p for steps in args.steps for p in held_out_prompts(_count(args, steps))[0]}
+        validation = validation_prompts(args.validation_prompts, exclude=reported)
+        validation_steps = args.validation_steps or args.steps[0]
+
+        def choose_k(allocator: Allocator, weight_bits: float, act_bits: float | None) -> PrecisionConfig:
+            chosen = select_k(
+                pipe, allocator, weight_bits, act_bits, validation, seeds=0, num_inference_steps=validation_steps,
+                calibration_prompts=default_prompts()[: args.calibration_prompts], cache_dir=args.cache_dir,
+                batch_size=args.batch_size, progress=False,
+            )
+            label = f"{'SQNR-only' if allocator.metrics['content'] == 'sqnr' else 'MixDQ'} W{weight_bits:g}A{act_bits or 16:g}"
+            selections[label] = chosen
+            print(f"{label}: K={chosen.k:.4f} chosen by {chosen.metric}\n{chosen.table.drop(columns='config').to_string(index=False)}", flush=True)
+            return chosen.result.config
+
+    configs, bos_aware, how = ablation_configs(pipe, table, choose_k)
+    if selections:
+        how["K selection"] = (
+            "each mixed-precision row's K chosen among 5 values evenly spaced over the budget's feasible range plus "
+            f"the allocator's auto K, by PSNR vs FP of {args.validation_prompts} validation captions (seed "
+            f"{VALIDATION_SEED}, none of them a reported caption) at {validation_steps} step(s): "
+            + "; ".join(f"{label} K={sel.k:.3f}" for label, sel in selections.items())
+        )
     scorer = embedded_clip_scorer()
 
     tables: dict[int, pd.DataFrame] = {}
     seconds: dict[int, float] = {}
     for steps in args.steps:
-        count = args.prompts if steps != 1 or args.prompts_1step is None else args.prompts_1step
+        count = _count(args, steps)
         prompts, scenes = held_out_prompts(count)
         tick = time.perf_counter()
         tables[steps] = evaluate(
@@ -271,7 +353,9 @@ def main() -> None:
         print(tables[steps].to_string(index=False), flush=True)
         # written after every step count, so a run stopped early still leaves what it finished
         elapsed = time.perf_counter() - started
-        write_results(args.out, tables, seconds, elapsed, configs, bos_aware, how, args.calibration_prompts, args.note)
+        write_results(
+            args.out, tables, seconds, elapsed, configs, bos_aware, how, args.calibration_prompts, args.note, selections
+        )
 
 
 def write_results(
@@ -284,6 +368,7 @@ def write_results(
     how: dict[str, str],
     calibration_prompts: int,
     note: str,
+    selections: dict[str, KSelection] | None = None,
 ) -> None:
     """OUT.csv (every row, with its step count), OUT.json (rows, settings, configs) and OUT.md (the table)."""
     command = shlex.join(["python", *sys.argv])
@@ -303,6 +388,7 @@ def write_results(
         "note": note,
         "settings": {str(s): t.attrs for s, t in tables.items()},
         "how": how,
+        "k_selection": {label: sel.summary() for label, sel in (selections or {}).items()},
         "bos_aware": {name: bos_aware.get(name, True) for name, c in configs.items() if c is not None},
         "rows": rows.to_dict(orient="records"),
         "configs": {name: c.to_dict() for name, c in configs.items() if c is not None},
@@ -323,7 +409,7 @@ def write_results(
         *[f"* **{name}**: {text}" for name, text in how.items()],
         *(["", f"Note: {note}"] if note else []),
     ]
-    out.with_suffix(".md").write_text(markdown(tables, header))
+    out.with_suffix(".md").write_text(markdown(tables, header) + k_selection_markdown(selections or {}))
     print(f"results -> {out}.{{json,md,csv}}", flush=True)
 
 

@@ -143,3 +143,21 @@ def test_protected_layers_are_excluded_and_counted_at_16_bits():
     assert side.average_bits == pytest.approx(
         (2 * side.groups["content"].average + 2 * side.groups["quality"].average + 32) / 6
     )
+
+
+@pytest.mark.parametrize("solver", ALL_METHODS)
+def test_the_top_of_the_range_puts_every_layer_at_its_highest_bits(solver):
+    # c2 and q2 score the same at 4 and 8 bits (a flat or saturated metric): inside the ±band a solver could
+    # leave them at 4, but asking for the highest average ("A8") must mean every layer at 8.
+    table = weight_table(
+        {
+            "c1": ("content", 10.0, [0.5, 0.8, 0.9]),
+            "c2": ("content", 0.1, [0.9, 0.9, 0.9]),
+            "q1": ("quality", 10.0, [10.0, 30.0]),
+            "q2": ("quality", 0.1, [20.0, 20.0]),
+        }
+    )
+    allocator = Allocator(table, band=0.2)
+    assert allocator.feasible_range("weight")[1] == pytest.approx(8.0)
+    side = allocator.allocate_side("weight", 8.0, solver=solver)
+    assert side.bits == {"c1": 8, "c2": 8, "q1": 8, "q2": 8} and side.average_bits == pytest.approx(8.0)

@@ -205,3 +205,18 @@ def test_cli_reports_infeasible_budgets_and_reads_tables(tmp_path, capsys, alloc
     ]
     assert run_cli(argv) == 0
     assert PrecisionConfig.load(tmp_path / "t.json").act_bits == {}
+
+
+def test_act_budget_averages_over_non_protected_layers_only(allocator):
+    # "A8" means every allocated layer at 8 bits: protected FP16 layers do not lift the average.
+    assert allocator.feasible_range("act") == pytest.approx((4.0, 8.0))
+    a8 = allocator.allocate_side("act", 8.0)
+    assert set(a8.bits.values()) == {8} and len(a8.bits) == 794 - 9
+    assert a8.average_bits == pytest.approx(8.0)
+    a6 = allocator.allocate_side("act", 6.0)
+    sizes = load_published_table().query("target == 'act'").drop_duplicates("layer").set_index("layer")["size"]
+    average = sum(sizes[name] * bit for name, bit in a6.bits.items()) / sizes[list(a6.bits)].sum()
+    assert average == pytest.approx(a6.average_bits) and abs(average - 6.0) <= allocator.band
+    assert {4, 8} == set(a6.bits.values())
+    with pytest.raises(InfeasibleBudgetError, match="not counted in the activation average"):
+        allocator.allocate_side("act", 8.5)

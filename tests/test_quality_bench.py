@@ -177,3 +177,11 @@ def test_held_out_prompts_half_one_half_two_objects():
     prompts, scenes = load_bench().held_out_prompts(8)
     assert [len(s.objects) for s in scenes] == [1] * 4 + [2] * 4
     assert prompts == [s.caption() for s in scenes]
+
+
+def test_validation_captions_that_choose_k_are_not_the_reported_ones():
+    bench = load_bench()
+    reported = set(bench.held_out_prompts(256)[0])
+    assert reported & set(bench.validation_prompts(64))  # the small 1-object caption space repeats captions
+    validation = bench.validation_prompts(64, exclude=reported)
+    assert len(validation) == 64 and not reported & set(validation)

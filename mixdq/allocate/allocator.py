@@ -1,11 +1,13 @@
 """Budget -> PrecisionConfig: MixDQ's per-group integer programs tied together.
 
-A budget is the size-weighted average bits over *all* quantizable layers, protected layers counted
-at 16 (the quantity :func:`mixdq.memory.average_weight_bits` reports), met within ± the band, or for
-weights a cap on the MB of the whole UNet. It is turned into a target for the non-protected layers, split into a content and a
-quality target with ratio K (fixed, or "auto": the best K on a grid), and each group is solved on
-its own. :class:`Allocator` keeps the per-group models between calls, so the studio can re-solve
-on every slider release without rebuilding them.
+A weight budget is the size-weighted average bits over *all* quantizable layers, protected layers
+counted at 16 (the quantity :func:`mixdq.memory.average_weight_bits` reports, so bits map to memory),
+met within ± the band, or a cap on the MB of the whole UNet. An activation budget is the average over
+the non-protected layers only: activations cost no memory, and "A8" must mean every allocated layer at
+8 bits, not 8 on average with the FP16 protected layers lifting it. Each budget is turned into a target
+for the non-protected layers, split into a content and a quality target with ratio K (fixed, or
+"auto": the best K on a grid), and each group is solved on its own. :class:`Allocator` keeps the
+per-group models between calls, so the studio can re-solve on every slider release without rebuilding them.
 
 Each group is scored by MixDQ's decoupled metric (:data:`GROUP_METRIC`: content by image SSIM, quality by
 UNet-output SQNR) unless ``metrics`` says otherwise: ``metrics={"content": "sqnr", "quality": "sqnr"}`` is
@@ -68,8 +70,8 @@ class SideAllocation:
     """The allocation of one side (weights or activations) of every layer."""
 
     target: str  # "weight" | "act"
-    budget_bits: float  # requested overall average (protected layers at 16)
-    average_bits: float  # achieved overall average (protected layers at 16)
+    budget_bits: float  # requested average (weights: protected layers at 16; acts: non-protected layers only)
+    average_bits: float  # achieved average, same convention
     k: float  # b_content / b_quality used
     groups: dict[str, GroupSolution]
     solver: str  # "cbc" | "highs" | "approx": the one that produced these bits
@@ -139,7 +141,8 @@ class _Side:
             raise SensitivityTableError(f"no {target} layers in group(s) {empty}; MixDQ allocates both groups.")
         sizes = table.loc[table["target"] == target].drop_duplicates("layer").set_index("layer")["size"]
         self.total_size = float(sizes.sum())
-        self.protected_size = float(sizes.reindex(sorted(protected)).fillna(0.0).sum())
+        # Weight budgets count protected layers at 16 bits (they cost memory); activation budgets do not.
+        self.protected_size = float(sizes.reindex(sorted(protected)).fillna(0.0).sum()) if target == "weight" else 0.0
         self.group_size = {g: float(m.sizes.sum()) for g, m in self.matrices.items()}
         self.r = self.group_size["content"] / self.group_size["quality"]
         self.share = {g: s / sum(self.group_size.values()) for g, s in self.group_size.items()}
@@ -149,7 +152,8 @@ class _Side:
         self._approx: dict[str, ApproxGroupSolver] = {}
 
     def to_allocated(self, overall: float) -> float:
-        """Average over the non-protected layers that gives ``overall`` with protected layers at 16."""
+        """Average over the non-protected layers that gives the budget ``overall`` (weights: protected layers
+        at 16 bits; activations: the identity, as their budget already excludes protected layers)."""
         return (overall * self.total_size - FP16_BITS * self.protected_size) / (self.total_size - self.protected_size)
 
     def to_overall(self, allocated: float) -> float:
@@ -162,15 +166,21 @@ class _Side:
         factor = group_targets(1.0, k, self.r)  # group targets are proportional to the budget
         return max(self.low[g] / factor[g] for g in GROUPS), min(self.high[g] / factor[g] for g in GROUPS)
 
-    def k_grid(self, allocated: float) -> np.ndarray:
+    def k_grid(self, allocated: float, points: int = K_GRID_POINTS) -> np.ndarray:
         """K values evenly spaced in content target over the range where both group targets are feasible."""
         total = allocated * (1 + self.r)  # = b_c·r + b_q
         content_low = max(self.low["content"], (total - self.high["quality"]) / self.r)
         content_high = min(self.high["content"], (total - self.low["quality"]) / self.r)
-        content = np.linspace(content_low, content_high, K_GRID_POINTS)
+        content = np.linspace(content_low, content_high, points)
         return content / (total - self.r * content)
 
     def solve_group(self, group: str, target: float, band: float, solver: str) -> tuple[np.ndarray | None, str]:
+        if target >= self.high[group] - 1e-9:
+            # The top of the range means every layer at its highest bits ("A8" = all at 8). Solvers would also
+            # accept a layer whose metric ties at two bits sitting lower, as long as the band absorbs it.
+            return np.full(len(self.matrices[group].layers), len(self.matrices[group].bits) - 1), (
+                "Greedy" if solver == APPROX else "Optimal"
+            )
         if solver == APPROX:
             if group not in self._approx:
                 self._approx[group] = ApproxGroupSolver(self.matrices[group])
@@ -249,6 +259,18 @@ class Allocator:
         low, high = side.allocated_range(None if k == AUTO else _check_k(k))
         return side.to_overall(low), side.to_overall(high)
 
+    def k_grid(self, target: str, budget_bits: float, points: int = K_GRID_POINTS) -> list[float]:
+        """``points`` K values spread evenly in content target over the range where both groups can meet
+        ``budget_bits``: what ``k="auto"`` ranks, and the candidates :func:`mixdq.evaluate.select_k` tries.
+        Duplicates (a budget every K meets the same way, e.g. all layers at the highest bits) collapse."""
+        side = self.side(target)
+        allocated = side.to_allocated(budget_bits)
+        low, high = side.allocated_range(None)
+        if not low - 1e-9 <= allocated <= high + 1e-9:
+            raise self._infeasible(target, budget_bits, None, "outside the reachable range")
+        grid = side.k_grid(allocated, points)
+        return sorted({round(float(k), 12) for k in grid if np.isfinite(k) and k > 0})
+
     def allocate_side(
         self, target: str, budget_bits: float, k: float | str = AUTO, solver: str = "cbc"
     ) -> SideAllocation:
@@ -256,7 +278,9 @@ class Allocator:
 
         ``k="auto"`` ranks K on a grid by the size-weighted normalized group objectives, using the
         approximate solver (milliseconds per K), then solves the winner with ``solver``. The
-        criterion is :func:`mixdq.allocate.groups.allocation_score`.
+        criterion is :func:`mixdq.allocate.groups.allocation_score`: fast enough for a slider, but it sees
+        layers one at a time, so a group whose metric is nearly flat looks cheap and is starved;
+        :func:`mixdq.evaluate.select_k` chooses K by generating images instead (MixDQ's last search step).
         """
         if solver not in METHODS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {list(METHODS)}.")
@@ -335,7 +359,8 @@ class Allocator:
         )
         if target == "weight" and self.scale is not None:
             message += f" ({self.scale.mb(low):.1f} to {self.scale.mb(high):.1f} MB of UNet weights)"
-        message += f", with {len(self.protected)} protected layers in FP16 counted at 16 bits."
+        counted = "counted at 16 bits" if target == "weight" else "not counted in the activation average"
+        message += f", with {len(self.protected)} protected layers in FP16 {counted}."
         return InfeasibleBudgetError(message, low, high)
 
     def allocate(
@@ -349,7 +374,8 @@ class Allocator:
     ) -> AllocationResult:
         """Allocate weights (budget in average bits or MB, exactly one) and activations (``None``: FP16).
 
-        An average-bits budget is met within ± the band; a MB budget is a cap, never exceeded.
+        An average-bits budget is met within ± the band; a MB budget is a cap, never exceeded. ``act_bits``
+        averages over the non-protected layers: 8.0 puts every one of them at 8 bits.
         """
         if (weight_bits is None) == (weight_mb is None):
             raise ValueError("give exactly one weight budget: weight_bits (average bits) or weight_mb (MB).")

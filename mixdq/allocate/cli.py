@@ -26,8 +26,9 @@ examples:
   python -m mixdq allocate --budget-mb 1300 --act-bits 8 --k 0.62 --solver highs --out cfg.json --yaml-out cfg
   python -m mixdq allocate --source sens.csv --unet-config assets/tiny-sdxl --budget-bits 4 --out tiny.json
 
-Budgets in bits are size-weighted averages over all quantizable layers, protected layers counted as
-16 bits, met within the band. --budget-mb caps the whole UNet's weight memory (codes, FP16 scales and
+Weight budgets in bits are size-weighted averages over all quantizable layers, protected layers counted
+as 16 bits, met within the band. --act-bits averages over the non-protected layers only (activations
+cost no memory): 8 puts every one of them at 8 bits. --budget-mb caps the whole UNet's weight memory (codes, FP16 scales and
 biases, FP16 protected layers and norms; 1 MB = 1e6 bytes). K = content bits / quality bits; "{AUTO}"
 picks the K with the best size-weighted normalized sensitivity. Exact solvers stop within {MIP_GAP:g}
 of the optimum in normalized units (1 = all layers from lowest to highest bits)."""
@@ -50,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=_act_bits,
         default=8.0,
         metavar="BITS|fp16",
-        help="average activation bits (default: 8.0); 'fp16' keeps activations unquantized",
+        help="average activation bits over the non-protected layers (default: 8.0, all at 8); 'fp16' keeps them unquantized",
     )
     parser.add_argument(
         "--k", type=_k_value, default=AUTO, help=f"weight K = b_content / b_quality, or '{AUTO}' (default)"

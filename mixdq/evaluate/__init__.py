@@ -1,5 +1,6 @@
 """Quality evaluation: FP vs quantized images from identical noise, scored by SSIM/PSNR, CLIP score,
-Fréchet distance on CLIP features and exact alignment, one table row per precision config."""
+Fréchet distance on CLIP features and exact alignment, one table row per precision config; and MixDQ's
+last search step, choosing K by generating images (:func:`select_k`)."""
 
 from mixdq.evaluate.embedded import embedded_checker, embedded_clip_scorer
 from mixdq.evaluate.metrics import (
@@ -14,10 +15,12 @@ from mixdq.evaluate.metrics import (
     ssim,
 )
 from mixdq.evaluate.runner import AlignmentChecker, evaluate, load_results, save_results
+from mixdq.evaluate.k_selection import KSelection, k_candidates, select_k
 
 __all__ = [
     "AlignmentChecker",
     "ClipScorer",
+    "KSelection",
     "MetricUnavailableError",
     "OpenClipScorer",
     "clip_score",
@@ -27,8 +30,10 @@ __all__ = [
     "evaluate",
     "frechet_distance",
     "inception_fid_metric",
+    "k_candidates",
     "load_results",
     "psnr",
     "save_results",
+    "select_k",
     "ssim",
 ]
