@@ -33,27 +33,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    import threading
     from pathlib import Path
 
-    from mixdq.models import ModelNotAvailableError, load_pipeline
-    from studio.sources import build_sources
-    from studio.ui import build_demo
+    import torch
 
+    from mixdq.models import EMBEDDED_MODEL_ID, ModelNotAvailableError, default_device, load_pipeline
+    from studio.sources import build_sources, model_folder, model_info_from_folder, prewarm_in_background
+    from studio.ui import build_demo, head_html
+
+    device = args.device or default_device()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # One core stays free for the web server: the sliders answer while an image is generated, and torch's
+        # OpenMP threads do not spin against each other on a busy machine (tens of times slower on 2 cores).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+
+    def load():
+        return load_pipeline(args.model, device=device)
+
+    # The page first: the sensitivity views need the model's config files only, so the pipeline (diffusers,
+    # transformers, the weights) loads in the background once a page has its first views.
+    folder = model_folder(args.model)
     try:
-        pipe = load_pipeline(args.model, device=args.device)
+        if folder is None:  # no config files here yet (a hub id not downloaded): the pipeline first
+            model = load()
+        else:
+            model = model_info_from_folder(folder, args.model or EMBEDDED_MODEL_ID, device, Path(args.cache_dir))
     except ModelNotAvailableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    workspace, sources = build_sources(pipe, Path(args.cache_dir))
-    demo = build_demo(workspace, sources)
+    workspace, sources = build_sources(model, Path(args.cache_dir))
+    first_view = threading.Event()
+    demo = build_demo(workspace, sources, on_first_view=first_view.set)
     demo.queue(default_concurrency_limit=4, max_size=32)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     gradio_says = io.StringIO()  # Gradio explains a failed share link in a dozen lines; we say it in one
     with contextlib.redirect_stdout(gradio_says):
         _, local_url, share_url = demo.launch(
-            server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True, quiet=True
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            prevent_thread_lock=True,
+            quiet=True,
+            head=head_html(),
         )
     print(f"MixDQ Studio ready at {local_url} ({time.perf_counter() - started:.1f} s)", flush=True)
+    if not workspace.loaded:
+        workspace.load_in_background(load, after=first_view)
+    prewarm_in_background(sources, after=first_view)
     if args.share and not share_url:
         reason = gradio_says.getvalue().strip().splitlines()[0] if gradio_says.getvalue().strip() else "no answer"
         print(f"No public share link ({reason.rstrip('. ')}); serving locally only.", flush=True)

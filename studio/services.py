@@ -10,28 +10,29 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 from PIL import Image
 
 from mixdq.allocate import AUTO, AllocationResult, Allocator, InfeasibleBudgetError
 from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
-from mixdq.evaluate.metrics import clip_score, psnr, ssim
 from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
-from mixdq.memory import MB, weight_memory
-from mixdq.models import EMBEDDED_MODEL_ID
+from mixdq.memory import MB, average_weight_bits, weight_memory
+from mixdq.models import EMBEDDED_MODEL_ID, ModelNotAvailableError
 from mixdq.sensitivity.published import SDXL_TURBO_MODEL_ID, UNetInventory, load_published_table, sdxl_turbo_inventory
 from mixdq.sensitivity.table import GROUP_METRIC, select_protected
-from studio.plots import bits_heatmap, ssim_to_db, unet_heatmap
+from studio.plots import Spec, bits_heatmap, memory_bar, pareto_chart, ssim_to_db, unet_heatmap
 
 PUBLISHED_LABEL = "SDXL-Turbo (published by the MixDQ authors)"
 PROTECTED_SHARE = 0.01
@@ -97,7 +98,7 @@ def published_source() -> SensitivitySource:
 
 
 # ---- sensitivity view -----------------------------------------------------------------------------
-def sensitivity_figures(source: SensitivitySource, target: str, bit: int) -> tuple[go.Figure, go.Figure]:
+def sensitivity_figures(source: SensitivitySource, target: str, bit: int) -> tuple[Spec, Spec]:
     """Quality (SQNR dB) and content (SSIM) heatmaps of ``target`` sensitivities at ``bit``."""
     table = source.table
     figures = []
@@ -139,8 +140,10 @@ class AllocationView:
     """What the budget view shows for one allocation."""
 
     result: AllocationResult
-    figure: go.Figure
-    memory: go.Figure
+    exact: bool  # the ILP's answer (solved now or earlier), not the greedy preview
+    figure: Spec
+    memory: str  # HTML bars
+    pareto: Spec
     summary: str
 
 
@@ -154,17 +157,25 @@ def allocate(
 ) -> AllocationView:
     """Allocate at a weight budget (``unit`` "bits" or "MB") and activation budget (None = FP16).
 
-    ``exact=False`` uses the millisecond greedy (slider preview); ``exact=True`` the CBC ILP.
-    Raises :class:`InfeasibleBudgetError` with the feasible range in its message.
+    ``exact=True`` solves the CBC ILP; ``exact=False`` (slider preview) returns the ILP's answer when it
+    is already solved (a lookup: the studio solves slider positions in the background) and the
+    millisecond greedy otherwise. Raises :class:`InfeasibleBudgetError` with the feasible range.
     """
-    kwargs = {"weight_mb": weight_budget} if unit == "MB" else {"weight_bits": round(weight_budget, 6)}
-    solver = "cbc" if exact else "approx"
-    precomputed = unit != "MB" and exact and source.allocator.is_solved("weight", round(weight_budget, 6), k, solver)
-    result = source.allocator.allocate(**kwargs, act_bits=act_bits, k=k, act_k=AUTO, solver=solver)
+    bits = round(weight_budget, 6)
+    kwargs = {"weight_mb": weight_budget} if unit == "MB" else {"weight_bits": bits}
+    allocator = source.allocator
+    solved = (
+        unit != "MB"
+        and allocator.is_solved("weight", bits, k, "cbc")
+        and (act_bits is None or allocator.is_solved("act", act_bits, AUTO, "cbc"))
+    )
+    exact = exact or solved
+    result = allocator.allocate(**kwargs, act_bits=act_bits, k=k, act_k=AUTO, solver="cbc" if exact else "approx")
     weight = result.weight
     title = f"Allocation: {weight.average_bits:.3f} average weight bits ({'exact ILP' if exact else 'preview'})"
     figure = bits_heatmap(source.order, {n: result.config.layer_weight_bits(n) for n in source.order}, title)
-    memory = memory_figure(source.fp16_mb(), result.weight_mb)
+    memory = memory_bar(source.fp16_mb(), result.weight_mb)
+    pareto = pareto_figure(source, (result.weight_mb, weight.score))
     groups = ", ".join(f"{g} {s.average:.2f}" for g, s in weight.groups.items())
     act = result.act
     solve_ms = 1000 * (weight.seconds + (act.seconds if act else 0))
@@ -176,51 +187,15 @@ def allocate(
         f"UNet weights {result.weight_mb:,.1f} MB vs FP16 {source.fp16_mb():,.1f} MB "
         f"({source.fp16_mb() / result.weight_mb:.2f}x smaller); {len(source.protected)} protected layers in FP16; "
         f"solver {weight.solver}, status {weight.status}, {solve_ms:.0f} ms"
-        + (" (solved in the background before you asked)" if precomputed else "")
+        + (" (solved in the background before you asked)" if solved else "")
     )
-    return AllocationView(result, figure, memory, summary)
+    return AllocationView(result, exact, figure, memory, pareto, summary)
 
 
-def memory_figure(fp16_mb: float, quant_mb: float) -> go.Figure:
-    fig = go.Figure(
-        go.Bar(
-            x=[fp16_mb, quant_mb],
-            y=["FP16", "quantized"],
-            orientation="h",
-            text=[f"{fp16_mb:,.1f} MB", f"{quant_mb:,.1f} MB"],
-            textposition="auto",
-            marker_color=["#1f77b4", "#2ca02c"],
-        )
-    )
-    fig.update_layout(title="UNet weight memory", height=180, margin=dict(l=10, r=10, t=40, b=20), xaxis_title="MB")
-    return fig
-
-
-def pareto_figure(source: SensitivitySource, current_bits: float | None = None) -> go.Figure:
-    """Score (size-weighted normalized sensitivity) against UNet MB, with the current point marked."""
-    front = source.front
-    fig = go.Figure(
-        go.Scatter(
-            x=front.mb,
-            y=front.score,
-            mode="lines+markers",
-            name="MixDQ front",
-            hovertemplate="%{x:.1f} MB<br>score %{y:.3f}<extra></extra>",
-        )
-    )
-    if current_bits is not None:
-        current = front.iloc[(front.average_bits - current_bits).abs().argsort()[:1]]
-        fig.add_trace(
-            go.Scatter(x=current.mb, y=current.score, mode="markers", marker=dict(size=14, color="red"), name="current")
-        )
-    fig.update_layout(
-        title="Precision / quality frontier (weights)",
-        xaxis_title="UNet weights (MB)",
-        yaxis_title="score (1 = all 8-bit)",
-        height=300,
-        margin=dict(l=10, r=10, t=40, b=40),
-    )
-    return fig
+def pareto_figure(source: SensitivitySource, current: tuple[float, float] | None = None) -> Spec:
+    """Score (size-weighted normalized sensitivity) against UNet MB along the precomputed front, with
+    ``current`` = (MB, score) of the shown allocation marked."""
+    return pareto_chart(source.front.mb.tolist(), source.front.score.tolist(), current)
 
 
 def infeasible_message(err: InfeasibleBudgetError) -> str:
@@ -258,20 +233,47 @@ def _config_stem(config: PrecisionConfig) -> str:
 
 
 # ---- the loaded model --------------------------------------------------------------------------------
-class ModelWorkspace:
-    """The loaded pipeline, its calibration and (when available) its sensitivity source.
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the studio shows about its model before the weights are loaded."""
 
-    Generation takes :attr:`lock`: the UNet is wrapped once and switched between FP and a config.
+    model_id: str
+    inventory: UNetInventory
+    device: str  # "cpu" | "cuda"
+    default_size: int  # pixels
+
+    @classmethod
+    def of_pipeline(cls, pipe) -> ModelInfo:
+        layers = layer_inventory(pipe.unet)
+        return cls(
+            getattr(pipe, "model_id", "model"),
+            UNetInventory(tuple(layers), non_layer_param_count(pipe.unet)),
+            pipe.unet.device.type,
+            pipe.default_sample_size * pipe.vae_scale_factor,
+        )
+
+
+class ModelWorkspace:
+    """The model to generate with, its calibration and (when available) its sensitivity source.
+
+    The pipeline may load in a background thread (:meth:`load_in_background`), so the studio serves its
+    page while diffusers and the weights load; generation waits for it. Generation takes :attr:`lock`:
+    the UNet is wrapped once and switched between FP and a config.
     """
 
-    def __init__(self, pipe, cache_dir: Path, table: pd.DataFrame | None = None) -> None:
-        self.pipe = pipe
-        self.model_id = getattr(pipe, "model_id", "model")
-        self.layers = layer_inventory(pipe.unet)
-        self.inventory = UNetInventory(tuple(self.layers), non_layer_param_count(pipe.unet))
+    def __init__(self, info: ModelInfo, cache_dir: Path, table: pd.DataFrame | None = None, pipe=None) -> None:
+        self.model_id = info.model_id
+        self.inventory = info.inventory
+        self.layers = list(info.inventory.layers)
         self.fingerprint = inventory_fingerprint(self.layers)
         self.cache_dir = cache_dir
         self.lock = threading.Lock()
+        self._info = info
+        self._pipe = pipe
+        self._load_error: Exception | None = None
+        self._loaded = threading.Event()
+        if pipe is not None:
+            self._loaded.set()
         self._ranges = None
         self._judges = None
         self.source = (
@@ -280,12 +282,50 @@ class ModelWorkspace:
             else None
         )
 
+    @classmethod
+    def from_pipeline(cls, pipe, cache_dir: Path, table: pd.DataFrame | None = None) -> ModelWorkspace:
+        """A workspace around an already loaded pipeline."""
+        return cls(ModelInfo.of_pipeline(pipe), cache_dir, table, pipe)
+
+    def load_in_background(self, load: Callable[[], Any], after: threading.Event | None = None) -> threading.Thread:
+        """Load the pipeline with ``load()`` in a daemon thread, once ``after`` is set (or 10 s passed)."""
+
+        def run() -> None:
+            if after is not None:
+                after.wait(timeout=10)
+            try:
+                self._pipe = load()
+            except Exception as err:  # noqa: BLE001 - any failure is reported to whoever needs the model
+                self._load_error = err
+                print(f"The model could not be loaded: {err}", file=sys.stderr, flush=True)
+            finally:
+                self._loaded.set()
+
+        thread = threading.Thread(target=run, name="load-pipeline", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded.is_set()
+
+    def wait_for_pipeline(self):
+        """The pipeline, once the background load is done; raises :class:`ModelNotAvailableError` if it failed."""
+        self._loaded.wait()
+        if self._pipe is None:
+            raise ModelNotAvailableError(f"{self.model_id} could not be loaded: {self._load_error}")
+        return self._pipe
+
+    @property
+    def pipe(self):
+        return self.wait_for_pipeline()
+
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return torch.device(self._info.device)
 
     def default_size(self) -> int:
-        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return self._info.default_size
 
     def act_ranges(self, steps: int):
         """Calibrated activation ranges (cached on disk; computed once per step count)."""
@@ -324,6 +364,8 @@ class ModelWorkspace:
         metrics = image_metrics(fp, quant)
         scorer, checker = self.judges()
         if scorer is not None:
+            from mixdq.evaluate.metrics import clip_score
+
             scores = clip_score(scorer, torch.stack([fp, quant]), [prompt, prompt])
             metrics["clip_fp"], metrics["clip_quant"] = (float(v) for v in scores)
             metrics["aligned_fp"], metrics["aligned_quant"] = (
@@ -361,6 +403,8 @@ class ModelWorkspace:
 def image_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
     """SSIM and PSNR (dB; inf for identical images) of one (3, H, W) image in [0, 1] against another,
     measured as the evaluation tables measure them."""
+    from mixdq.evaluate.metrics import psnr, ssim  # imports torchmetrics: not needed to serve the page
+
     return {"ssim": float(ssim(reference[None], test[None])[0]), "psnr": psnr(reference[None], test[None])}
 
 
@@ -385,8 +429,6 @@ def _diff_image(a: torch.Tensor, b: torch.Tensor) -> Image.Image:
 def config_summary(config: PrecisionConfig, inventory: UNetInventory) -> str:
     layers = list(inventory.layers)
     mem = weight_memory(layers, config, inventory.other_params)
-    from mixdq.memory import average_weight_bits
-
     return (
         f"{config.model_id or 'model'}: {average_weight_bits(layers, config):.3f} average weight bits, "
         f"{len(config.act_bits)} layers with quantized activations, {len(config.protected)} protected; "
@@ -395,10 +437,11 @@ def config_summary(config: PrecisionConfig, inventory: UNetInventory) -> str:
 
 
 __all__ = [
+    "PUBLISHED_LABEL",
     "ConfigError",
     "InfeasibleBudgetError",
+    "ModelInfo",
     "ModelWorkspace",
-    "PUBLISHED_LABEL",
     "SensitivitySource",
     "allocate",
     "config_summary",

@@ -1,9 +1,13 @@
-"""Which sensitivity data the studio offers: the loaded model's (shipped or cached) and SDXL-Turbo's
-published table. Built once at start-up."""
+"""Which model and sensitivity data the studio offers: the model's own table (shipped or cached) and
+SDXL-Turbo's published one. Built once at start-up, from config files: the pipeline itself loads later."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -11,12 +15,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from mixdq.inventory import LayerInfo, inventory_fingerprint, layer_inventory
+from mixdq.inventory import LayerInfo, inventory_fingerprint
 from mixdq.models import EMBEDDED_MODEL_DIR
+from mixdq.sensitivity.published import UNetInventory, inventory_from_unet_config
 from mixdq.sensitivity.table import SensitivityTableError, read_table
-from studio.services import BITS_STEP, PUBLISHED_LABEL, ModelWorkspace, SensitivitySource, published_source
+from studio.services import (
+    BITS_STEP,
+    PUBLISHED_LABEL,
+    ModelInfo,
+    ModelWorkspace,
+    SensitivitySource,
+    published_source,
+)
 
 SHIPPED_TABLE = EMBEDDED_MODEL_DIR / "sensitivity.csv"
+INVENTORY_CACHE_VERSION = 1  # bump when LayerInfo's fields change
 
 
 def model_table_path(fingerprint: str, cache_dir: Path) -> Path:
@@ -43,25 +56,86 @@ def find_model_table(layers: list[LayerInfo], cache_dir: Path) -> pd.DataFrame |
     return None
 
 
-def build_sources(pipe, cache_dir: Path) -> tuple[ModelWorkspace, dict[str, Callable[[], SensitivitySource]]]:
-    """The workspace of the loaded model and the sensitivity sources (label -> cached factory),
-    loaded model first. The published SDXL-Turbo source is built in the background when it is not
-    the first one shown, so start-up does not wait for it."""
-    layers = layer_inventory(pipe.unet)
-    table = find_model_table(layers, cache_dir)
-    workspace = ModelWorkspace(pipe, cache_dir, table)
+def model_folder(name_or_path: str | None) -> Path | None:
+    """The local folder of a diffusers pipeline (``None``: the embedded model), found without loading
+    it; ``None`` when its configs are not on this machine (then the studio loads the pipeline first)."""
+    if name_or_path is None:
+        folder = EMBEDDED_MODEL_DIR
+    elif Path(name_or_path).is_dir():
+        folder = Path(name_or_path)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(name_or_path), local_files_only=True, allow_patterns=["*.json"]))
+        except (OSError, ValueError):  # not cached, or not a hub id: load_pipeline says why
+            return None
+    has_configs = all((folder / part / "config.json").is_file() for part in ("unet", "vae"))
+    return folder if (folder / "model_index.json").is_file() and has_configs else None
+
+
+def model_info_from_folder(folder: Path, model_id: str, device: str, cache_dir: Path | None = None) -> ModelInfo:
+    """The model's layer inventory and default image size, from its config files (no weights)."""
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return ModelInfo(model_id, unet_inventory(folder / "unet" / "config.json", cache_dir), device, size)
+
+
+def unet_inventory(config_path: Path, cache_dir: Path | None = None) -> UNetInventory:
+    """The inventory of the UNet a diffusers config describes (built on ``meta``). Building it imports
+    diffusers (~2 s, most of a start-up), so it is cached in ``cache_dir`` by the config's bytes and the
+    diffusers version: later starts serve the page without importing diffusers."""
+    text = config_path.read_bytes()
+    key = hashlib.sha256(text + importlib.metadata.version("diffusers").encode()).hexdigest()[:16]
+    cached = cache_dir / f"studio-inventory-v{INVENTORY_CACHE_VERSION}-{key}.json" if cache_dir else None
+    if cached is not None and cached.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            saved = json.loads(cached.read_text())
+            layers = tuple(LayerInfo(**{**d, "weight_shape": tuple(d["weight_shape"])}) for d in saved["layers"])
+            return UNetInventory(layers, saved["other_params"])
+    inventory = inventory_from_unet_config(config_path)
+    if cached is not None:
+        with contextlib.suppress(OSError):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.tmp")
+            layers = [dataclasses.asdict(info) for info in inventory.layers]
+            partial.write_text(json.dumps({"layers": layers, "other_params": inventory.other_params}))
+            partial.replace(cached)
+    return inventory
+
+
+def build_sources(
+    info_or_pipe: ModelInfo | object, cache_dir: Path
+) -> tuple[ModelWorkspace, dict[str, Callable[[], SensitivitySource]]]:
+    """The workspace of the model (a :class:`ModelInfo` before its pipeline loads, or a loaded pipeline)
+    and the sensitivity sources (label -> cached factory), the model's own first when it has a table."""
+    info = info_or_pipe if isinstance(info_or_pipe, ModelInfo) else ModelInfo.of_pipeline(info_or_pipe)
+    pipe = None if isinstance(info_or_pipe, ModelInfo) else info_or_pipe
+    table = find_model_table(list(info.inventory.layers), cache_dir)
+    workspace = ModelWorkspace(info, cache_dir, table, pipe)
     sources: dict[str, Callable[[], SensitivitySource]] = {}
     if workspace.source is not None:
         model_source = workspace.source
         sources[model_source.label] = lambda: model_source
     sources[PUBLISHED_LABEL] = published_source
-    threading.Thread(target=_prewarm, args=(list(sources.values()),), name="prewarm", daemon=True).start()
     return workspace, sources
 
 
-def _prewarm(factories: list[Callable[[], SensitivitySource]]) -> None:
-    """Build every source and solve its slider positions, at low CPU priority so users come first."""
+def prewarm_in_background(
+    sources: dict[str, Callable[[], SensitivitySource]], after: threading.Event | None = None
+) -> threading.Thread:
+    """Build every source and solve its slider positions in a daemon thread at low CPU priority, once
+    ``after`` is set (or 10 s passed): the first page is drawn before this competes with it."""
+    thread = threading.Thread(target=_prewarm, args=(list(sources.values()), after), name="prewarm", daemon=True)
+    thread.start()
+    return thread
+
+
+def _prewarm(factories: list[Callable[[], SensitivitySource]], after: threading.Event | None) -> None:
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)  # this thread and the CBC it starts
+    if after is not None:
+        after.wait(timeout=10)
     for factory in factories:
         factory().prewarm(BITS_STEP)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
 from mixdq.allocate import InfeasibleBudgetError
 from mixdq.config import ConfigError, PrecisionConfig
-from mixdq.models import TURBO_SAMPLING
+from mixdq.models import TURBO_SAMPLING, ModelNotAvailableError
 from studio import services
+from studio.plots import Spec, to_json
 from studio.services import ModelWorkspace, SensitivitySource
 
 UNITS = ("average bits", "MB")
@@ -20,8 +25,13 @@ PRESETS = ("current allocation", "uniform W8A8", "uniform W4A8", "uniform W8A16 
 MAX_SIZE = {"cpu": 256, "cuda": 1024}
 
 
-def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], SensitivitySource]]) -> gr.Blocks:
-    """The four views: sensitivity heatmaps, the live budget, FP vs quantized images, export/import."""
+def build_demo(
+    workspace: ModelWorkspace,
+    sources: dict[str, Callable[[], SensitivitySource]],
+    on_first_view: Callable[[], None] = lambda: None,
+) -> gr.Blocks:
+    """The four views: sensitivity heatmaps, the live budget, FP vs quantized images, export/import.
+    ``on_first_view`` is called once a page has its first views (background work waits for it)."""
     labels = list(sources)
     first = sources[labels[0]]()
     low, high, mb_low, mb_high = _slider_bounds(first)
@@ -30,6 +40,8 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
     def source_of(label: str) -> SensitivitySource:
         return sources[label]()
 
+    shown_lock = threading.Lock()
+
     # ---- callbacks ---------------------------------------------------------------------------------
     def show_sensitivity(label, target, bit):
         target = "weight" if target == "weights" else "act"
@@ -37,7 +49,7 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
         bit = int(bit) if int(bit) in bits else bits[1]
         quality, content = services.sensitivity_figures(source_of(label), target, bit)
         worst = services.most_sensitive(source_of(label), target, bit)
-        return quality, content, worst, gr.update(choices=[str(b) for b in bits], value=str(bit))
+        return _plot(quality), _plot(content), worst, gr.update(choices=[str(b) for b in bits], value=str(bit))
 
     def switch_unit(label, unit, bits_value, mb_value):
         """Show the slider of the chosen unit, at the budget the other one had."""
@@ -46,7 +58,7 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
         if unit == "MB":
             mb = min(max(round(source.bits_to_mb(bits_value), 1), mb_low), mb_high)
             return gr.update(visible=False), gr.update(visible=True, value=mb)
-        bits = min(max(round(source.mb_to_bits(mb_value), 2), low), high)
+        bits = min(max(_on_grid(source.mb_to_bits(mb_value), BITS_STEP), low), high)
         return gr.update(visible=True, value=bits), gr.update(visible=False)
 
     def reset_sliders(label, unit):
@@ -64,7 +76,9 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
             ),
         )
 
-    def run_allocation(label, unit, budget_bits, budget_mb, quantize_acts, act_bits, k_auto, k_value, exact):
+    def run_allocation(label, unit, budget_bits, budget_mb, quantize_acts, act_bits, k_auto, k_value, shown, exact):
+        """The allocation view. Outputs this session's page already shows exactly are skipped, not re-drawn:
+        a slider click fires the preview and the release at once, and both usually find the same result."""
         source = source_of(label)
         budget = budget_mb if unit == "MB" else budget_bits
         try:
@@ -77,16 +91,27 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
                 exact,
             )
         except InfeasibleBudgetError as err:
-            return gr.update(), gr.update(), gr.update(), services.infeasible_message(err), gr.update()
-        pareto = services.pareto_figure(source, view.result.weight.average_bits)
-        config = view.result.config.to_dict() if exact else gr.update()
-        return view.figure, view.memory, pareto, view.summary, config
+            with shown_lock:
+                status = _unless_shown(shown, "status", services.infeasible_message(err))
+            return gr.skip(), gr.skip(), gr.skip(), status, gr.skip(), shown
+        outputs = {"heatmap": _plot(view.figure), "memory": view.memory, "pareto": _plot(view.pareto)}
+        outputs["status"] = view.summary
+        with shown_lock:  # the session's state dict is shared by its concurrent events: check and record at once
+            heatmap, memory, pareto, status = (_unless_shown(shown, key, value) for key, value in outputs.items())
+        config = view.result.config.to_dict() if view.exact else gr.skip()
+        return heatmap, memory, pareto, status, config, shown
 
     def preview(*args):
         return run_allocation(*args, exact=False)
 
     def solve(*args):
         return run_allocation(*args, exact=True)
+
+    def first_allocation(*args):
+        try:
+            return solve(*args)
+        finally:
+            on_first_view()
 
     def export(config_dict, label):
         if not config_dict:
@@ -114,9 +139,15 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
             return gr.update(), f"Not loaded: {err}"
         return config.to_dict(), "Loaded. " + services.config_summary(config, source.inventory)
 
-    def compare(config_dict, preset, prompt, seed, steps, size, progress=gr.Progress(track_tqdm=True)):
+    def compare(config_dict, preset, prompt, seed, steps, size, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         if not prompt.strip():
             raise gr.Error("Type a prompt first.")
+        if not workspace.loaded:
+            progress(0, desc="Loading the model (it loads in the background after start-up)...")
+        try:
+            workspace.wait_for_pipeline()
+        except ModelNotAvailableError as err:
+            raise gr.Error(str(err)) from None
         if preset == PRESETS[0]:
             if not config_dict:
                 raise gr.Error("No allocation yet: set a budget in the Budget view (or pick a uniform preset).")
@@ -164,6 +195,7 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
             f"`{workspace.model_id}` on {workspace.device}."
         )
         config_state = gr.State(None)
+        shown_state = gr.State({})  # digests of what this session's allocation view shows
         source = gr.Dropdown(labels, value=labels[0], label="sensitivity data", elem_id="source")
         with gr.Tab("Sensitivity"):
             with gr.Row():
@@ -202,7 +234,7 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
             status = gr.Markdown(elem_id="allocation-status")
             allocation_plot = gr.Plot(label="allocation")
             with gr.Row():
-                memory_plot = gr.Plot(label="memory")
+                memory_bar = gr.HTML(elem_id="memory")
                 pareto_plot = gr.Plot(label="frontier")
         with gr.Tab("Compare"):
             with gr.Row():
@@ -235,16 +267,31 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
         # ---- wiring --------------------------------------------------------------------------------------
         view_inputs = [source, target, bit]
         view_outputs = [quality_plot, content_plot, worst, bit]
+        # The sensitivity view is read-only table lookups (~10 ms): no queue, one request instead of two.
         for component in (source, target, bit):
-            component.change(show_sensitivity, view_inputs, view_outputs, api_name=False)
-        alloc_inputs = [source, unit, budget, budget_mb, quantize_acts, act_bits, k_auto, k_value]
-        alloc_outputs = [allocation_plot, memory_plot, pareto_plot, status, config_state]
+            component.change(show_sensitivity, view_inputs, view_outputs, queue=False, api_name=False)
+        alloc_inputs = [source, unit, budget, budget_mb, quantize_acts, act_bits, k_auto, k_value, shown_state]
+        alloc_outputs = [allocation_plot, memory_bar, pareto_plot, status, config_state, shown_state]
         for component in (budget, budget_mb, act_bits, k_value):
+            # Previews skip the queue (a lookup or a ~10 ms greedy): on a click they usually carry the final view.
             component.input(
-                preview, alloc_inputs, alloc_outputs, show_progress="hidden", trigger_mode="always_last", api_name=False
+                preview,
+                alloc_inputs,
+                alloc_outputs,
+                show_progress="hidden",
+                trigger_mode="always_last",
+                queue=False,
+                api_name=False,
             )
             api_name = "allocate" if component is budget else False
-            component.release(solve, alloc_inputs, alloc_outputs, show_progress="hidden", api_name=api_name)
+            component.release(
+                solve,
+                alloc_inputs,
+                alloc_outputs,
+                show_progress="hidden",
+                trigger_mode="always_last",
+                api_name=api_name,
+            )
         for component in (quantize_acts, k_auto):
             component.change(solve, alloc_inputs, alloc_outputs, show_progress="hidden", api_name=False)
         unit.change(switch_unit, [source, unit, budget, budget_mb], [budget, budget_mb], api_name=False)
@@ -261,10 +308,46 @@ def build_demo(workspace: ModelWorkspace, sources: dict[str, Callable[[], Sensit
         )
         export_button.click(export, [config_state, source], [files, export_status], api_name="export")
         upload.upload(import_file, [upload, source], [config_state, import_status], api_name="import_config")
-        demo.load(show_sensitivity, view_inputs, view_outputs, api_name=False).then(
-            solve, alloc_inputs, alloc_outputs, api_name=False
+        demo.load(show_sensitivity, view_inputs, view_outputs, queue=False, api_name=False).then(
+            first_allocation, alloc_inputs, alloc_outputs, api_name=False
         )
     return demo
+
+
+def head_html() -> str:
+    """A page-head script that (1) loads plotly.js (4.6 MB, which Gradio fetches only once the first chart's
+    data has arrived) while the page boots, so the first heatmap does not wait for it, and (2) skips
+    drawing into detached chart divs: on every update Gradio's Plot first re-draws the new figure into the
+    old, already removed div, then draws it again into a new one, doubling the cost of each update."""
+    assets = Path(gr.__file__).parent / "templates" / "frontend" / "assets"
+    chunk = next(iter(sorted(assets.glob("PlotlyPlot-*.js"))), None)
+    if chunk is None:  # another Gradio build: no hint, the charts still load and draw as usual
+        return ""
+    return (
+        f'<script>import("./assets/{chunk.name}").then(() => {{'
+        " const P = window.Plotly, react = P.react;"
+        " P.react = (gd, ...rest) => gd.isConnected ? react.call(P, gd, ...rest) : Promise.resolve(gd); });"
+        "</script>"
+    )
+
+
+def _plot(spec: Spec) -> PlotData:
+    """A chart spec as gr.Plot's value, serialized here (no plotly figure object on the way)."""
+    return PlotData(type="plotly", plot=to_json(spec))
+
+
+def _unless_shown(shown: dict, key: str, value: Any) -> Any:
+    """``value``, or gr.skip() when ``shown`` says the page already shows exactly it; records it."""
+    digest = hash(value.plot if isinstance(value, PlotData) else value)
+    if shown.get(key) == digest:
+        return gr.skip()
+    shown[key] = digest
+    return value
+
+
+def _on_grid(value: float, step: float) -> float:
+    """``value`` rounded to the slider grid, where the background solver has precomputed results."""
+    return round(round(value / step) * step, _decimals(step))
 
 
 def _slider_bounds(source: SensitivitySource) -> tuple[float, float, float, float]:
@@ -278,5 +361,10 @@ def _slider_bounds(source: SensitivitySource) -> tuple[float, float, float, floa
 
 def _inner_range(low: float, high: float, step: float) -> tuple[float, float]:
     """Slider bounds on the step grid, strictly inside the feasible [low, high]."""
-    digits = max(0, -int(math.floor(math.log10(step))))
+    digits = _decimals(step)
     return round(math.ceil(low / step + 1e-9) * step, digits), round(math.floor(high / step - 1e-9) * step, digits)
+
+
+def _decimals(step: float) -> int:
+    """Decimal places of a slider step (0.05 -> 2): rounding to them removes float noise like 4.050000001."""
+    return max(0, -math.floor(math.log10(step)))

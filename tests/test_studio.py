@@ -51,7 +51,7 @@ def studio(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model") / "pipe"
     build_random_pipeline(seed=0).save_pretrained(folder)
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("log") / "app.log", "w+")
+    log = open(tmp_path_factory.mktemp("log") / "app.log", "w+")  # noqa: SIM115 - the app writes it until the end
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIXDQ_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -161,7 +161,7 @@ def test_import_rejects_bad_files_with_a_message(client, tmp_path):
 
 
 def test_compare_uniform_w8a8(client):
-    (fp_path, quant_path), diff_path, report = client.predict(
+    (fp_path, quant_path), _diff_path, report = client.predict(
         "uniform W8A8", "a red circle", 0, 1, 64, api_name="/compare"
     )
     from PIL import Image
@@ -202,23 +202,18 @@ def test_browser_slider_compare_and_download(studio, tmp_path):
         status = page.locator("#allocation-status")
         before = status.inner_text()
         track = page.locator("#budget-slider input[type=range]")
-        box = track.bounding_box()
         released = time.perf_counter()
-        page.mouse.click(box["x"] + 0.85 * box["width"], box["y"] + box["height"] / 2)
-        page.wait_for_function(
-            "([before]) => { const t = document.querySelector('#allocation-status').innerText;"
-            " const bits = (s) => (s.match(/weights (\\d+\\.\\d+) bits/) || [])[1];"
-            " return t.includes('solver cbc') && bits(t) !== undefined && bits(t) !== bits(before); }",
-            arg=[before],
-            timeout=30_000,
-        )
-        release_seconds = time.perf_counter() - released
-        after = status.inner_text()
+        release_seconds, after = _release_slider_at(page, track, 0.85)
+        click_wall_seconds = time.perf_counter() - released
+        precomputed = "solved in the background" in after  # else the release waited for the ILP
         assert _average_from_status(after) > _average_from_status(before) + 1.0
         mb_before = float(re.search(r"UNet weights ([\d,]+\.\d) MB", before).group(1).replace(",", ""))
         mb_after = float(re.search(r"UNet weights ([\d,]+\.\d) MB", after).group(1).replace(",", ""))
-        assert mb_after > mb_before
+        assert mb_after > mb_before and f"{mb_after:,.1f} MB" in page.locator("#memory-bar").inner_text()
         page.screenshot(path=str(SCREENSHOTS / "budget.png"), full_page=True)
+        _release_slider_at(page, track, 0.3)  # away and back: the second release at 0.85 is a lookup for sure
+        cached_release_seconds, again = _release_slider_at(page, track, 0.85)
+        assert "solved in the background" in again and _average_from_status(again) == _average_from_status(after)
 
         page.get_by_role("tab", name="Compare").click()
         page.get_by_label("uniform W8A8").check()
@@ -238,15 +233,101 @@ def test_browser_slider_compare_and_download(studio, tmp_path):
         context.close()
     config = json.loads(saved.read_text())
     assert config["format"] == "mixdq-studio/precision-config" and config["model_id"] == "stabilityai/sdxl-turbo"
-    timings = {
-        "app_start_to_serving_s": start_seconds,
-        "first_page_s": first_page_seconds,
-        "slider_release_to_update_s": release_seconds,
-    }
-    (SCREENSHOTS / "timings.json").write_text(json.dumps(timings, indent=2))
-    print(timings)
-    assert release_seconds < 5.0  # generous for a loaded CI machine; README reports the measured value
+    _record_timings(
+        app_start_to_serving_s=start_seconds,
+        first_page_s=first_page_seconds,
+        slider_release_to_update_s=release_seconds,
+        slider_click_wall_s=click_wall_seconds,
+        slider_release_precomputed=precomputed,
+        slider_release_revisited_to_update_s=cached_release_seconds,
+    )
+    assert 0 < release_seconds < 5.0  # generous for a loaded CI machine; README reports the measured value
     shutil.copy(saved, SCREENSHOTS / "exported.json")
+
+
+def _release_slider_at(page, track, fraction: float) -> tuple[float, str]:
+    """Click the budget slider at ``fraction`` of its track; (seconds from the pointer's release to the first
+    frame showing the new exact allocation, timed in the page, and the status text then)."""
+    before = page.locator("#allocation-status").inner_text()
+    track.evaluate(
+        "(el) => { window.updatedAt = undefined;"
+        " el.addEventListener('pointerup', () => { window.releasedAt = performance.now(); }, {once: true}); }"
+    )
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + fraction * box["width"], box["y"] + box["height"] / 2)
+    page.wait_for_function(
+        "([before]) => { const t = document.querySelector('#allocation-status').innerText;"
+        " const bits = (s) => (s.match(/weights (\\d+\\.\\d+) bits/) || [])[1];"
+        " const done = t.includes('solver cbc') && bits(t) !== undefined && bits(t) !== bits(before);"
+        " if (done && window.updatedAt === undefined) window.updatedAt = performance.now(); return done; }",
+        arg=[before],
+        timeout=30_000,
+    )
+    seconds = page.evaluate("() => (window.updatedAt - window.releasedAt) / 1000")
+    return seconds, page.locator("#allocation-status").inner_text()
+
+
+def test_browser_first_page_after_start(tmp_path):
+    """`python app.py` (the embedded model, as a user starts it) until Chromium, already open, has drawn
+    the first sensitivity heatmap: the first start on a machine (empty cache) and a later one."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (.ci/run does).")
+    from playwright.sync_api import sync_playwright
+
+    timings = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        for start in ("first", "later"):
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            serving, first_page = _start_and_open(page, tmp_path / "cache")
+            timings[f"app_py_{start}_start_to_serving_s"] = serving
+            timings[f"app_py_{start}_start_to_first_page_s"] = first_page
+            page.close()
+        browser.close()
+    _record_timings(**timings)
+    assert timings["app_py_later_start_to_first_page_s"] < 60.0  # generous for loaded CI; README: measured
+
+
+def _start_and_open(page, cache_dir: Path) -> tuple[float, float]:
+    """Start `python app.py`, open its page as soon as it serves; (seconds to serving, to the first heatmap)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(port), "--device", "cpu", "--cache-dir", str(cache_dir)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        while True:
+            assert process.poll() is None, f"app.py exited with {process.returncode}"
+            try:
+                if urllib.request.urlopen(url, timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+            assert time.perf_counter() - started < 120, "app.py did not serve its page within 120 s"
+        serving = time.perf_counter() - started
+        page.goto(url)
+        page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+        first_page = time.perf_counter() - started
+        assert page.locator("#source input").input_value() == "mixdq-studio/tiny-sdxl (loaded model)"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    return serving, first_page
+
+
+def _record_timings(**seconds: float | bool) -> None:
+    """Add these timings to timings.json next to the screenshots (the browser tests each add theirs)."""
+    path = SCREENSHOTS / "timings.json"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings.update({key: round(value, 3) if isinstance(value, float) else value for key, value in seconds.items()})
+    path.write_text(json.dumps(timings, indent=2))
+    print(timings)
 
 
 def test_share_failure_is_one_line_and_keeps_serving(tmp_path):

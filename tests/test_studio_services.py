@@ -17,7 +17,7 @@ def test_image_metrics_identical_images():
 def test_compare_on_the_embedded_model(tmp_path):
     from mixdq.models import load_pipeline
 
-    workspace = ModelWorkspace(load_pipeline(device="cpu"), tmp_path)
+    workspace = ModelWorkspace.from_pipeline(load_pipeline(device="cpu"), tmp_path)
     fp_only = PrecisionConfig(model_id=workspace.model_id)  # nothing quantized: both images must match
     out = workspace.compare(
         fp_only, "a large red circle in the center, on a white background", seed=3, steps=1, size=128
@@ -41,3 +41,45 @@ def test_shipped_table_is_used_only_for_its_own_model(tmp_path, random_pipe):
     assert find_model_table(layer_inventory(random_pipe.unet), tmp_path) is None
     table = find_model_table(layer_inventory(load_pipeline(device="cpu").unet), tmp_path)
     assert table is not None and table.layer.nunique() == 264
+
+
+def test_model_info_from_config_files_matches_the_loaded_pipeline():
+    """The studio serves its page from the model's config files; the pipeline loads later. Both must agree."""
+    from mixdq.models import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID, load_pipeline
+    from studio.services import ModelInfo
+    from studio.sources import model_folder, model_info_from_folder
+
+    assert model_folder(None) == EMBEDDED_MODEL_DIR
+    from_files = model_info_from_folder(model_folder(None), EMBEDDED_MODEL_ID, "cpu")
+    assert from_files == ModelInfo.of_pipeline(load_pipeline(device="cpu"))
+
+
+def test_preview_returns_the_exact_allocation_once_it_is_solved():
+    """Slider previews use the greedy only until the background solver has the exact answer."""
+    from studio.services import allocate, published_source
+
+    source = published_source()
+    budget = 5.35  # a slider position no other test solves
+    assert not allocate(source, budget, "bits", 8.0, "auto", exact=False).exact
+    allocate(source, budget, "bits", 8.0, "auto", exact=True)
+    view = allocate(source, budget, "bits", 8.0, "auto", exact=False)
+    assert view.exact and "solver cbc" in view.summary and "solved in the background" in view.summary
+
+
+def test_slider_values_from_mb_land_on_the_precomputed_grid():
+    from studio.services import BITS_STEP
+    from studio.ui import _on_grid
+
+    assert _on_grid(4.0333, BITS_STEP) == 4.05 and _on_grid(3.9749, BITS_STEP) == 3.95
+
+
+def test_unet_inventory_is_cached_by_config(tmp_path):
+    """Later starts read the inventory from the cache instead of importing diffusers to build it."""
+    from mixdq.models import EMBEDDED_MODEL_DIR
+    from mixdq.sensitivity.published import inventory_from_unet_config
+    from studio.sources import unet_inventory
+
+    config = EMBEDDED_MODEL_DIR / "unet" / "config.json"
+    built = unet_inventory(config, tmp_path)
+    assert len(list(tmp_path.glob("studio-inventory-*.json"))) == 1
+    assert unet_inventory(config, tmp_path) == built == inventory_from_unet_config(config)
