@@ -227,7 +227,12 @@ def build_demo(
             with gr.Row():
                 quantize_acts = gr.Checkbox(value=True, label="quantize activations")
                 act_bits = gr.Slider(
-                    4, 8, value=8, step=0.25, label="activation budget (average bits)", elem_id="act-slider"
+                    4,
+                    8,
+                    value=8,
+                    step=0.25,
+                    label="activation budget (average bits over the non-protected layers)",
+                    elem_id="act-slider",
                 )
                 k_auto = gr.Checkbox(value=True, label="auto K (best content/quality ratio)")
                 k_value = gr.Slider(0.2, 2.0, value=0.6, step=0.01, label="K = content bits / quality bits")
