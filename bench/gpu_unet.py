@@ -42,7 +42,9 @@ What is measured
   time-embedding linears skipped (``torch._int_mm`` needs M > 16) -- reported "not installed" without torchao.
   ``*_compiled``: ours under torch.compile (first in the default order: the baseline that counts is compiled
   FP16), which fuses the attention/norm/elementwise part (~42% of the compiled step) as the FP16 baseline
-  does; our GEMMs are ``torch.library`` custom ops (``kernels/ops.py``), so the UNet compiles as one graph.
+  does; our GEMMs are ``torch.library`` custom ops (``kernels/ops.py``), so the UNet compiles as one graph,
+  and A8 inputs are quantized by graph ops that Inductor fuses into the producing op (``kernels.COMPILED_ACT_QUANT``;
+  ``w8a8_compiled_prologue`` quantizes in the GEMM prologue instead, to compare).
 * Ours = ``mixdq.deploy``: ``quantize_`` with activation ranges from a short ``QuantMode.CALIBRATE`` pass on
   random inputs, one fake-quant forward per resolution (fills the BOS token-0 cache of the cross-attention
   ``to_k`` / ``to_v``, which a bare UNet needs before deploy, and gives the fake-quant output the deployed
@@ -82,6 +84,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import kernels  # noqa: E402
 from mixdq.config import PrecisionConfig  # noqa: E402
 from mixdq.deploy import DeployReport, deploy  # noqa: E402
 from mixdq.inventory import layer_inventory  # noqa: E402
@@ -113,6 +116,7 @@ VARIANTS: dict[str, str] = {
     "w8a8_compiled": "ours W8A8 + torch.compile",
     "w4a8_compiled": "ours MixDQ mixed ~W4A8 + torch.compile",
     "w4a16_compiled": "ours W4A16 (uniform, weight-only) + torch.compile",
+    "w8a8_compiled_prologue": "ours W8A8 + torch.compile, activations quantized in the GEMM prologue",
 }
 DEFAULT_VARIANTS = (
     "fp16_compiled", "w8a8_compiled", "w4a8_compiled", "w4a16_compiled", "fp16_eager", "w8a8", "w4a8", "w4a16",
@@ -310,6 +314,7 @@ def build_variant(name: str, setup: Setup) -> Built:
         "w8a8_compiled": lambda: compiled(build_ours(setup, uniform(8, 8))),
         "w4a8_compiled": lambda: compiled(build_ours(setup, mixed(setup))),
         "w4a16_compiled": lambda: compiled(build_ours(setup, uniform(4, None))),
+        "w8a8_compiled_prologue": lambda: compiled(build_ours(setup, uniform(8, 8))),
     }
     return builders[name]()
 
@@ -448,6 +453,8 @@ def bench_variant(
         for px in setup.px:
             on_row(base | {"px": px, "status": "not installed", "error": "torchao is not installed on this machine"})
         return
+    # read by the deployed layers when torch.compile traces them (first call), so set for the whole variant
+    kernels.COMPILED_ACT_QUANT = "gemm" if name.endswith("_prologue") else "graph"
     before = free_device_memory(setup.device)
     start = time.perf_counter()
     try:

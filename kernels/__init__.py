@@ -17,6 +17,7 @@ Importing this package imports neither triton nor any kernel module; they load o
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -57,6 +58,13 @@ BACKENDS = ("auto", "triton", "torch")
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+# Where a float A8 input is quantized under torch.compile: "graph" = PyTorch ops in the compiled graph, which
+# Inductor fuses into the op that produced x (LayerNorm, GELU, ...) so the GEMM reads 1-byte codes; "gemm" = in
+# the GEMM's prologue, as in eager mode, which re-quantizes each x tile once per output-column tile. Same codes
+# either way (tested); which is faster is for bench/gpu_unet.py (``w8a8_compiled`` vs ``w8a8_compiled_prologue``).
+COMPILED_ACT_QUANT = os.environ.get("MIXDQ_COMPILED_ACT_QUANT", "graph")
+
+
 def has_triton_gpu() -> bool:
     """True when the Triton kernels can run on a CUDA device here."""
     return TRITON_INSTALLED and torch.cuda.is_available()
@@ -81,6 +89,15 @@ def quantize_act(
         return triton_quantize_act(x, scale, zp, bits, out)
     q = reference.quantize_act(x, scale, zp, bits)
     return q if out is None else out.copy_(q)
+
+
+def quantize_parts(
+    x: torch.Tensor, weight: PackedWeight, act_scale: float | tuple, act_zp: int | tuple, act_bits: int
+) -> torch.Tensor:
+    """Float ``x [M, K]`` -> int8 codes, each K part with its own quantizer, in PyTorch ops (fusable)."""
+    parts = reference.act_parts(weight, act_scale, act_zp)
+    codes = [reference.quantize_act(x[:, a:b], s, z, act_bits) for a, b, s, z in parts]
+    return codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
 
 
 def quant_linear(
@@ -117,6 +134,8 @@ def quant_linear(
         if use_triton:
             from kernels.ops import call_gemm_a8
 
+            if x2.dtype != torch.int8 and COMPILED_ACT_QUANT == "graph" and torch.compiler.is_compiling():
+                x2 = quantize_parts(x2, weight, act_scale, act_zp, act_bits)
             y = call_gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits)
         else:
             y = reference.gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)

@@ -145,9 +145,17 @@ def test_triton_backend_runs_the_deployed_layers(monkeypatch):
     reason="no CUDA device and TRITON_INTERPRET!=1: Triton cannot launch here",
 )
 @torch.no_grad()
-def test_deployed_layers_compile_without_graph_breaks():
+def test_deployed_layers_compile_without_graph_breaks(monkeypatch):
     """torch.compile(fullgraph=True) traces deployed A8, weight-only and 3x3-conv layers (the Triton GEMMs are
-    custom ops with fake implementations, checked by aot_eager) and computes exactly what eager computes."""
+    custom ops with fake implementations, checked by aot_eager) and computes exactly what eager computes,
+    though compiled, the A8 linear's input is quantized by graph ops (int8 into the GEMM) instead of in the
+    GEMM's prologue (float into the GEMM)."""
+    import kernels.gemm_wxa8
+
+    gemm_inputs = []
+    real = kernels.gemm_wxa8.gemm_a8
+    spy = lambda x, *a, **k: gemm_inputs.append(x.dtype) or real(x, *a, **k)  # noqa: E731
+    monkeypatch.setattr(kernels.gemm_wxa8, "gemm_a8", spy)
     torch.manual_seed(5)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, img = torch.randn(2, 5, 40), torch.randn(1, 8, 5, 5)
@@ -164,7 +172,10 @@ def test_deployed_layers_compile_without_graph_breaks():
     for layer in (a8, a16, conv):
         layer.half().to(device)
     eager = block(x, img)
+    assert gemm_inputs == [torch.float16, torch.int8]  # linear: prologue; 3x3 conv: quantized before im2col
+    gemm_inputs.clear()
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(x, img)
+    assert gemm_inputs == [torch.int8, torch.int8]
     for e, c in zip(eager, compiled, strict=True):
         assert torch.equal(e, c)
 
