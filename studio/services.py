@@ -36,6 +36,7 @@ from studio.plots import Spec, bits_heatmap, memory_bar, pareto_chart, ssim_to_d
 
 PUBLISHED_LABEL = "SDXL-Turbo (published by the MixDQ authors)"
 PROTECTED_SHARE = 0.01
+DEFAULT_BITS = 4.0  # the weight slider's start, where the background solver starts too
 BITS_STEP = 0.05  # weight-budget slider resolution (MixDQ's band is ±0.02 bits, so finer steps add nothing)
 FRONT_POINTS = 24
 
@@ -50,6 +51,9 @@ class SensitivitySource:
     inventory: UNetInventory
     allocator: Allocator
     front: pd.DataFrame  # weight Pareto front (approximate solver) for the plot
+    # Where users drag the weight slider now (average bits): the background solver works outward from here.
+    # A scheduling hint shared by the sessions of this source, never part of a result.
+    focus_bits: float = DEFAULT_BITS
 
     @classmethod
     def build(cls, label: str, model_id: str, table: pd.DataFrame, inventory: UNetInventory) -> SensitivitySource:
@@ -73,10 +77,12 @@ class SensitivitySource:
         at ``act_bits``) so that releasing the slider is a lookup. Meant for a background thread."""
         low, high = self.weight_range_bits()
         budgets = np.arange(math.ceil(low / step + 1e-9), math.floor(high / step - 1e-9) + 1) * step
-        start = 4.0  # the studio's default: solve outward from it, where users start dragging
+        remaining = {round(float(b), 6) for b in budgets}
         self.allocator.allocate_side("act", act_bits, AUTO, "cbc")
-        for budget in sorted(budgets, key=lambda b: abs(b - start)):
-            self.allocator.allocate_side("weight", round(float(budget), 6), AUTO, "cbc")
+        while remaining:  # nearest to where the user is dragging first (focus_bits moves with the previews)
+            budget = min(remaining, key=lambda b: (abs(b - self.focus_bits), b))
+            remaining.discard(budget)
+            self.allocator.allocate_side("weight", budget, AUTO, "cbc")
 
     def weight_range_bits(self) -> tuple[float, float]:
         return self.allocator.feasible_range("weight")
@@ -164,6 +170,8 @@ def allocate(
     bits = round(weight_budget, 6)
     kwargs = {"weight_mb": weight_budget} if unit == "MB" else {"weight_bits": bits}
     allocator = source.allocator
+    if not exact:  # a drag: let the background solver work next to it, so the release finds its answer
+        source.focus_bits = bits if unit != "MB" else source.mb_to_bits(weight_budget)
     solved = (
         unit != "MB"
         and allocator.is_solved("weight", bits, k, "cbc")

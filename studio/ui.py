@@ -35,7 +35,7 @@ def build_demo(
     labels = list(sources)
     first = sources[labels[0]]()
     low, high, mb_low, mb_high = _slider_bounds(first)
-    start_bits = min(max(4.0, low), high)
+    start_bits = min(max(services.DEFAULT_BITS, low), high)
 
     def source_of(label: str) -> SensitivitySource:
         return sources[label]()
@@ -65,7 +65,7 @@ def build_demo(
         """New source, new feasible range: both sliders re-bounded, at 4 bits where possible."""
         source = source_of(label)
         low, high, mb_low, mb_high = _slider_bounds(source)
-        bits = min(max(4.0, low), high)
+        bits = min(max(services.DEFAULT_BITS, low), high)
         return (
             gr.update(minimum=low, maximum=high, value=bits, visible=unit != "MB"),
             gr.update(

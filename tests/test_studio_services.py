@@ -83,3 +83,30 @@ def test_unet_inventory_is_cached_by_config(tmp_path):
     built = unet_inventory(config, tmp_path)
     assert len(list(tmp_path.glob("studio-inventory-*.json"))) == 1
     assert unet_inventory(config, tmp_path) == built == inventory_from_unet_config(config)
+
+
+def test_background_solver_follows_the_dragged_slider(monkeypatch):
+    """A preview (a drag) moves the background solver's focus, and prewarm solves the positions nearest the
+    focus first, re-reading it after every solve."""
+    import dataclasses
+
+    from studio.services import BITS_STEP, DEFAULT_BITS, allocate, published_source
+
+    shared = published_source()
+    source = dataclasses.replace(shared, focus_bits=DEFAULT_BITS)  # own focus; the allocator (cache) is shared
+    allocate(source, 5.5, "bits", 8.0, "auto", exact=False)
+    assert source.focus_bits == 5.5
+    source.focus_bits = DEFAULT_BITS
+    solved = []
+
+    def record(target, budget, *args):
+        if target == "weight":
+            solved.append(budget)
+        if len(solved) == 3:  # the user drags to 6.0 while the solver works
+            source.focus_bits = 6.0
+
+    monkeypatch.setattr(source.allocator, "allocate_side", record)
+    source.prewarm(BITS_STEP)
+    assert solved[:3] == [4.0, 3.95, 4.05]
+    assert solved[3:6] == [6.0, 5.95, 6.05]
+    assert len(solved) == len(set(solved))  # every position once
