@@ -100,3 +100,28 @@ def test_missing_model_is_one_clear_line(capsys, monkeypatch):
 def test_bad_shard_argument():
     with pytest.raises(SystemExit):
         main(["sensitivity", "--shard", "3/2"])
+
+
+def test_allocate_select_k_picks_the_best_scoring_candidate(tmp_path, capsys):
+    """--select-k generates each candidate K's images on held-out captions and keeps the best by PSNR."""
+    import torch
+
+    tiny = ROOT / "assets" / "tiny-sdxl"
+    args = ["allocate", "--source", str(tiny / "sensitivity.csv"), "--unet-config", str(tiny), "--budget-bits", "4"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the embedded model's ops are too small to share between OpenMP threads
+    try:
+        small = ["--select-k", "embedded", "--validation-prompts", "2", "--calibration-prompts", "2"]
+        code = main([*args, *small, "--validation-steps", "1", "--out", str(tmp_path / "k.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    config = PrecisionConfig.load(tmp_path / "k.json")
+    chosen = config.metadata["allocation"]["k_selection"]
+    scores = {c["k"]: c["psnr_db"] for c in chosen["candidates"]}
+    assert len(scores) >= 5 and any(c["auto"] for c in chosen["candidates"])
+    assert scores[chosen["k"]] == max(scores.values())
+    assert f"chosen K = {chosen['k']:.4f}" in capsys.readouterr().out
+
+    assert main([*args, "--select-k", "embedded", "--k", "0.5", "--out", str(tmp_path / "x.json")]) == 2
+    assert "drop --k" in capsys.readouterr().err

@@ -25,6 +25,8 @@ examples:
   python -m mixdq allocate --budget-bits 4.0 --out w4a8.json
   python -m mixdq allocate --budget-mb 1300 --act-bits 8 --k 0.62 --solver highs --out cfg.json --yaml-out cfg
   python -m mixdq allocate --source sens.csv --unet-config assets/tiny-sdxl --budget-bits 4 --out tiny.json
+  python -m mixdq allocate --source assets/tiny-sdxl/sensitivity.csv --unet-config assets/tiny-sdxl \
+      --budget-bits 4 --select-k embedded --out tiny_w4a8.json       # K chosen by generated images
 
 Weight budgets in bits are size-weighted averages over all quantizable layers, protected layers counted
 as 16 bits, met within the band. --act-bits averages over the non-protected layers only (activations
@@ -83,6 +85,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--band", type=float, default=BAND, help=f"tolerance on each group's average bits (default: {BAND})"
     )
+    parser.add_argument(
+        "--select-k",
+        metavar="MODEL",
+        help="choose the weight K by generating images (MixDQ's last search step; mixdq.evaluate.select_k) with "
+        "MODEL ('embedded', a folder or a hub id, matching --source): candidate K over the feasible range plus "
+        "auto K, ranked by PSNR vs FP on held-out prompts. Replaces --k",
+    )
+    parser.add_argument(
+        "--validation-prompts",
+        type=int,
+        default=16,
+        metavar="N",
+        help="with --select-k: the last N captions of assets/prompts.txt score the candidates (default: 16)",
+    )
+    parser.add_argument(
+        "--calibration-prompts",
+        type=int,
+        metavar="N",
+        help="with --select-k: the first N captions calibrate activations (default: all but the validation ones)",
+    )
+    parser.add_argument("--validation-steps", type=int, default=4, help="with --select-k: sampling steps (default 4)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the PrecisionConfig JSON")
     parser.add_argument(
         "--yaml-out", metavar="PREFIX", help="also write MixDQ yaml: PREFIX_weight.yaml, PREFIX_act.yaml"
@@ -95,14 +118,17 @@ def run_allocate(args: argparse.Namespace) -> int:
     """Run the allocation; 0 on success, 2 with a message on stderr for a bad budget or input."""
     try:
         allocator = _allocator(args)
-        result = allocator.allocate(
-            weight_bits=args.budget_bits,
-            weight_mb=args.budget_mb,
-            act_bits=args.act_bits,
-            k=args.k,
-            act_k=args.act_k,
-            solver=args.solver,
-        )
+        if args.select_k:
+            result = _select_k(args, allocator)
+        else:
+            result = allocator.allocate(
+                weight_bits=args.budget_bits,
+                weight_mb=args.budget_mb,
+                act_bits=args.act_bits,
+                k=args.k,
+                act_k=args.act_k,
+                solver=args.solver,
+            )
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -124,6 +150,36 @@ def _allocator(args: argparse.Namespace) -> Allocator:
         raise ValueError("--yaml-out needs the model's layers; pass --unet-config.")
     protected = select_protected(table, args.protect_share) if args.protect_share > 0 else []
     return Allocator(table, protected, inventory, band=args.band, model_id=model_id)
+
+
+def _select_k(args: argparse.Namespace, allocator: Allocator) -> AllocationResult:
+    """The allocation at the K whose validation images are closest to FP (prints every candidate's score)."""
+    from mixdq.calibrate import default_prompts
+    from mixdq.evaluate import select_k
+    from mixdq.models import ModelNotAvailableError, load_pipeline
+
+    if args.k != AUTO:
+        raise ValueError("--select-k chooses K by generating images; drop --k (or drop --select-k to fix K).")
+    if args.budget_mb is not None and allocator.scale is None:
+        raise ValueError("--budget-mb needs the model's layers; pass --unet-config.")
+    prompts = default_prompts()
+    n = args.validation_prompts
+    if not 0 < n < len(prompts):
+        raise ValueError(f"--validation-prompts must lie in 1..{len(prompts) - 1} ({len(prompts)} captions ship).")
+    calibration = prompts[: len(prompts) - n][: args.calibration_prompts]
+    bits = args.budget_bits if args.budget_bits is not None else allocator.scale.bits(args.budget_mb)
+    try:
+        pipe = load_pipeline(None if args.select_k == "embedded" else args.select_k)
+    except ModelNotAvailableError as err:
+        raise ValueError(str(err)) from None
+    selection = select_k(
+        pipe, allocator, bits, args.act_bits, prompts[-n:], seeds=0, num_inference_steps=args.validation_steps,
+        calibration_prompts=calibration, solver=args.solver if args.solver != "approx" else "cbc",
+    )  # fmt: skip
+    columns = [c for c in ("k", "auto", "content_bits", "quality_bits", selection.metric) if c in selection.table]
+    print(selection.table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"chosen K = {selection.k:.4f} ({selection.metric} on {n} validation prompts)")
+    return selection.result
 
 
 def _table_inventory(path: Path | None) -> UNetInventory | None:
