@@ -109,12 +109,13 @@ def quant_linear(
     *,
     act_bits: int = 8,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``y = x @ dequant(weight).T + bias`` for ``x [..., K]`` -> ``[..., N]``.
 
     * ``act_scale``/``act_zp`` given (a pair each when ``weight.k_split`` is set): A8 path. ``x`` is either
-      int8 codes from :func:`quantize_act` or float, then quantized inside the GEMM. Output float16
-      (bfloat16 for bfloat16 input).
+      int8 codes from :func:`quantize_act` or float, then quantized inside the GEMM. Output in ``out_dtype``,
+      by default x's float dtype (float16 for int8 codes): a float32 model on the CPU keeps float32 outputs.
     * ``act_scale`` None: weight-only path, 16-bit ``x``, output in x's dtype.
     """
     lead, K = x.shape[:-1], x.shape[-1]
@@ -130,13 +131,14 @@ def quant_linear(
     else:
         if act_zp is None:
             raise ValueError("act_zp is required with act_scale (A8 path)")
-        out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
+        if out_dtype is None:
+            out_dtype = x.dtype if x.is_floating_point() else torch.float16
         if use_triton:
             from kernels.ops import call_gemm_a8
 
             if x2.dtype != torch.int8 and COMPILED_ACT_QUANT == "graph" and torch.compiler.is_compiling():
                 x2 = quantize_parts(x2, weight, act_scale, act_zp, act_bits)
-            y = call_gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits)
+            y = call_gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
         else:
             y = reference.gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
     return y.view(*lead, -1)

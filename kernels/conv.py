@@ -77,5 +77,6 @@ def conv2d_quant(
         for c0, c1, s, z in parts:
             quantize_act(xh[..., c0:c1], s, z, act_bits, out=xq[..., c0:c1], backend=quant_backend)
         cols = im2col_nhwc(xq, (kh, kw), st, pad, [(c0, c1, z - ACT_OFFSET) for c0, c1, _, z in parts])
-    y = quant_linear(cols, weight, act_scale, act_zp, bias, act_bits=act_bits, backend=backend)
+    out_dtype = x.dtype if act_scale is not None else None  # int8 patches in, x's dtype out
+    y = quant_linear(cols, weight, act_scale, act_zp, bias, act_bits=act_bits, backend=backend, out_dtype=out_dtype)
     return y.view(B, Ho, Wo, -1).permute(0, 3, 1, 2)

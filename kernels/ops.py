@@ -26,10 +26,6 @@ def _act(values: list):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _a8_out_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float16
-
-
 @torch.library.custom_op("mixdq::gemm_a8", mutates_args=())
 def gemm_a8(
     x: torch.Tensor,
@@ -43,17 +39,19 @@ def gemm_a8(
     act_scale: list[float],
     act_zp: list[int],
     act_bits: int,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """W{8,4,2}A8 Triton GEMM, ``x [M, K]`` (int8 codes or float) -> ``[M, N]`` float16 / bfloat16."""
+    """W{8,4,2}A8 Triton GEMM, ``x [M, K]`` (int8 codes or float) -> ``[M, N]`` in ``out_dtype``."""
     from kernels.gemm_wxa8 import gemm_a8 as launch
 
     weight = _weight(qweight, weight_scale, weight_rowsum, weight_bits, in_features, k_split)
-    return launch(x, weight, _act(act_scale), _act(act_zp), bias, act_bits, _a8_out_dtype(x))
+    return launch(x, weight, _act(act_scale), _act(act_zp), bias, act_bits, out_dtype)
 
 
 @gemm_a8.register_fake
-def _(x, qweight, weight_scale, weight_rowsum, bias, weight_bits, in_features, k_split, act_scale, act_zp, act_bits):
-    return x.new_empty(x.shape[0], weight_scale.shape[0], dtype=_a8_out_dtype(x))
+def _(x, qweight, weight_scale, weight_rowsum, bias, weight_bits, in_features, k_split, act_scale, act_zp, act_bits,
+      out_dtype):  # fmt: skip
+    return x.new_empty(x.shape[0], weight_scale.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("mixdq::gemm_a16", mutates_args=())
@@ -84,6 +82,7 @@ def call_gemm_a8(
     act_zp: int | tuple[int, int],
     bias: torch.Tensor | None,
     act_bits: int,
+    out_dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
     """:func:`gemm_a8` with the :mod:`kernels` calling convention (scalars or pairs, a PackedWeight)."""
     scales = [float(s) for s in (act_scale if isinstance(act_scale, tuple) else (act_scale,))]
@@ -91,7 +90,7 @@ def call_gemm_a8(
     split = -1 if weight.k_split is None else weight.k_split
     return torch.ops.mixdq.gemm_a8(
         x, weight.data, weight.scale, weight.rowsum, bias, weight.bits, weight.in_features, split, scales,
-        zero_points, act_bits,
+        zero_points, act_bits, out_dtype,
     )  # fmt: skip
 
 

@@ -128,8 +128,8 @@ def gemm_a8(
 def gemm_a16(
     x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Weight-only W{8,4,2}A16: float ``x [M, K]`` -> ``[M, N]`` (out_dtype defaults to x's 16-bit dtype)."""
+    """Weight-only W{8,4,2}A16: float ``x [M, K]`` -> ``[M, N]`` (out_dtype defaults to x's dtype)."""
     y = (x.float() @ weight.codes().float().T) * weight.scale.float()
     if bias is not None:
         y += bias.float()
-    return y.to(out_dtype or (x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16))
+    return y.to(out_dtype or x.dtype)
