@@ -29,7 +29,7 @@ from studio.services import (
 )
 
 SHIPPED_TABLE = EMBEDDED_MODEL_DIR / "sensitivity.csv"
-INVENTORY_CACHE_VERSION = 1  # bump when LayerInfo's fields change
+INVENTORY_CACHE_VERSION = 2  # bump when LayerInfo's fields or the saved format change
 
 
 def model_table_path(fingerprint: str, cache_dir: Path) -> Path:
@@ -82,27 +82,67 @@ def model_info_from_folder(folder: Path, model_id: str, device: str, cache_dir: 
     return ModelInfo(model_id, unet_inventory(folder / "unet" / "config.json", cache_dir), device, size)
 
 
+SHIPPED_INVENTORY = "mixdq_inventory.json"  # beside a UNet config.json: its layer list, shipped with the model
+
+
 def unet_inventory(config_path: Path, cache_dir: Path | None = None) -> UNetInventory:
     """The inventory of the UNet a diffusers config describes (built on ``meta``). Building it imports
-    diffusers (~2 s, most of a start-up), so it is cached in ``cache_dir`` by the config's bytes and the
-    diffusers version: later starts serve the page without importing diffusers."""
-    text = config_path.read_bytes()
-    key = hashlib.sha256(text + importlib.metadata.version("diffusers").encode()).hexdigest()[:16]
-    cached = cache_dir / f"studio-inventory-v{INVENTORY_CACHE_VERSION}-{key}.json" if cache_dir else None
-    if cached is not None and cached.is_file():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            saved = json.loads(cached.read_text())
-            layers = tuple(LayerInfo(**{**d, "weight_shape": tuple(d["weight_shape"])}) for d in saved["layers"])
-            return UNetInventory(layers, saved["other_params"])
+    diffusers and transformers (~3 s, most of a start-up), so it is read instead, when possible, from
+    ``mixdq_inventory.json`` beside the config (written by :func:`write_shipped_inventory` for the embedded
+    model, valid while the config's bytes match) or from ``cache_dir`` (keyed by the config's bytes and the
+    diffusers version): then the page is served without importing diffusers."""
+    shipped = _read_inventory(config_path.parent / SHIPPED_INVENTORY, _config_key(config_path, with_diffusers=False))
+    if shipped is not None:
+        return shipped
+    cached = None
+    if cache_dir is not None:
+        key = _config_key(config_path, with_diffusers=True)
+        cached = cache_dir / f"studio-inventory-v{INVENTORY_CACHE_VERSION}-{key}.json"
+        found = _read_inventory(cached, key)
+        if found is not None:
+            return found
     inventory = inventory_from_unet_config(config_path)
     if cached is not None:
         with contextlib.suppress(OSError):
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(f".{os.getpid()}.tmp")
-            layers = [dataclasses.asdict(info) for info in inventory.layers]
-            partial.write_text(json.dumps({"layers": layers, "other_params": inventory.other_params}))
+            partial.write_text(_inventory_json(inventory, key))
             partial.replace(cached)
     return inventory
+
+
+def write_shipped_inventory(config_path: Path) -> Path:
+    """Write ``mixdq_inventory.json`` beside a UNet config (for a model shipped with the studio; the test
+    ``test_shipped_inventory_matches_the_model`` checks it against a fresh build)."""
+    target = config_path.parent / SHIPPED_INVENTORY
+    key = _config_key(config_path, with_diffusers=False)
+    target.write_text(_inventory_json(inventory_from_unet_config(config_path), key))
+    return target
+
+
+def _config_key(config_path: Path, with_diffusers: bool) -> str:
+    text = config_path.read_bytes()
+    if with_diffusers:
+        text += importlib.metadata.version("diffusers").encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def _inventory_json(inventory: UNetInventory, key: str) -> str:
+    layers = [dataclasses.asdict(info) for info in inventory.layers]
+    saved = {"version": INVENTORY_CACHE_VERSION, "config_key": key, "other_params": inventory.other_params}
+    return json.dumps({**saved, "layers": layers})
+
+
+def _read_inventory(path: Path, key: str) -> UNetInventory | None:
+    """The inventory saved at ``path`` for a config with ``key``; ``None`` if absent, stale or unreadable."""
+    if not path.is_file():
+        return None
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        saved = json.loads(path.read_text())
+        if saved["version"] == INVENTORY_CACHE_VERSION and saved["config_key"] == key:
+            layers = tuple(LayerInfo(**{**d, "weight_shape": tuple(d["weight_shape"])}) for d in saved["layers"])
+            return UNetInventory(layers, saved["other_params"])
+    return None
 
 
 def build_sources(

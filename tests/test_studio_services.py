@@ -1,9 +1,12 @@
 """The studio's compare service on the embedded model: the same noise, metrics, and the model's own judges."""
 
 import math
+from pathlib import Path
 
 from mixdq.config import PrecisionConfig
 from studio.services import ModelWorkspace, image_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_image_metrics_identical_images():
@@ -75,14 +78,45 @@ def test_slider_values_from_mb_land_on_the_precomputed_grid():
 
 def test_unet_inventory_is_cached_by_config(tmp_path):
     """Later starts read the inventory from the cache instead of importing diffusers to build it."""
+    import shutil
+
     from mixdq.models import EMBEDDED_MODEL_DIR
     from mixdq.sensitivity.published import inventory_from_unet_config
     from studio.sources import unet_inventory
 
+    config = tmp_path / "model" / "config.json"  # a config with no shipped inventory beside it
+    config.parent.mkdir()
+    shutil.copy(EMBEDDED_MODEL_DIR / "unet" / "config.json", config)
+    cache = tmp_path / "cache"
+    built = unet_inventory(config, cache)
+    assert len(list(cache.glob("studio-inventory-*.json"))) == 1
+    assert unet_inventory(config, cache) == built == inventory_from_unet_config(config)
+
+
+def test_shipped_inventory_matches_the_model(tmp_path):
+    """The embedded model ships its layer list (first start without importing diffusers); it must equal a
+    fresh build. If this fails after a model or LayerInfo change, regenerate it:
+    python -c "from pathlib import Path; from studio.sources import write_shipped_inventory as w;
+    w(Path('assets/tiny-sdxl/unet/config.json'))"
+    """
+    import subprocess
+    import sys
+
+    from mixdq.models import EMBEDDED_MODEL_DIR
+    from mixdq.sensitivity.published import inventory_from_unet_config
+    from studio.sources import SHIPPED_INVENTORY, _config_key, _read_inventory
+
     config = EMBEDDED_MODEL_DIR / "unet" / "config.json"
-    built = unet_inventory(config, tmp_path)
-    assert len(list(tmp_path.glob("studio-inventory-*.json"))) == 1
-    assert unet_inventory(config, tmp_path) == built == inventory_from_unet_config(config)
+    shipped = _read_inventory(config.parent / SHIPPED_INVENTORY, _config_key(config, with_diffusers=False))
+    assert shipped is not None, "assets/tiny-sdxl/unet/mixdq_inventory.json is missing or stale"
+    assert shipped == inventory_from_unet_config(config)
+    code = (
+        "import sys; from pathlib import Path; from studio.sources import unet_inventory; "
+        f"unet_inventory(Path({str(config)!r}), Path({str(tmp_path)!r})); print('diffusers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"  # served from the shipped file, no diffusers import
+    assert not list(tmp_path.iterdir())  # and nothing cached
 
 
 def test_background_solver_follows_the_dragged_slider(monkeypatch):
