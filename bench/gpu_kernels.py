@@ -152,12 +152,11 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda") -> dict
 
 def chosen_config(kernel, M: int, N: int, x: torch.Tensor):
     """The tile the launch used: the autotuner's pick with --autotune, else the default rule's."""
-    from kernels.gemm_wxa8 import prune_by_m
-    from kernels.tiles import autotune_enabled, device_sms, pick_gemm_config
+    from kernels.tiles import autotune_enabled, device_sms, rule_config
 
     if autotune_enabled():
         return getattr(kernel, "best_config", None)
-    return pick_gemm_config(prune_by_m(kernel.configs, {"M": M}), M, N, device_sms(x))
+    return rule_config(kernel, M, N, device_sms(x))
 
 
 COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "actq", "w8a8", "w8a8_fused", "w4a8", "w4a8_fused", "w2a8",

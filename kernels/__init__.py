@@ -91,15 +91,6 @@ def quantize_act(
     return q if out is None else out.copy_(q)
 
 
-def quantize_parts(
-    x: torch.Tensor, weight: PackedWeight, act_scale: float | tuple, act_zp: int | tuple, act_bits: int
-) -> torch.Tensor:
-    """Float ``x [M, K]`` -> int8 codes, each K part with its own quantizer, in PyTorch ops (fusable)."""
-    parts = reference.act_parts(weight, act_scale, act_zp)
-    codes = [reference.quantize_act(x[:, a:b], s, z, act_bits) for a, b, s, z in parts]
-    return codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
-
-
 def quant_linear(
     x: torch.Tensor,
     weight: PackedWeight,
@@ -137,7 +128,7 @@ def quant_linear(
             from kernels.ops import call_gemm_a8
 
             if x2.dtype != torch.int8 and COMPILED_ACT_QUANT == "graph" and torch.compiler.is_compiling():
-                x2 = quantize_parts(x2, weight, act_scale, act_zp, act_bits)
+                x2 = reference.quantize_act_parts(x2, weight, act_scale, act_zp, act_bits)  # fusable PyTorch ops
             y = call_gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
         else:
             y = reference.gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)

@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemm_wxa8 import grouped_tile, load_weight_tile, prune_by_m
+from kernels.gemm_wxa8 import grouped_tile, load_weight_tile
 from kernels.pack import PackedWeight
-from kernels.tiles import device_sms, launch_gemm
+from kernels.tiles import device_sms, launch_gemm, prune_by_m
 
 
 def get_gemm_a16_autotune_config() -> list[triton.Config]:
@@ -95,7 +95,7 @@ def gemm_a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
     # 3. launch
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
     launch_gemm(
-        gemm_a16_kernel, grid, M, N, device_sms(x), prune_by_m,
+        gemm_a16_kernel, grid, M, N, device_sms(x),
         x, weight.data, weight.scale, bias if bias is not None else weight.scale, out,
         M, N, K,
         x.stride(0), x.stride(1), weight.data.stride(0), weight.data.stride(1), out.stride(0), out.stride(1),

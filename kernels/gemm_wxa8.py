@@ -24,7 +24,7 @@ import triton.language as tl
 from kernels.act_quant import quantize_tile
 from kernels.pack import PackedWeight
 from kernels.reference import ACT_OFFSET, act_parts, check_act_params, inv_scale
-from kernels.tiles import device_sms, launch_gemm
+from kernels.tiles import device_sms, launch_gemm, prune_by_m
 
 
 def get_gemm_a8_autotune_config() -> list[triton.Config]:
@@ -43,12 +43,6 @@ def get_gemm_a8_autotune_config() -> list[triton.Config]:
         cfg(32, 128, 128, 4, 4),
         cfg(16, 64, 256, 4, 4),
     ]
-
-
-def prune_by_m(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles much taller than M (M = 1 time-embedding linears, M = 77 text tokens)."""
-    cap = max(16, triton.next_power_of_2(named_args["M"]))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= cap] or configs[-1:]
 
 
 @triton.jit
@@ -181,7 +175,7 @@ def gemm_a8(
     # 3. launch
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
     launch_gemm(
-        gemm_a8_kernel, grid, M, N, device_sms(x), prune_by_m,
+        gemm_a8_kernel, grid, M, N, device_sms(x),
         x, weight.data, weight.scale, weight.rowsum, bias if bias is not None else weight.scale, out,
         M, N, K, k_split,
         x.stride(0), x.stride(1), weight.data.stride(0), weight.data.stride(1), out.stride(0), out.stride(1),

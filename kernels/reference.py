@@ -88,6 +88,14 @@ def quantize_act(x: torch.Tensor, scale: float, zp: int, bits: int = 8) -> torch
     return (q - ACT_OFFSET).to(torch.int8)
 
 
+def quantize_act_parts(
+    x: torch.Tensor, weight: PackedWeight, act_scale: float | tuple, act_zp: int | tuple, act_bits: int = 8
+) -> torch.Tensor:
+    """Float ``x [M, K]`` -> int8 codes, each K part of ``weight`` (see :func:`act_parts`) with its own quantizer."""
+    codes = [quantize_act(x[:, a:b], s, z, act_bits) for a, b, s, z in act_parts(weight, act_scale, act_zp)]
+    return codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
+
+
 def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact ``a [M, K] @ w[N, K].T`` of integer tensors (|result| < 2**31) -> int32 ``[M, N]``."""
     return (a.double() @ w.double().T).to(torch.int32)
@@ -110,7 +118,7 @@ def gemm_a8(
     parts = act_parts(weight, act_scale, act_zp)
     w = weight.codes()
     if x.dtype != torch.int8:
-        x = torch.cat([quantize_act(x[:, a:b], s, z, act_bits) for a, b, s, z in parts], dim=1)
+        x = quantize_act_parts(x, weight, act_scale, act_zp, act_bits)
     sw = weight.scale.float()
     total = torch.zeros(x.shape[0], w.shape[0], dtype=torch.int32, device=x.device)
     y = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)

@@ -34,6 +34,12 @@ def device_sms(t: torch.Tensor) -> int:
     return sm_count(t.device.index or 0) if t.is_cuda else 1
 
 
+def prune_by_m(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles much taller than M (M = 1 time-embedding linears, M = 77 text tokens)."""
+    cap = max(16, triton.next_power_of_2(named_args["M"]))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= cap] or configs[-1:]
+
+
 def tile_count(config: triton.Config, M: int, N: int) -> int:
     return triton.cdiv(M, config.kwargs["BLOCK_M"]) * triton.cdiv(N, config.kwargs["BLOCK_N"])
 
@@ -49,19 +55,16 @@ def pick_gemm_config(configs: list[triton.Config], M: int, N: int, sms: int) -> 
     return max(by_size, key=lambda c: (tile_count(c, M, N), c.kwargs["BLOCK_K"]))
 
 
+def rule_config(autotuned: Any, M: int, N: int, sms: int) -> triton.Config:
+    """The config the default rule launches an ``@triton.autotune`` kernel with at this shape."""
+    return pick_gemm_config(prune_by_m(autotuned.configs, {"M": M}), M, N, sms)
+
+
 def launch_gemm(
-    autotuned: Any,
-    grid: Callable[[dict], tuple[int, ...]],
-    M: int,
-    N: int,
-    sms: int,
-    prune: Callable[[list[triton.Config], dict], list[triton.Config]],
-    *args: Any,
-    **meta: Any,
+    autotuned: Any, grid: Callable[[dict], tuple[int, ...]], M: int, N: int, sms: int, *args: Any, **meta: Any
 ) -> None:
-    """Launch an ``@triton.autotune`` kernel: autotuned when asked, else with :func:`pick_gemm_config`'s tile."""
+    """Launch an ``@triton.autotune`` kernel: autotuned when asked, else with :func:`rule_config`'s tile."""
     if autotune_enabled():
         autotuned[grid](*args, **meta)
         return
-    config = pick_gemm_config(prune(autotuned.configs, {"M": M}), M, N, sms)
-    autotuned.fn[grid](*args, **meta, **config.all_kwargs())
+    autotuned.fn[grid](*args, **meta, **rule_config(autotuned, M, N, sms).all_kwargs())

@@ -4,8 +4,8 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels.gemm_wxa8 import get_gemm_a8_autotune_config, prune_by_m  # noqa: E402
-from kernels.tiles import pick_gemm_config, tile_count  # noqa: E402
+from kernels.gemm_wxa8 import get_gemm_a8_autotune_config  # noqa: E402
+from kernels.tiles import pick_gemm_config, prune_by_m, tile_count  # noqa: E402
 
 H100_SMS = 132
 
