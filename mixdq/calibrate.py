@@ -182,7 +182,7 @@ def calibrate(
                 pipe(
                     prompt=batch,
                     num_inference_steps=num_inference_steps,
-                    guidance_scale=0.0,
+                    guidance_scale=TURBO_SAMPLING.guidance_scale,
                     height=height,
                     width=width,
                     generator=generator,

@@ -61,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from mixdq.calibrate import calibrate
     from mixdq.config import ConfigError, PrecisionConfig
-    from mixdq.models import load_pipeline
+    from mixdq.models import TURBO_SAMPLING, load_pipeline
     from mixdq.quant import quantization_off, quantize_
 
     pipe = load_pipeline(args.model, device=args.device)
@@ -80,7 +80,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     def run(tag: str) -> Path:
         generator = torch.Generator("cpu").manual_seed(args.seed)
-        image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=0.0, height=size, width=size, generator=generator).images[0]
+        image = pipe(
+            args.prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=TURBO_SAMPLING.guidance_scale,
+            height=size,
+            width=size,
+            generator=generator,
+        ).images[0]
         path = args.out / f"{slug}-seed{args.seed}-{tag}.png"
         image.save(path)
         return path

@@ -29,7 +29,7 @@ from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
 from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
 from mixdq.memory import MB, average_weight_bits, weight_memory
-from mixdq.models import EMBEDDED_MODEL_ID, ModelNotAvailableError
+from mixdq.models import EMBEDDED_MODEL_ID, TURBO_SAMPLING, ModelNotAvailableError
 from mixdq.sensitivity.published import SDXL_TURBO_MODEL_ID, UNetInventory, load_published_table, sdxl_turbo_inventory
 from mixdq.sensitivity.table import GROUP_METRIC, select_protected
 from studio.plots import Spec, bits_heatmap, memory_bar, pareto_chart, ssim_to_db, unet_heatmap
@@ -397,7 +397,7 @@ class ModelWorkspace:
         image = self.pipe(
             prompt,
             num_inference_steps=steps,
-            guidance_scale=0.0,
+            guidance_scale=TURBO_SAMPLING.guidance_scale,
             height=size,
             width=size,
             generator=generator,

@@ -91,12 +91,13 @@ def unet_inventory(config_path: Path, cache_dir: Path | None = None) -> UNetInve
     ``mixdq_inventory.json`` beside the config (written by :func:`write_shipped_inventory` for the embedded
     model, valid while the config's bytes match) or from ``cache_dir`` (keyed by the config's bytes and the
     diffusers version): then the page is served without importing diffusers."""
-    shipped = _read_inventory(config_path.parent / SHIPPED_INVENTORY, _config_key(config_path, with_diffusers=False))
+    text = config_path.read_bytes()
+    shipped = _read_inventory(config_path.parent / SHIPPED_INVENTORY, _config_key(text, with_diffusers=False))
     if shipped is not None:
         return shipped
     cached = None
     if cache_dir is not None:
-        key = _config_key(config_path, with_diffusers=True)
+        key = _config_key(text, with_diffusers=True)
         cached = cache_dir / f"studio-inventory-v{INVENTORY_CACHE_VERSION}-{key}.json"
         found = _read_inventory(cached, key)
         if found is not None:
@@ -115,13 +116,13 @@ def write_shipped_inventory(config_path: Path) -> Path:
     """Write ``mixdq_inventory.json`` beside a UNet config (for a model shipped with the studio; the test
     ``test_shipped_inventory_matches_the_model`` checks it against a fresh build)."""
     target = config_path.parent / SHIPPED_INVENTORY
-    key = _config_key(config_path, with_diffusers=False)
+    key = _config_key(config_path.read_bytes(), with_diffusers=False)
     target.write_text(_inventory_json(inventory_from_unet_config(config_path), key))
     return target
 
 
-def _config_key(config_path: Path, with_diffusers: bool) -> str:
-    text = config_path.read_bytes()
+def _config_key(text: bytes, with_diffusers: bool) -> str:
+    """Cache key of a config's bytes (and, for the cache dir, the diffusers version that builds the UNet)."""
     if with_diffusers:
         text += importlib.metadata.version("diffusers").encode()
     return hashlib.sha256(text).hexdigest()[:16]

@@ -107,7 +107,8 @@ def test_shipped_inventory_matches_the_model(tmp_path):
     from studio.sources import SHIPPED_INVENTORY, _config_key, _read_inventory
 
     config = EMBEDDED_MODEL_DIR / "unet" / "config.json"
-    shipped = _read_inventory(config.parent / SHIPPED_INVENTORY, _config_key(config, with_diffusers=False))
+    key = _config_key(config.read_bytes(), with_diffusers=False)
+    shipped = _read_inventory(config.parent / SHIPPED_INVENTORY, key)
     assert shipped is not None, "assets/tiny-sdxl/unet/mixdq_inventory.json is missing or stale"
     assert shipped == inventory_from_unet_config(config)
     code = (

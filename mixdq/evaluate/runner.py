@@ -41,6 +41,7 @@ from mixdq.evaluate.metrics import (
 )
 from mixdq.inventory import LayerInfo, layer_inventory, non_layer_param_count
 from mixdq.memory import FP16_BITS, MB, average_weight_bits, weight_memory
+from mixdq.models import TURBO_SAMPLING
 from mixdq.quant import quantization_off, quantize_
 
 # (one generated image (3, H, W) in [0, 1], the ground truth of its prompt) -> does the image show it?
@@ -99,7 +100,7 @@ def evaluate(
         images = pipe(
             prompt=[prompts[i] for i in batch],
             num_inference_steps=num_inference_steps,
-            guidance_scale=0.0,
+            guidance_scale=TURBO_SAMPLING.guidance_scale,
             height=height,
             width=width,
             generator=generators,

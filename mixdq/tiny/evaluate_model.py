@@ -19,6 +19,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
+from mixdq.models import TURBO_SAMPLING
 from mixdq.tiny.checker import check
 from mixdq.tiny.clip import TINY_CLIP_DIR, clip_score, load_tiny_clip
 from mixdq.tiny.data import Scene, render, sample_scenes
@@ -36,7 +37,13 @@ def generate(pipe: StableDiffusionXLPipeline, captions: list[str], steps: int, s
     for i in range(0, len(captions), batch):
         chunk = captions[i : i + batch]
         generators = [torch.Generator(pipe.device).manual_seed(seed + i + j) for j in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=0.0, generator=generators, output_type="pt").images
+        images = pipe(
+            chunk,
+            num_inference_steps=steps,
+            guidance_scale=TURBO_SAMPLING.guidance_scale,
+            generator=generators,
+            output_type="pt",
+        ).images
         out.append(images.float().cpu())
     return torch.cat(out)
 
@@ -53,11 +60,11 @@ def checker_accuracy(n: int) -> float:
 def cpu_latency(pipe: StableDiffusionXLPipeline, steps: int = 4, repeats: int = 5) -> float:
     """Median seconds for one image on the CPU (the caller sets the thread count)."""
     caption = sample_scenes(1, np.random.default_rng(EVAL_SEED)).captions()
-    pipe(caption, num_inference_steps=steps, guidance_scale=0.0)
+    pipe(caption, num_inference_steps=steps, guidance_scale=TURBO_SAMPLING.guidance_scale)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        pipe(caption, num_inference_steps=steps, guidance_scale=0.0)
+        pipe(caption, num_inference_steps=steps, guidance_scale=TURBO_SAMPLING.guidance_scale)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
