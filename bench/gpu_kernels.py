@@ -20,8 +20,9 @@ Ops:  fp16       F.linear on float16 (cuBLAS)                       baseline
       int8_mm    torch._int_mm int8 x int8 -> int32 (cuBLAS, M > 16)   no dequant epilogue
       fp8        torch._scaled_mm e4m3 x e4m3 -> fp16, per-tensor scales (fp8_fast: use_fast_accum=True)
       actq       our activation quantization alone (fp16 [M, K] -> int8)
-      w8a8       our W8A8 from int8 codes;  w8a8_fused: from fp16, quantized in the GEMM prologue
-      w4a8, w2a8 packed int4 / int2 weights, int8 codes in;  w4a8_fused from fp16
+      w8a8       our W8A8 from int8 codes;  w8a8_swap: weight as the MMA's left operand;
+                 w8a8_from_fp16: from fp16 (activation-quantization kernel + GEMM, the eager path)
+      w4a8, w2a8 packed int4 / int2 weights, int8 codes in (weight as left operand);  w4a8_noswap: as right
       w8a16, w4a16, w2a16  our weight-only kernels on fp16 activations
 Every our-op output is also checked against kernels.reference on the GPU (max |err| / max |ref|).
 """
@@ -93,7 +94,25 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
 
 
-def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda") -> dict:
+def tile_sweep(fn, kernel, M: int, repeats: int) -> dict[str, float]:
+    """GPU time of ``fn`` with every tile the rule could choose at this M: the data a better rule needs."""
+    from kernels import tiles
+
+    rule = tiles.rule_config
+    times = {}
+    try:
+        for config in tiles.prune_by_m(kernel.configs, {"M": M}):
+            tiles.rule_config = lambda *_, config=config: config
+            try:
+                times[str(config)] = gpu_time_us(fn, repeats)
+            except Exception as e:  # noqa: BLE001 (a tile that does not fit, e.g. in shared memory, is data)
+                times[str(config)] = f"{type(e).__name__}: {e}"[:120]
+    finally:
+        tiles.rule_config = rule
+    return times
+
+
+def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_tiles: tuple = ()) -> dict:
     from kernels import gemm_weight_only, gemm_wxa8
     from kernels.act_quant import quantize_act
     from kernels.gemm_weight_only import gemm_a16
@@ -118,13 +137,19 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda") -> dict
     one = torch.ones((), device=dev)
     ops["fp8"] = lambda: torch._scaled_mm(x_f8, w_f8_t, one, one, out_dtype=torch.float16)
     ops["fp8_fast"] = lambda: torch._scaled_mm(x_f8, w_f8_t, one, one, out_dtype=torch.float16, use_fast_accum=True)
-    # name -> (run ours, run the reference, autotuned kernel)
+    # name -> (run ours, run the reference, autotuned kernel); "_swap" / "_noswap" force the MMA orientation
+    # (kernels.gemm_wxa8.swap_ab picks it otherwise), "_from_fp16" includes quantizing x (the eager path)
     ours = {}
     for bits in (8, 4, 2):
         w = weights[bits]
-        for suffix, x in [("", x8), ("_fused", x16)] if bits != 2 else [("", x8)]:
+        variants = [("", x8, None)]
+        if bits == 8:
+            variants += [("_swap", x8, True), ("_from_fp16", x16, None)]
+        if bits == 4:
+            variants += [("_noswap", x8, False)]
+        for suffix, x, swap in variants:
             ours[f"w{bits}a8{suffix}"] = (
-                lambda x=x, w=w: gemm_a8(x, w, ACT_SCALE, ACT_ZP),
+                lambda x=x, w=w, swap=swap: gemm_a8(x, w, ACT_SCALE, ACT_ZP, swap=swap),
                 lambda x=x, w=w: reference.gemm_a8(x, w, ACT_SCALE, ACT_ZP),
                 gemm_wxa8.gemm_a8_kernel,
             )
@@ -146,6 +171,8 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda") -> dict
             row["configs"][name] = str(chosen_config(kernel, M, N, x16))
         except Exception as e:  # noqa: BLE001 (a kernel failing on one shape must not lose the others)
             row["errors"][name] = f"{type(e).__name__}: {e}"[:300]
+    if sweep_tiles:
+        row["tile_us"] = {name: tile_sweep(*ours[name][::2], M, repeats) for name in sweep_tiles if name in ours}
     row["tops"] = {k: 2 * M * N * K / (v * 1e-6) / 1e12 for k, v in row["us"].items() if k != "actq"}
     return row
 
@@ -159,8 +186,8 @@ def chosen_config(kernel, M: int, N: int, x: torch.Tensor):
     return rule_config(kernel, M, N, device_sms(x))
 
 
-COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "actq", "w8a8", "w8a8_fused", "w4a8", "w4a8_fused", "w2a8",
-           "w8a16", "w4a16", "w2a16"]  # fmt: skip
+COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "actq", "w8a8", "w8a8_swap", "w8a8_from_fp16", "w4a8", "w4a8_noswap",
+           "w2a8", "w8a16", "w4a16", "w2a16"]  # fmt: skip
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -210,6 +237,9 @@ def main() -> None:
         "the default tile rule: shows what the rule leaves on the table"
     )
     parser.add_argument("--shapes", help="comma-separated row indices to run (0-5 UNet shapes, 6 = 8192^3)")
+    parser.add_argument(
+        "--sweep-tiles", default="", help="comma-separated ops (e.g. w8a8,w4a8,w4a16) to time with every tile too"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_kernels.py needs a CUDA GPU")
@@ -242,7 +272,8 @@ def main() -> None:
     args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for M, N, K, count in shapes:
-        row = bench_shape(M, N, K, args.repeats) | {"count": count}
+        sweep = tuple(filter(None, args.sweep_tiles.split(",")))
+        row = bench_shape(M, N, K, args.repeats, sweep_tiles=sweep) | {"count": count}
         rows.append(row)
         print(
             f"({M},{N},{K}) " + " ".join(f"{k}={v:.1f}" for k, v in row["us"].items()), row["errors"] or "", flush=True

@@ -43,8 +43,7 @@ What is measured
   ``*_compiled``: ours under torch.compile (first in the default order: the baseline that counts is compiled
   FP16), which fuses the attention/norm/elementwise part (~42% of the compiled step) as the FP16 baseline
   does; our GEMMs are ``torch.library`` custom ops (``kernels/ops.py``), so the UNet compiles as one graph,
-  and A8 inputs are quantized by graph ops that Inductor fuses into the producing op (``kernels.COMPILED_ACT_QUANT``;
-  ``w8a8_compiled_prologue`` quantizes in the GEMM prologue instead, to compare).
+  and A8 inputs are quantized by graph ops that Inductor fuses into the producing op.
 * Ours = ``mixdq.deploy``: ``quantize_`` with activation ranges from a short ``QuantMode.CALIBRATE`` pass on
   random inputs, one fake-quant forward per resolution (fills the BOS token-0 cache of the cross-attention
   ``to_k`` / ``to_v``, which a bare UNet needs before deploy, and gives the fake-quant output the deployed
@@ -116,7 +115,6 @@ VARIANTS: dict[str, str] = {
     "w8a8_compiled": "ours W8A8 + torch.compile",
     "w4a8_compiled": "ours MixDQ mixed ~W4A8 + torch.compile",
     "w4a16_compiled": "ours W4A16 (uniform, weight-only) + torch.compile",
-    "w8a8_compiled_prologue": "ours W8A8 + torch.compile, activations quantized in the GEMM prologue",
 }
 DEFAULT_VARIANTS = (
     "fp16_compiled", "w8a8_compiled", "w4a8_compiled", "w4a16_compiled", "fp16_eager", "w8a8", "w4a8", "w4a16",
@@ -314,7 +312,6 @@ def build_variant(name: str, setup: Setup) -> Built:
         "w8a8_compiled": lambda: compiled(build_ours(setup, uniform(8, 8))),
         "w4a8_compiled": lambda: compiled(build_ours(setup, mixed(setup))),
         "w4a16_compiled": lambda: compiled(build_ours(setup, uniform(4, None))),
-        "w8a8_compiled_prologue": lambda: compiled(build_ours(setup, uniform(8, 8))),
     }
     return builders[name]()
 
@@ -378,9 +375,12 @@ KERNEL_CATEGORIES = (  # first match wins; names as the CUDA profiler reports th
     ("ours: weight-only GEMM", ("gemm_a16_kernel",)),
     ("ours: activation quantization", ("act_quant_kernel",)),
     ("attention", ("flash", "fmha", "attention", "softmax")),
-    ("cuBLAS / CUTLASS GEMM", ("gemm", "xmma", "cutlass", "sm90_", "ampere_", "cublas")),
-    ("convolution (cuDNN)", ("conv", "cudnn", "implicit")),
+    # Inductor names a fused kernel after its ops: these produce our GEMMs' int8 inputs (quantize, im2col)
+    ("Inductor: quantize / im2col for our GEMMs", ("gemm_a8",)),
     ("Inductor fused kernels", ("triton_",)),
+    ("convolution (cuDNN)", ("fprop", "conv", "cudnn", "implicit")),
+    ("cuBLAS / CUTLASS GEMM", ("gemm", "xmma", "cutlass", "sm90_", "ampere_", "cublas", "nvjet")),
+    ("BOS K/V cache check", ("cdist",)),
 )
 
 
@@ -453,8 +453,6 @@ def bench_variant(
         for px in setup.px:
             on_row(base | {"px": px, "status": "not installed", "error": "torchao is not installed on this machine"})
         return
-    # read by the deployed layers when torch.compile traces them (first call), so set for the whole variant
-    kernels.COMPILED_ACT_QUANT = "gemm" if name.endswith("_prologue") else "graph"
     before = free_device_memory(setup.device)
     start = time.perf_counter()
     try:

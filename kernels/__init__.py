@@ -17,7 +17,6 @@ Importing this package imports neither triton nor any kernel module; they load o
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
@@ -56,13 +55,6 @@ BACKENDS = ("auto", "triton", "torch")
 
 # read once at import: torch.compile traces resolve_backend, and a cached function call there breaks the graph
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-# Where a float A8 input is quantized under torch.compile: "graph" = PyTorch ops in the compiled graph, which
-# Inductor fuses into the op that produced x (LayerNorm, GELU, ...) so the GEMM reads 1-byte codes; "gemm" = in
-# the GEMM's prologue, as in eager mode, which re-quantizes each x tile once per output-column tile. Same codes
-# either way (tested); which is faster is for bench/gpu_unet.py (``w8a8_compiled`` vs ``w8a8_compiled_prologue``).
-COMPILED_ACT_QUANT = os.environ.get("MIXDQ_COMPILED_ACT_QUANT", "graph")
 
 
 def has_triton_gpu() -> bool:
@@ -105,7 +97,8 @@ def quant_linear(
     """``y = x @ dequant(weight).T + bias`` for ``x [..., K]`` -> ``[..., N]``.
 
     * ``act_scale``/``act_zp`` given (a pair each when ``weight.k_split`` is set): A8 path. ``x`` is either
-      int8 codes from :func:`quantize_act` or float, then quantized inside the GEMM. Output in ``out_dtype``,
+      int8 codes from :func:`quantize_act` or float, then quantized first (under torch.compile by graph ops
+      that fuse into x's producer). Output in ``out_dtype``,
       by default x's float dtype (float16 for int8 codes): a float32 model on the CPU keeps float32 outputs.
     * ``act_scale`` None: weight-only path, 16-bit ``x``, output in x's dtype.
     """
@@ -127,8 +120,9 @@ def quant_linear(
         if use_triton:
             from kernels.ops import call_gemm_a8
 
-            if x2.dtype != torch.int8 and COMPILED_ACT_QUANT == "graph" and torch.compiler.is_compiling():
-                x2 = reference.quantize_act_parts(x2, weight, act_scale, act_zp, act_bits)  # fusable PyTorch ops
+            if x2.dtype != torch.int8 and torch.compiler.is_compiling():
+                # PyTorch ops (the same codes) that Inductor fuses into the op producing x: no separate pass
+                x2 = reference.quantize_act_parts(x2, weight, act_scale, act_zp, act_bits)
             y = call_gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
         else:
             y = reference.gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)

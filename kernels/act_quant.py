@@ -10,7 +10,7 @@ out: [R, C] int8, any strides: a column slice of a wider buffer lets the two par
 Rounding is round-half-even like ``torch.round``, written with ``floor`` so the same code runs in the
 interpreter; the product is clamped before the rounding adds (so it cannot be contracted into an FMA),
 hence codes equal :func:`kernels.reference.quantize_act` and the fake-quant layers' codes exactly.
-``quantize_tile`` is also the prologue of the fused-quantization GEMM in :mod:`kernels.gemm_wxa8`.
+``quantize_tile`` is the per-tile rule (kept separate so it reads like the reference).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     x [B, C, H, W] (any memory format) -> NHWC view -> patches [B*Ho*Wo, kh*kw*C] -> GEMM with the weight packed
     in (kh, kw, C) order (``kernels.pack.conv_weight_matrix``) -> [B, Ho*Wo, N] -> [B, N, Ho, Wo] (channels-last).
 
-* 1x1, stride 1, no padding: the NHWC view *is* the GEMM operand; A8 layers quantize it in the GEMM prologue.
+* 1x1, stride 1, no padding: the NHWC view *is* the GEMM operand; A8 layers quantize it into int8 codes first
+  (under torch.compile fused into the GroupNorm / SiLU that produced it).
 * kxk: explicit im2col. A8 layers quantize first (one pass, 1 byte per element) and gather int8 patches, so the
   gathered copy is 9 bytes per input element instead of 18 in fp16; padding is filled with the code of 0.0,
   ``zp - 128``, not 0. This is the measured alternative to an implicit-GEMM kernel.

@@ -3,6 +3,11 @@
     acc[m, n] = sum_k x[m, k] * float16(w[n, k])          fp32 accumulator (tl.dot on 16-bit operands)
     y[m, n]   = acc[m, n] * s_w[n] + bias[n]
 
+The K loop is :func:`kernels.gemm_wxa8.k_loop` (same weight layouts), always with the weight tile as the MMA's
+left operand (``SWAP_AB``): the unpacked, converted weight can then stay in registers on Hopper, while the
+16-bit x streams through shared memory. (Weight as the right operand ran 3.5x slower than FP16 cuBLAS at
+W8A16 on an H200: every converted weight tile went back through shared memory.)
+
 x:      [M, K] float16 or bfloat16, any strides.
 weight: :class:`kernels.pack.PackedWeight` ``[N, K]``; codes are unpacked in registers and converted to x's
         dtype (exact: |q| <= 127); the per-channel scale is applied once in the epilogue, not per element.
@@ -20,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemm_wxa8 import grouped_tile, load_weight_tile
+from kernels.gemm_wxa8 import grouped_tile, k_loop, zeros_acc
 from kernels.pack import PackedWeight
 from kernels.tiles import device_sms, launch_gemm, prune_by_m
 
@@ -49,12 +54,12 @@ def get_gemm_a16_autotune_config() -> list[triton.Config]:
 def gemm_a16_kernel(
     # pointers
     a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
-    # sizes
-    M, N, K,
+    # sizes; K_SPLIT = K without a split (a packed weight's K parts are padded separately); W_BYTE2: its byte
+    M, N, K, K_SPLIT, W_BYTE2,
     # strides (elements; the packed weight's in bytes)
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
     # meta
-    W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W_BITS: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -62,13 +67,13 @@ def gemm_a16_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
-        w = load_weight_tile(w_ptr, k0, offs_n, K, N, stride_wn, stride_wk, W_BITS, BLOCK_K)
-        acc = tl.dot(a, w.to(a.dtype), acc)
+    acc = zeros_acc(BLOCK_M, BLOCK_N, True, tl.float32)  # [BLOCK_N, BLOCK_M]: out^T = W x^T
+    acc = k_loop(acc, a_ptr, w_ptr, offs_m, offs_n, 0, K_SPLIT, 0, M, N, stride_am, stride_ak, stride_wn, stride_wk,
+                 W_BITS, BLOCK_K, True)  # fmt: skip
+    if HAS_SPLIT:
+        acc = k_loop(acc, a_ptr, w_ptr, offs_m, offs_n, K_SPLIT, K, W_BYTE2, M, N, stride_am, stride_ak, stride_wn,
+                     stride_wk, W_BITS, BLOCK_K, True)  # fmt: skip
+    acc = tl.trans(acc)
 
     # epilogue: per-channel scale, bias, store
     out = acc * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -97,8 +102,8 @@ def gemm_a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = 
     launch_gemm(
         gemm_a16_kernel, grid, M, N, device_sms(x),
         x, weight.data, weight.scale, bias if bias is not None else weight.scale, out,
-        M, N, K,
+        M, N, K, weight.k_split or K, weight.part_byte_offsets()[1],
         x.stride(0), x.stride(1), weight.data.stride(0), weight.data.stride(1), out.stride(0), out.stride(1),
-        W_BITS=weight.bits, HAS_BIAS=bias is not None,
+        W_BITS=weight.bits, HAS_SPLIT=weight.k_split is not None, HAS_BIAS=bias is not None,
     )  # fmt: skip
     return out

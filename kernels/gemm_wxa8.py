@@ -3,11 +3,19 @@
     acc_p[m, n] = sum_{k in part p} x_int8[m, k] * w[n, k]                      int32 accumulator (tl.dot)
     y[m, n]     = sum_p float32(acc_p + (128 - zp_p) * rowsum_p[n]) * (s_a_p * s_w[n])  + bias[n]
 
-x:      [M, K] int8 codes ``q - 128`` (from :mod:`kernels.act_quant`), any strides; or float16/bfloat16/float32,
-        then quantized tile by tile in the prologue (``quantize_tile``: the same codes, no separate pass).
-weight: :class:`kernels.pack.PackedWeight` ``[N, K]``: int8 codes, or uint8 with 2 (int4) / 4 (int2) codes per
-        byte along K, unpacked in registers (shift, mask, subtract the offset) right before ``tl.dot``.
+x:      [M, K] int8 codes ``q - 128`` (from :mod:`kernels.act_quant`), any strides. A float x is quantized by
+        the activation-quantization kernel first (one memory-bound pass); under torch.compile the quantization
+        is graph ops that Inductor fuses into the op producing x. (A quantize-in-the-GEMM-prologue variant ran
+        3-10x slower on an H200: every output-column tile re-quantized its x tiles on the CUDA cores.)
+weight: :class:`kernels.pack.PackedWeight` ``[N, K]``: int8 codes, or uint8 planar chunks of 128 codes with 2
+        (int4) / 4 (int2) codes per byte. A chunk unpacks with one shift and mask per K-slice of 64 (32) codes,
+        and each slice meets its own slice of x in a ``tl.dot`` (no interleave: on an H200 the interleaved
+        layout's shuffles made W4A8 4.7x slower than W8A8).
 out:    [M, N] float16 (or bfloat16 / float32), row-major; int32 ``sum_p (acc_p + corr_p)`` with ``return_acc``.
+
+``SWAP_AB``: compute ``out^T = W x^T`` so the weight tile is the MMA's left operand. On Hopper a computed
+(unpacked) left operand can stay in registers while x streams through shared memory; the launcher swaps
+for packed weights and for tiny M (time-embedding linears: M = 1), where N fills the MMA's 64-row side.
 
 A K split (concat input with two activation quantizers) runs two K loops into two accumulators; the weight's
 ``rowsum [2, N]`` holds one row sum per part. |acc| <= 128 * 127 * K stays in int32 for K < 132k.
@@ -21,10 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.act_quant import quantize_tile
-from kernels.pack import PackedWeight
-from kernels.reference import ACT_OFFSET, act_parts, check_act_params, inv_scale
+from kernels.act_quant import quantize_act
+from kernels.pack import PACK_CHUNK, PackedWeight
+from kernels.reference import ACT_OFFSET, act_parts, check_act_params
 from kernels.tiles import device_sms, launch_gemm, prune_by_m
+
+CHUNK = tl.constexpr(PACK_CHUNK)  # a jit function may read a global only as a constexpr
 
 
 def get_gemm_a8_autotune_config() -> list[triton.Config]:
@@ -56,63 +66,73 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def load_weight_tile(w_ptr, k0, offs_n, K, N, stride_wn, stride_wk, W_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int8 codes of W^T for rows k0 : k0 + BLOCK_K, ``[BLOCK_K, BLOCK_N]`` (k0 a multiple of 8 // W_BITS).
-
-    Packed weights load their bytes ``[BLOCK_N, BLOCK_K * W_BITS / 8]`` contiguous along K (vector loads), split
-    each byte into its codes, low bits first, and interleave them back into K order (see kernels.pack).
-    """
-    if W_BITS == 8:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=mask, other=0)
-    else:
-        offs_b = k0 // (8 // W_BITS) + tl.arange(0, BLOCK_K // (8 // W_BITS))
-        mask = (offs_n[:, None] < N) & (offs_b[None, :] < tl.cdiv(K, 8 // W_BITS))
-        p = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :] * stride_wk, mask=mask, other=0)
-        p = p.to(tl.int32)
-        if W_BITS == 4:
-            u = tl.interleave(p & 15, p >> 4)
-        else:
-            u = tl.interleave(tl.interleave(p & 3, (p >> 4) & 3), tl.interleave((p >> 2) & 3, p >> 6))
-        w = tl.trans((u - (1 << (W_BITS - 1))).to(tl.int8))
-    return w
+def zeros_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, dtype: tl.constexpr):
+    """The accumulator tile: ``[BLOCK_M, BLOCK_N]``, transposed when SWAP_AB."""
+    if SWAP_AB:
+        return tl.zeros((BLOCK_N, BLOCK_M), dtype=dtype)
+    return tl.zeros((BLOCK_M, BLOCK_N), dtype=dtype)
 
 
 @triton.jit
-def a8_k_loop(
-    acc, a_ptr, w_ptr, offs_m, offs_n, k_start, k_end, M, N,
+def mma(acc, a, w, SWAP_AB: tl.constexpr):
+    """acc += a @ w^T (``a [BM, BK]``, ``w [BN, BK]``), or acc^T += w @ a^T when SWAP_AB."""
+    if SWAP_AB:
+        return tl.dot(w, tl.trans(a), acc, out_dtype=acc.dtype)
+    return tl.dot(a, tl.trans(w), acc, out_dtype=acc.dtype)
+
+
+@triton.jit
+def k_loop(
+    acc, a_ptr, w_ptr, offs_m, offs_n, k_start, k_end, w_byte0, M, N,
     stride_am, stride_ak, stride_wn, stride_wk,
-    a_inv_scale, a_zp,
-    A_QMAX: tl.constexpr, A_IS_FLOAT: tl.constexpr, W_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_BITS: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
 ):  # fmt: skip
-    """acc += x[offs_m, k_start:k_end] @ W[offs_n, k_start:k_end]^T in int32."""
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < k_end)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
-        if A_IS_FLOAT:
-            a = tl.where(a_mask, quantize_tile(a, a_inv_scale, a_zp, A_QMAX), 0).to(tl.int8)
-        w = load_weight_tile(w_ptr, k0, offs_n, k_end, N, stride_wn, stride_wk, W_BITS, BLOCK_K)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    """acc += x[offs_m, k_start:k_end] @ W[offs_n, k_start:k_end]^T; x int8 codes or 16-bit floats.
+
+    8-bit weights: BLOCK_K columns per step. Packed weights: one 128-code chunk per step (bytes from
+    ``w_byte0``, the part's first byte), unpacked slice by slice, each slice cast to x's dtype (exact).
+    """
+    n_mask = offs_n[:, None] < N
+    if W_BITS == 8:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < k_end)
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
+            w_mask = n_mask & (offs_k[None, :] < k_end)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=w_mask, other=0)
+            acc = mma(acc, a, w.to(a.dtype), SWAP_AB)
+    else:
+        PER_BYTE: tl.constexpr = 8 // W_BITS
+        SLICE: tl.constexpr = CHUNK // PER_BYTE  # codes per slice = bytes per chunk
+        offs_j = tl.arange(0, SLICE)
+        for k0 in range(k_start, k_end, CHUNK):
+            byte0 = w_byte0 + (k0 - k_start) // PER_BYTE
+            p = tl.load(w_ptr + offs_n[:, None] * stride_wn + (byte0 + offs_j)[None, :], mask=n_mask, other=0)
+            p = p.to(tl.int32)
+            for i in tl.static_range(PER_BYTE):
+                offs_k = k0 + i * SLICE + offs_j
+                a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < k_end)
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
+                w = ((p >> (i * W_BITS)) & ((1 << W_BITS) - 1)) - (1 << (W_BITS - 1))
+                acc = mma(acc, a, w.to(tl.int8).to(a.dtype), SWAP_AB)
     return acc
 
 
-@triton.autotune(configs=get_gemm_a8_autotune_config(), key=["M", "N", "K", "W_BITS"],
+@triton.autotune(configs=get_gemm_a8_autotune_config(), key=["M", "N", "K", "W_BITS", "SWAP_AB"],
                  prune_configs_by={"early_config_prune": prune_by_m})  # fmt: skip
 @triton.jit
 def gemm_a8_kernel(
     # pointers
     a_ptr, w_ptr, w_scale_ptr, rowsum_ptr, bias_ptr, out_ptr,
-    # sizes; K_SPLIT = K without a split
-    M, N, K, K_SPLIT,
+    # sizes; K_SPLIT = K without a split; W_BYTE2: first byte (8-bit: column) of the second part's weight
+    M, N, K, K_SPLIT, W_BYTE2,
     # strides (elements; the packed weight's in bytes)
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
-    # activation quantizer of each part: scale and 1 / scale (fp32), zero-point (fp32), 128 - zp (int32)
-    a_scale1, a_inv1, a_zp1, a_corr1, a_scale2, a_inv2, a_zp2, a_corr2,
+    # activation quantizer of each part: scale (fp32) and 128 - zp (int32)
+    a_scale1, a_corr1, a_scale2, a_corr2,
     # meta
-    A_QMAX: tl.constexpr, A_IS_FLOAT: tl.constexpr, W_BITS: tl.constexpr,
-    HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_ACC: tl.constexpr,
+    W_BITS: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_ACC: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -121,16 +141,20 @@ def gemm_a8_kernel(
     n_mask = offs_n < N
 
     # main loop(s): int32 accumulators
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc = a8_k_loop(acc, a_ptr, w_ptr, offs_m, offs_n, 0, K_SPLIT, M, N, stride_am, stride_ak, stride_wn, stride_wk,
-                    a_inv1, a_zp1, A_QMAX, A_IS_FLOAT, W_BITS, BLOCK_K)  # fmt: skip
+    acc = zeros_acc(BLOCK_M, BLOCK_N, SWAP_AB, tl.int32)
+    acc = k_loop(acc, a_ptr, w_ptr, offs_m, offs_n, 0, K_SPLIT, 0, M, N, stride_am, stride_ak, stride_wn, stride_wk,
+                 W_BITS, BLOCK_K, SWAP_AB)  # fmt: skip
+    if SWAP_AB:
+        acc = tl.trans(acc)
     tot = acc + a_corr1 * tl.load(rowsum_ptr + offs_n, mask=n_mask, other=0)[None, :]
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     out = tot.to(tl.float32) * (a_scale1 * w_scale)[None, :]
     if HAS_SPLIT:
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        acc2 = a8_k_loop(acc2, a_ptr, w_ptr, offs_m, offs_n, K_SPLIT, K, M, N, stride_am, stride_ak, stride_wn,
-                         stride_wk, a_inv2, a_zp2, A_QMAX, A_IS_FLOAT, W_BITS, BLOCK_K)  # fmt: skip
+        acc2 = zeros_acc(BLOCK_M, BLOCK_N, SWAP_AB, tl.int32)
+        acc2 = k_loop(acc2, a_ptr, w_ptr, offs_m, offs_n, K_SPLIT, K, W_BYTE2, M, N, stride_am, stride_ak, stride_wn,
+                      stride_wk, W_BITS, BLOCK_K, SWAP_AB)  # fmt: skip
+        if SWAP_AB:
+            acc2 = tl.trans(acc2)
         tot2 = acc2 + a_corr2 * tl.load(rowsum_ptr + N + offs_n, mask=n_mask, other=0)[None, :]
         tot += tot2
         out += tot2.to(tl.float32) * (a_scale2 * w_scale)[None, :]
@@ -146,6 +170,11 @@ def gemm_a8_kernel(
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+def swap_ab(M: int, bits: int) -> bool:
+    """Weight tile as the MMA's left operand: for packed weights, and for M too small to fill an MMA tile."""
+    return bits != 8 or M < 16
+
+
 def gemm_a8(
     x: torch.Tensor,
     weight: PackedWeight,
@@ -155,8 +184,12 @@ def gemm_a8(
     act_bits: int = 8,
     out_dtype: torch.dtype = torch.float16,
     return_acc: bool = False,
+    swap: bool | None = None,
 ) -> torch.Tensor:
-    """``x [M, K]`` int8 codes or float -> ``[M, N]``; same contract as :func:`kernels.reference.gemm_a8`."""
+    """``x [M, K]`` int8 codes or float -> ``[M, N]``; same contract as :func:`kernels.reference.gemm_a8`.
+
+    ``swap`` overrides :func:`swap_ab` (the GEMM benchmark measures both orientations).
+    """
     # 1. check
     parts = act_parts(weight, act_scale, act_zp)
     for _, _, s, z in parts:
@@ -169,7 +202,12 @@ def gemm_a8(
         raise TypeError(f"x must be int8 codes or float16/bfloat16/float32, got {x.dtype}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    # 2. allocate
+    # 2. allocate (and quantize a float x, part by part, into one int8 operand)
+    if x.dtype != torch.int8:
+        codes = torch.empty(M, K, dtype=torch.int8, device=x.device)
+        for a, b, s, z in parts:
+            quantize_act(x[:, a:b], s, z, act_bits, out=codes[:, a:b])
+        x = codes
     out = torch.empty(M, N, dtype=torch.int32 if return_acc else out_dtype, device=x.device)
     (_, k_split, s1, z1), (_, _, s2, z2) = parts[0], parts[-1]
     # 3. launch
@@ -177,10 +215,10 @@ def gemm_a8(
     launch_gemm(
         gemm_a8_kernel, grid, M, N, device_sms(x),
         x, weight.data, weight.scale, weight.rowsum, bias if bias is not None else weight.scale, out,
-        M, N, K, k_split,
+        M, N, K, k_split, weight.part_byte_offsets()[1],
         x.stride(0), x.stride(1), weight.data.stride(0), weight.data.stride(1), out.stride(0), out.stride(1),
-        s1, inv_scale(s1), float(z1), ACT_OFFSET - z1, s2, inv_scale(s2), float(z2), ACT_OFFSET - z2,
-        A_QMAX=2**act_bits - 1, A_IS_FLOAT=x.dtype != torch.int8, W_BITS=weight.bits,
-        HAS_SPLIT=len(parts) == 2, HAS_BIAS=bias is not None, RETURN_ACC=return_acc,
+        s1, ACT_OFFSET - z1, s2, ACT_OFFSET - z2,
+        W_BITS=weight.bits, HAS_SPLIT=len(parts) == 2, HAS_BIAS=bias is not None, RETURN_ACC=return_acc,
+        SWAP_AB=swap_ab(M, weight.bits) if swap is None else swap,
     )  # fmt: skip
     return out

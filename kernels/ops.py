@@ -3,7 +3,7 @@
 Dynamo cannot trace into our launchers (autotune with config pruning, Python-float launch arguments), and a
 graph break per layer would leave the attention / norm / elementwise work -- ~42% of a compiled SDXL step --
 uncompiled. As custom ops each GEMM is one opaque node with a shape-only fake implementation: Inductor fuses
-everything around it (and, for the convs, the activation quantization into the preceding GroupNorm/SiLU),
+everything around it (the activation quantization too, into the op that produces the GEMM's input),
 and the compiled graph still calls the same kernels, so numerics do not change.
 
 Tensors travel as the op's arguments and everything else as ints / floats / lists (``k_split = -1``: none).
@@ -63,15 +63,16 @@ def gemm_a16(
     bias: Optional[torch.Tensor],  # noqa: UP045
     weight_bits: int,
     in_features: int,
+    k_split: int,
 ) -> torch.Tensor:
     """Weight-only W{8,4,2}A16 Triton GEMM, 16-bit ``x [M, K]`` -> ``[M, N]`` in x's dtype."""
     from kernels.gemm_weight_only import gemm_a16 as launch
 
-    return launch(x, _weight(qweight, weight_scale, weight_rowsum, weight_bits, in_features, -1), bias)
+    return launch(x, _weight(qweight, weight_scale, weight_rowsum, weight_bits, in_features, k_split), bias)
 
 
 @gemm_a16.register_fake
-def _(x, qweight, weight_scale, weight_rowsum, bias, weight_bits, in_features):
+def _(x, qweight, weight_scale, weight_rowsum, bias, weight_bits, in_features, k_split):
     return x.new_empty(x.shape[0], weight_scale.shape[0])
 
 
@@ -87,13 +88,18 @@ def call_gemm_a8(
     """:func:`gemm_a8` with the :mod:`kernels` calling convention (scalars or pairs, a PackedWeight)."""
     scales = [float(s) for s in (act_scale if isinstance(act_scale, tuple) else (act_scale,))]
     zero_points = [int(z) for z in (act_zp if isinstance(act_zp, tuple) else (act_zp,))]
-    split = -1 if weight.k_split is None else weight.k_split
     return torch.ops.mixdq.gemm_a8(
-        x, weight.data, weight.scale, weight.rowsum, bias, weight.bits, weight.in_features, split, scales,
+        x, weight.data, weight.scale, weight.rowsum, bias, weight.bits, weight.in_features, _split(weight), scales,
         zero_points, act_bits, out_dtype,
     )  # fmt: skip
 
 
 def call_gemm_a16(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """:func:`gemm_a16` with the :mod:`kernels` calling convention."""
-    return torch.ops.mixdq.gemm_a16(x, weight.data, weight.scale, weight.rowsum, bias, weight.bits, weight.in_features)
+    return torch.ops.mixdq.gemm_a16(
+        x, weight.data, weight.scale, weight.rowsum, bias, weight.bits, weight.in_features, _split(weight)
+    )
+
+
+def _split(weight: PackedWeight) -> int:
+    return -1 if weight.k_split is None else weight.k_split

@@ -4,17 +4,23 @@ Weight codes are per-output-channel symmetric integers ``q`` in ``[-qmax, qmax]`
 (8 -> 127, 4 -> 7, 2 -> 1), stored row-major as the ``nn.Linear`` weight ``[N, K]`` (N out, K in).
 
 * 8 bits: ``int8 [N, K]``, the codes themselves.
-* 4 and 2 bits: ``uint8 [N, ceil(K * bits / 8)]``, packed **along K**, each row padded to whole bytes.
-  A code is stored offset-binary, ``u = q + 2**(bits-1)`` (int4: 1..15 around 8, int2: 1..3 around 2),
-  so unpacking is shift, mask, subtract. The first code of a byte sits in its lowest bits::
+* 4 and 2 bits: ``uint8 [N, packed_row_bytes(K, bits, k_split)]``, packed **along K in chunks of
+  PACK_CHUNK = 128 codes** ("planar" layout). A code is stored offset-binary, ``u = q + 2**(bits-1)``
+  (int4: 1..15 around 8, int2: 1..3 around 2), so unpacking is shift, mask, subtract. A chunk of 128 codes
+  is ``P = 128 * bits / 8`` bytes (int4: 64, int2: 32); byte j of a chunk holds the codes at chunk
+  positions ``j, j + P', j + 2P', ...`` (``P' = 128 / codes per byte``: 64 for int4, 32 for int2), the first
+  in the lowest bits::
 
-      int4, byte j of a row:   bit 7 ........ 4   3 ........ 0
-                                 [ u[2j + 1] ]  [   u[2j]   ]
+      int4, byte j of a chunk:   bit 7 ........ 4   3 ........ 0
+                                   [ u[j + 64] ]    [   u[j]   ]
 
-      int2, byte j of a row:   bit 7 6   5 4   3 2   1 0
-                                 [u3]  [u2]  [u1]  [u0]      u_i = u[4j + i]
+      int2, byte j of a chunk:   bit 7 6     5 4     3 2     1 0
+                                   [u[j+96]] [u[j+64]] [u[j+32]] [u[j]]
 
-  Padding codes (k >= K) are 0 (u = offset), so they add nothing to a row sum.
+  So the kernels unpack a whole chunk into 2 (4) contiguous K-slices of 64 (32) codes with one shift and
+  mask each, and multiply each slice with its own slice of activations: no register shuffles. Each K part
+  (see ``k_split``) is padded to whole chunks with code 0 (u = offset), which adds nothing to a row sum; the
+  second part's bytes start right after the first part's.
 
 Convolution weights ``[N, C, kh, kw]`` are flattened in ``(kh, kw, C)`` order (``conv_weight_matrix``) to match
 channels-last im2col columns.
@@ -40,36 +46,72 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {bits!r}")
 
 
-def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack int8 codes ``[N, K]`` in ``[-qmax, qmax]`` along K: int8 ``[N, K]`` (8 bits) or uint8 ``[N, ceil(K*bits/8)]``."""
+PACK_CHUNK = 128  # codes per packed chunk along K (4- and 2-bit weights)
+
+
+def part_bounds(k: int, k_split: int | None) -> list[int]:
+    """``[0, K]`` or ``[0, k_split, K]``: the K parts that are packed (and activation-quantized) separately."""
+    return [0, k] if k_split is None else [0, k_split, k]
+
+
+def chunk_bytes(bits: int) -> int:
+    """Bytes of one packed chunk of PACK_CHUNK codes (int4: 64, int2: 32)."""
+    return PACK_CHUNK * bits // 8
+
+
+def part_byte_offsets(k: int, bits: int, k_split: int | None = None) -> list[int]:
+    """Byte offset within a packed row where each K part starts, then the row length (8 bits: code offsets)."""
+    offsets = [0]
+    for a, b in itertools.pairwise(part_bounds(k, k_split)):
+        offsets.append(offsets[-1] + (b - a if bits == 8 else -(-(b - a) // PACK_CHUNK) * chunk_bytes(bits)))
+    return offsets
+
+
+def packed_row_bytes(k: int, bits: int, k_split: int | None = None) -> int:
+    """Bytes per output channel of packed codes (K for 8 bits; whole 128-code chunks per K part otherwise)."""
+    return part_byte_offsets(k, bits, k_split)[-1]
+
+
+def pack_codes(q: torch.Tensor, bits: int, k_split: int | None = None) -> torch.Tensor:
+    """Pack int8 codes ``[N, K]`` in ``[-qmax, qmax]``: int8 ``[N, K]`` (8 bits) or the planar uint8 chunks."""
     _check_bits(bits)
     if q.dtype != torch.int8 or q.dim() != 2:
         raise TypeError(f"codes must be a 2-D int8 tensor, got {q.dtype} of shape {tuple(q.shape)}")
     if bits == 8:
         return q.contiguous()
-    per_byte = 8 // bits
-    n, k = q.shape
-    u = (q.to(torch.int32) + 2 ** (bits - 1)).to(torch.uint8)
-    u = torch.nn.functional.pad(u, (0, -k % per_byte), value=2 ** (bits - 1)).view(n, -1, per_byte)
-    packed = torch.zeros(u.shape[:2], dtype=torch.uint8, device=q.device)
-    for i in range(per_byte):
-        packed |= u[:, :, i] << (i * bits)
-    return packed
+    per_byte, offset = 8 // bits, 2 ** (bits - 1)
+    n = q.shape[0]
+    parts = []
+    for a, b in itertools.pairwise(part_bounds(q.shape[1], k_split)):
+        u = (q[:, a:b].to(torch.int32) + offset).to(torch.uint8)
+        u = torch.nn.functional.pad(u, (0, -(b - a) % PACK_CHUNK), value=offset)
+        u = u.view(n, -1, per_byte, PACK_CHUNK // per_byte)  # [N, chunk, slice i, byte j]
+        packed = torch.zeros(n, u.shape[1], u.shape[3], dtype=torch.uint8, device=q.device)
+        for i in range(per_byte):
+            packed |= u[:, :, i] << (i * bits)
+        parts.append(packed.reshape(n, -1))
+    return torch.cat(parts, dim=1).contiguous()
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, bits: int, k: int, k_split: int | None = None) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: int8 codes ``[N, k]``."""
     _check_bits(bits)
     if bits == 8:
         return packed[:, :k]
-    per_byte = 8 // bits
+    per_byte, offset = 8 // bits, 2 ** (bits - 1)
+    n = packed.shape[0]
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
-    u = (packed[:, :, None] >> shifts) & (2**bits - 1)
-    return (u.reshape(packed.shape[0], -1)[:, :k].to(torch.int8) - 2 ** (bits - 1)).to(torch.int8)
+    codes = []
+    bounds, offsets = part_bounds(k, k_split), part_byte_offsets(k, bits, k_split)
+    for (a, b), (start, end) in zip(itertools.pairwise(bounds), itertools.pairwise(offsets)):
+        chunks = packed[:, start:end].reshape(n, -1, 1, chunk_bytes(bits))  # [N, chunk, 1, byte j]
+        u = (chunks >> shifts[:, None]) & (2**bits - 1)  # [N, chunk, slice i, byte j]
+        codes.append(u.reshape(n, -1)[:, : b - a].to(torch.int8) - offset)
+    return torch.cat(codes, dim=1).to(torch.int8)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Two int4 codes per byte along K (see the module docstring for the layout)."""
+    """Two int4 codes per byte, planar 128-code chunks along K (see the module docstring)."""
     return pack_codes(q, 4)
 
 
@@ -78,7 +120,7 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pack_int2(q: torch.Tensor) -> torch.Tensor:
-    """Four int2 (ternary) codes per byte along K (see the module docstring for the layout)."""
+    """Four int2 (ternary) codes per byte, planar 128-code chunks along K (see the module docstring)."""
     return pack_codes(q, 2)
 
 
@@ -95,7 +137,8 @@ def conv_weight_matrix(q: torch.Tensor) -> torch.Tensor:
 class PackedWeight:
     """A quantized weight as the kernels read it.
 
-    data:    int8 [N, K] (8 bits) or uint8 [N, ceil(K*bits/8)] (4, 2 bits), row-major, packed along K.
+    data:    int8 [N, K] (8 bits) or uint8 [N, packed_row_bytes(K, bits, k_split)] (4, 2 bits), row-major,
+             packed along K in planar 128-code chunks, each K part padded to whole chunks.
     scale:   [N] float16 or float32, one per output channel: W ~= q * scale[:, None].
     rowsum:  int32 [P, N], sum_k q[n, k] over each of the P K-parts (P = 1, or 2 when ``k_split`` is set);
              the A8 epilogue folds the activation zero-point with it.
@@ -121,13 +164,9 @@ class PackedWeight:
             raise ValueError(f"scale must be float16/float32 of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
         if k_split is not None and not 0 < k_split < k:
             raise ValueError(f"k_split must lie in (0, {k}), got {k_split}")
-        if k_split is not None and k_split % (8 // bits):
-            raise ValueError(
-                f"k_split must be a multiple of {8 // bits} (codes per byte) at {bits} bits, got {k_split}"
-            )
-        bounds = [0, k] if k_split is None else [0, k_split, k]
+        bounds = part_bounds(k, k_split)
         rowsum = torch.stack([q[:, a:b].to(torch.int32).sum(1) for a, b in itertools.pairwise(bounds)])
-        return cls(pack_codes(q, bits), scale.contiguous(), rowsum.to(torch.int32), bits, k, k_split)
+        return cls(pack_codes(q, bits, k_split), scale.contiguous(), rowsum.to(torch.int32), bits, k, k_split)
 
     @property
     def out_features(self) -> int:
@@ -135,7 +174,11 @@ class PackedWeight:
 
     def codes(self) -> torch.Tensor:
         """Unpacked int8 codes ``[N, K]``."""
-        return unpack_codes(self.data, self.bits, self.in_features)
+        return unpack_codes(self.data, self.bits, self.in_features, self.k_split)
+
+    def part_byte_offsets(self) -> list[int]:
+        """Where each K part's packed bytes start in a row (see :func:`part_byte_offsets`)."""
+        return part_byte_offsets(self.in_features, self.bits, self.k_split)
 
     def nbytes(self) -> int:
         """Exact bytes held: packed codes, scales and row sums."""

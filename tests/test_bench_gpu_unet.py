@@ -70,4 +70,10 @@ def test_kernel_categories_sort_profiler_names():
     assert kernel_category("pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kernel_category("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "cuBLAS / CUTLASS GEMM"
     assert kernel_category("triton_per_fused_native_group_norm_silu_3") == "Inductor fused kernels"
+    # names as seen in the H200 profile of 2026-11-28: Inductor's quantize+im2col kernels name our op
+    fused_quant = "triton_poi_fused__to_copy__unsafe_view_add_clamp_clone_copy_fill_gemm_a8_lift_fresh_mul_permute"
+    assert kernel_category(fused_quant) == "Inductor: quantize / im2col for our GEMMs"
+    assert kernel_category("nvjet_sm90_hsh_80x128_64x8_2x1_v_bz_bias_TNN") == "cuBLAS / CUTLASS GEMM"
+    conv = "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x192x64_warpgroupsize2x1x1"
+    assert kernel_category(conv) == "convolution (cuDNN)"
     assert kernel_category("void at::native::elementwise_kernel<128, 2>") == "other"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.pack import packed_row_bytes
 from mixdq.calibrate import calibrate
 from mixdq.config import PrecisionConfig
 from mixdq.deploy import BosCacheMissError, DeployedConv2d, DeployedLinear, PackedLayer, deploy, deploy_layer
@@ -167,8 +168,8 @@ def test_triton_backend_runs_the_deployed_layers(monkeypatch):
 def test_deployed_layers_compile_without_graph_breaks(monkeypatch):
     """torch.compile(fullgraph=True) traces deployed A8, weight-only and 3x3-conv layers (the Triton GEMMs are
     custom ops with fake implementations, checked by aot_eager) and computes exactly what eager computes,
-    though compiled, the A8 linear's input is quantized by graph ops (int8 into the GEMM) instead of in the
-    GEMM's prologue (float into the GEMM)."""
+    though compiled, the A8 linear's input is quantized by graph ops (int8 into the GEMM op, fusable into its
+    producer) instead of by the launcher's quantization kernel (float into the GEMM op)."""
     import kernels.gemm_wxa8
 
     gemm_inputs = []
@@ -191,7 +192,7 @@ def test_deployed_layers_compile_without_graph_breaks(monkeypatch):
     for layer in (a8, a16, conv):
         layer.half().to(device)
     eager = block(x, img)
-    assert gemm_inputs == [torch.float16, torch.int8]  # linear: prologue; 3x3 conv: quantized before im2col
+    assert gemm_inputs == [torch.float16, torch.int8]  # linear: the launcher quantizes; 3x3 conv: before im2col
     gemm_inputs.clear()
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(x, img)
     assert gemm_inputs == [torch.int8, torch.int8]
@@ -292,7 +293,7 @@ def test_report_counts_backends_and_exact_bytes(deployed_pipe):
     assert {layer.name for layer in report.layers if layer.backend == "torch reference"} == set(packed)  # CPU
     assert len(report.layers) == len(packed) + len(PROTECTED) + 1  # + the activation-only layer
     for module in packed.values():
-        packed_row = -(-module.in_features * module.weight_bits // 8)  # what mixdq.memory assumes
+        packed_row = packed_row_bytes(module.in_features, module.weight_bits, module.k_split)  # chunk-padded
         assert module.qweight.numel() * module.qweight.element_size() == module.out_features * packed_row
     line = report.describe()
     print(line)
@@ -303,7 +304,8 @@ def test_report_counts_backends_and_exact_bytes(deployed_pipe):
 @torch.no_grad()
 def test_fp16_bytes_match_the_accounting_plus_kernel_extras(fresh_random_pipe):
     """In FP16, bytes held = mixdq.memory's accounting + what the kernels keep beyond it, exactly:
-    +2 B per row (float32 scales), +4 B per row and input part (int32 row sums), the BOS K/V caches."""
+    +2 B per row (float32 scales), +4 B per row and input part (int32 row sums), the padding of 4- and 2-bit
+    rows to whole 128-code chunks per input part, the BOS K/V caches."""
     pipe = fresh_random_pipe
     pipe.unet.half()
     parts = {info.name: 1 if info.concat_split is None else 2 for info in layer_inventory(pipe.unet)}
@@ -314,6 +316,9 @@ def test_fp16_bytes_match_the_accounting_plus_kernel_extras(fresh_random_pipe):
     for name, module in pipe.unet.named_modules():
         if isinstance(module, PackedLayer):
             extras += module.out_features * (2 + 4 * module.weight_rowsum.shape[0])
+            ideal_row = -(-module.in_features * module.weight_bits // 8)  # mixdq.memory's row
+            extras += module.out_features * (packed_row_bytes(module.in_features, module.weight_bits, module.k_split)
+                                             - ideal_row)  # fmt: skip
             if module.kind == "linear" and module.bos_inputs is not None:
                 # the pipeline's BOS state was encoded at deploy time: this model never ran a generation
                 assert len(module.bos_inputs) == 2  # BOS + zeros

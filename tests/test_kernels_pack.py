@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels import PackedWeight, pack_codes, pack_int2, pack_int4, unpack_codes, unpack_int2, unpack_int4
-from kernels.pack import qmax
+from kernels.pack import packed_row_bytes, qmax
 
 
 def random_codes(n: int, k: int, bits: int, seed: int = 0) -> torch.Tensor:
@@ -13,27 +13,48 @@ def random_codes(n: int, k: int, bits: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("k", [1, 3, 8, 13, 64])
+@pytest.mark.parametrize("k", [1, 3, 64, 128, 200, 320])
 def test_pack_round_trip_exact(bits, k):
     q = random_codes(5, k, bits)
     packed = pack_codes(q, bits)
-    assert packed.shape == (5, -(-k * bits // 8))
+    # 8 bits: the codes; 4 / 2 bits: whole 128-code chunks of 64 / 32 bytes
+    assert packed.shape == (5, k if bits == 8 else -(-k // 128) * 128 * bits // 8)
+    assert packed.shape[1] == packed_row_bytes(k, bits)
     assert packed.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert torch.equal(unpack_codes(packed, bits, k), q)
 
 
-def test_int4_layout_low_nibble_first():
-    # codes -7, 7 -> offset-binary 1, 15 -> byte 0xF1; odd K pads with code 0 (nibble 8)
-    q = torch.tensor([[-7, 7, 0, 3, -1]], dtype=torch.int8)
-    assert pack_int4(q).tolist() == [[0xF1, 0xB8, 0x87]]
-    assert torch.equal(unpack_int4(pack_int4(q), 5), q)
+def test_int4_layout_planar_chunks():
+    # byte j of a chunk: code j in the low nibble, code j + 64 in the high nibble (offset-binary, 0 -> 8)
+    q = torch.zeros(1, 130, dtype=torch.int8)
+    q[0, 0], q[0, 64], q[0, 1], q[0, 65], q[0, 128] = -7, 7, 3, -1, 5
+    packed = pack_int4(q)
+    assert packed.shape == (1, 128)  # two chunks; the second holds codes 128, 129 and padding
+    assert packed[0, :3].tolist() == [0xF1, 0x7B, 0x88]
+    assert packed[0, 64:66].tolist() == [0x8D, 0x88]
+    assert torch.equal(unpack_int4(packed, 130), q)
 
 
-def test_int2_layout_lowest_pair_first():
-    # ternary -1, 0, 1, 1 -> 1, 2, 3, 3 -> 0b11_11_10_01; the second byte is one code (0) then padding (2s)
-    q = torch.tensor([[-1, 0, 1, 1, 0]], dtype=torch.int8)
-    assert pack_int2(q).tolist() == [[0b11111001, 0b10101010]]
-    assert torch.equal(unpack_int2(pack_int2(q), 5), q)
+def test_int2_layout_planar_chunks():
+    # byte j of a chunk holds codes j, j + 32, j + 64, j + 96, lowest bits first (offset-binary, 0 -> 2)
+    q = torch.zeros(1, 128, dtype=torch.int8)
+    q[0, 0], q[0, 32], q[0, 64], q[0, 96] = -1, 0, 1, 1
+    packed = pack_int2(q)
+    assert packed.shape == (1, 32)
+    assert packed[0, 0].item() == 0b11_11_10_01 and packed[0, 1].item() == 0b10_10_10_10
+    assert torch.equal(unpack_int2(packed, 128), q)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_k_split_parts_are_packed_separately(bits):
+    # an up-block concat split at 320 (not a chunk multiple): each part padded to whole chunks
+    q = random_codes(3, 960, bits)
+    pw = PackedWeight.from_codes(q, torch.ones(3), bits, k_split=320)
+    chunk = 128 * bits // 8
+    assert pw.part_byte_offsets() == [0, 3 * chunk, 8 * chunk]
+    assert pw.data.shape == (3, 8 * chunk)
+    assert torch.equal(pw.codes(), q)
+    assert torch.equal(unpack_codes(pw.data[:, 3 * chunk :], bits, 640), q[:, 320:])
 
 
 def test_packed_weight_rowsums_and_bytes():
@@ -43,7 +64,7 @@ def test_packed_weight_rowsums_and_bytes():
     expected = torch.stack([q[:, :8].int().sum(1), q[:, 8:].int().sum(1)])
     assert torch.equal(pw.rowsum, expected)
     assert torch.equal(pw.codes(), q)
-    assert pw.nbytes() == 6 * 10 + 6 * 4 + 2 * 6 * 4  # codes, fp32 scales, two int32 row sums
+    assert pw.nbytes() == 6 * 2 * 64 + 6 * 4 + 2 * 6 * 4  # two padded chunks per row, fp32 scales, two row sums
     assert pw.out_features == 6 and pw.in_features == 20
 
 
@@ -55,7 +76,5 @@ def test_packed_weight_rejects_bad_input():
         PackedWeight.from_codes(q, torch.ones(4), 4)
     with pytest.raises(ValueError, match="k_split"):
         PackedWeight.from_codes(q, torch.ones(4), 8, k_split=8)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        PackedWeight.from_codes(random_codes(4, 8, 2), torch.ones(4), 2, k_split=3)
     with pytest.raises(ValueError, match="scale"):
         PackedWeight.from_codes(q, torch.ones(3), 8)

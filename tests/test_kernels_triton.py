@@ -21,7 +21,8 @@ from kernels.gemm_wxa8 import gemm_a8
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (M, N, K, k_split): M = 1 (time-embedding linears) with K = 75 (a partly filled last byte when packed),
 # sizes off the 32-blocks, a concat input split at K = 40
-SHAPES = [(1, 40, 75, None), (37, 48, 80, None), (33, 40, 96, 40)]
+# and one of several 128-code chunks with the split inside a chunk (each part is packed separately)
+SHAPES = [(1, 40, 75, None), (37, 48, 80, None), (33, 40, 96, 40), (20, 24, 300, 140)]
 
 
 def make_weight(n: int, k: int, bits: int, k_split=None, seed: int = 0) -> PackedWeight:
@@ -53,8 +54,9 @@ def test_act_quant_into_strided_concat_buffer():
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("M,N,K,k_split", SHAPES)
-@pytest.mark.parametrize("prequantized", [True, False], ids=["int8-in", "fused-quant"])
-def test_gemm_a8_matches_reference(bits, M, N, K, k_split, prequantized):
+@pytest.mark.parametrize("prequantized", [True, False], ids=["int8-in", "float-in"])
+@pytest.mark.parametrize("swap", [None, True, False], ids=["swap-rule", "swap", "no-swap"])
+def test_gemm_a8_matches_reference(bits, M, N, K, k_split, prequantized, swap):
     g = torch.Generator().manual_seed(M + bits)
     weight = make_weight(N, K, bits, k_split, seed=bits)
     x = (torch.randn(M, K, generator=g) * 3).half().to(DEVICE)
@@ -63,10 +65,10 @@ def test_gemm_a8_matches_reference(bits, M, N, K, k_split, prequantized):
     if prequantized:
         parts = reference.act_parts(weight, scale, zp)
         x = torch.cat([reference.quantize_act(x[:, a:b], s, z) for a, b, s, z in parts], dim=1)
-    acc = gemm_a8(x, weight, scale, zp, return_acc=True)
+    acc = gemm_a8(x, weight, scale, zp, return_acc=True, swap=swap)
     assert acc.dtype == torch.int32
     assert torch.equal(acc, reference.gemm_a8(x, weight, scale, zp, return_acc=True))
-    out = gemm_a8(x, weight, scale, zp, bias)
+    out = gemm_a8(x, weight, scale, zp, bias, swap=swap)
     assert out.dtype == torch.float16 and out.shape == (M, N)
     assert_within_fp16_rounding(out, reference.gemm_a8(x, weight, scale, zp, bias))
 
@@ -79,9 +81,9 @@ def test_gemm_a8_four_bit_activations():
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("M,N,K", [(1, 40, 75), (37, 48, 80)])
-def test_gemm_weight_only_matches_reference(bits, M, N, K):
-    weight = make_weight(N, K, bits, seed=bits)
+@pytest.mark.parametrize("M,N,K,k_split", [(1, 40, 75, None), (37, 48, 80, None), (20, 24, 300, 140)])
+def test_gemm_weight_only_matches_reference(bits, M, N, K, k_split):
+    weight = make_weight(N, K, bits, k_split, seed=bits)
     g = torch.Generator().manual_seed(M)
     # small integers: every product and partial sum is exact in fp32, so only the epilogue can differ
     x_int = torch.randint(-8, 9, (M, K), generator=g).half().to(DEVICE)
