@@ -68,17 +68,22 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 @triton.jit
 def zeros_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, dtype: tl.constexpr):
     """The accumulator tile: ``[BLOCK_M, BLOCK_N]``, transposed when SWAP_AB."""
+    # one return: Triton rejects two returns of different shapes even under a constexpr condition
     if SWAP_AB:
-        return tl.zeros((BLOCK_N, BLOCK_M), dtype=dtype)
-    return tl.zeros((BLOCK_M, BLOCK_N), dtype=dtype)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=dtype)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dtype)
+    return acc
 
 
 @triton.jit
 def mma(acc, a, w, SWAP_AB: tl.constexpr):
     """acc += a @ w^T (``a [BM, BK]``, ``w [BN, BK]``), or acc^T += w @ a^T when SWAP_AB."""
     if SWAP_AB:
-        return tl.dot(w, tl.trans(a), acc, out_dtype=acc.dtype)
-    return tl.dot(a, tl.trans(w), acc, out_dtype=acc.dtype)
+        acc = tl.dot(w, tl.trans(a), acc, out_dtype=acc.dtype)
+    else:
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=acc.dtype)
+    return acc
 
 
 @triton.jit

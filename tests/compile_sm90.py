@@ -1,0 +1,82 @@
+"""Compile every Triton kernel path for Hopper (sm_90) without a GPU; print JSON {case: shared bytes | error}.
+
+Run by tests/test_kernels_compile_sm90.py in a subprocess without ``TRITON_INTERPRET`` (in the test session
+the kernels are interpreted functions, which cannot be compiled).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+POINTERS = {"w_scale_ptr": "*fp32", "rowsum_ptr": "*i32", "bias_ptr": "*fp32", "out_ptr": "*fp16", "x_ptr": "*fp16"}
+
+
+def compile_for_hopper(kernel, config: triton.Config, pointer_types: dict, **constexprs) -> int:
+    """Shared memory bytes of ``kernel`` compiled for sm_90 with ``config`` and ``constexprs``."""
+    fn = kernel.fn
+    # the JIT turns integer arguments equal to 1 into constants: the unit strides along K and along N
+    unit_strides = {n: 1 for n in fn.arg_names if n.endswith(("_ak", "_wk", "_on", "_xc", "_oc"))}
+    constexprs = constexprs | config.kwargs | unit_strides
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = (pointer_types | POINTERS).get(name, "*i8")
+        elif "scale" in name or name in ("inv_scale", "zp"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    indices = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    # what the JIT specializes at the UNet's shapes: 16-byte aligned pointers, sizes and row strides divisible
+    # by 16 (without it loads are byte-wise, cannot use cp.async, and the K loop is not pipelined)
+    aligned = [i for i, n in enumerate(fn.arg_names) if n not in constexprs and signature[n] != "fp32"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    source = ASTSource(fn=fn, signature=signature, constexprs=indices, attrs=attrs)
+    return triton.compile(source, target=HOPPER, options=options)
+
+
+def largest(configs: list[triton.Config]) -> triton.Config:
+    """The config with the most shared-memory staging (stages x K step x (M + N))."""
+    return max(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]))
+
+
+def cases():
+    from kernels.gemm_weight_only import gemm_a16_kernel
+    from kernels.gemm_wxa8 import gemm_a8_kernel
+
+    # a non-square tile: the two MMA orientations give differently shaped accumulators
+    small = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=3)
+    a8 = {"a_ptr": "*i8", "w_ptr": "*i8"}
+    a16 = {"a_ptr": "*fp16", "w_ptr": "*i8"}
+    for bits in (8, 4, 2):
+        for swap in (False, True):
+            flags = dict(W_BITS=bits, HAS_SPLIT=True, HAS_BIAS=True, RETURN_ACC=False, SWAP_AB=swap)
+            yield f"gemm_a8 W{bits} swap={swap}", gemm_a8_kernel, small, a8, flags
+        yield f"gemm_a16 W{bits}", gemm_a16_kernel, small, a16, dict(W_BITS=bits, HAS_SPLIT=True, HAS_BIAS=True)
+    flags = dict(W_BITS=8, HAS_SPLIT=False, HAS_BIAS=True, RETURN_ACC=False, SWAP_AB=False)
+    yield "gemm_a8 largest tile", gemm_a8_kernel, largest(gemm_a8_kernel.configs), a8, flags
+    flags = dict(W_BITS=8, HAS_SPLIT=False, HAS_BIAS=True)
+    yield "gemm_a16 largest tile", gemm_a16_kernel, largest(gemm_a16_kernel.configs), a16, flags
+
+
+def main() -> None:
+    results = {}
+    for name, kernel, config, pointers, flags in cases():
+        try:
+            results[name] = compile_for_hopper(kernel, config, pointers, **flags).metadata.shared
+        except Exception as err:  # noqa: BLE001 (reported per case; the test names the failing path)
+            results[name] = f"{type(err).__name__}: {err}"[-2000:]
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
