@@ -10,12 +10,14 @@ x:      [M, K] int8 codes ``q - 128`` (from :mod:`kernels.act_quant`), any strid
 weight: :class:`kernels.pack.PackedWeight` ``[N, K]``: int8 codes, or uint8 planar chunks of 128 codes with 2
         (int4) / 4 (int2) codes per byte. A chunk unpacks with one shift and mask per K-slice of 64 (32) codes,
         and each slice meets its own slice of x in a ``tl.dot`` (no interleave: on an H200 the interleaved
-        layout's shuffles made W4A8 4.7x slower than W8A8).
+        layout's shuffles made W4A8 GEMMs take 4.2x as long as W8A8 over the UNet's shapes; planar: 2.0x).
 out:    [M, N] float16 (or bfloat16 / float32), row-major; int32 ``sum_p (acc_p + corr_p)`` with ``return_acc``.
 
 ``SWAP_AB``: compute ``out^T = W x^T`` so the weight tile is the MMA's left operand. On Hopper a computed
-(unpacked) left operand can stay in registers while x streams through shared memory; the launcher swaps
-for packed weights and for tiny M (time-embedding linears: M = 1), where N fills the MMA's 64-row side.
+(unpacked) left operand then stays in registers (wgmma's register operand) while x streams through shared
+memory, and for small M the weight's N fills the MMA's 64-row side. Measured on an H200 (2026-11-28): 1.23x
+faster W8A8 at M = 77 (the text tokens), 2% faster W4A8 over the UNet, 6% slower W8A8 at M = 1024; so
+:func:`swap_ab` swaps for packed weights and M < 128.
 
 A K split (concat input with two activation quantizers) runs two K loops into two accumulators; the weight's
 ``rowsum [2, N]`` holds one row sum per part. |acc| <= 128 * 127 * K stays in int32 for K < 132k.
@@ -38,15 +40,20 @@ CHUNK = tl.constexpr(PACK_CHUNK)  # a jit function may read a global only as a c
 
 
 def get_gemm_a8_autotune_config() -> list[triton.Config]:
+    """Tiles the rule (kernels.tiles) and the autotuner choose from.
+
+    Swept on an H200 at every SDXL linear shape (bench/gpu_kernels.py --sweep-tiles w8a8, 2026-11-28;
+    bench/results/gpu_kernels_tiles_h200_2026-11-28.json): 128x128x64 with 4 warps was the fastest tile at
+    every shape that fills a wave with it (1.14-1.41x faster than the 8-warp 128x256 / 256x128 / 128x128x128
+    tiles the rule used to pick there, and as fast at 8192^3), so those are gone; the smaller tiles win
+    where 128x128 leaves SMs idle.
+    """
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8})]
     cfg = lambda m, n, k, w, s: triton.Config(
         {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s
     )
     return [
-        cfg(128, 256, 128, 8, 3),
-        cfg(256, 128, 128, 8, 3),
-        cfg(128, 128, 128, 8, 4),
         cfg(128, 128, 64, 4, 4),
         cfg(64, 128, 128, 4, 4),
         cfg(64, 64, 128, 4, 4),
@@ -176,8 +183,8 @@ def gemm_a8_kernel(
 
 
 def swap_ab(M: int, bits: int) -> bool:
-    """Weight tile as the MMA's left operand: for packed weights, and for M too small to fill an MMA tile."""
-    return bits != 8 or M < 16
+    """Weight tile as the MMA's left operand: for packed weights, and for small M (see the module docstring)."""
+    return bits != 8 or M < 128
 
 
 def gemm_a8(

@@ -44,3 +44,26 @@ def test_interpreter_config_list_has_one_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     (only,) = get_gemm_a8_autotune_config()
     assert pick_gemm_config([only], 5, 7, 1) is only
+
+
+# the fastest W8A8 tile per SDXL linear shape in the H200 tile sweep (bench/gpu_kernels.py --sweep-tiles w8a8,
+# bench/results/gpu_kernels_tiles_h200_2026-11-28.json), and its time; the rule must land within 2% of it
+H200_SWEEP_BEST = {  # (M, N, K): {(BLOCK_M, BLOCK_N): µs} for the best tile and near-best ones
+    (1024, 1280, 1280): {(64, 64): 8.00, (64, 128): 8.09},
+    (1024, 10240, 1280): {(128, 128): 29.30},
+    (1024, 1280, 5120): {(64, 64): 20.47, (64, 128): 20.86},
+    (77, 1280, 2048): {(16, 64): 5.26},
+    (4096, 640, 640): {(128, 128): 8.78},
+    (4096, 5120, 640): {(128, 128): 39.67},
+}
+H200_SMS = 132
+
+
+@pytest.mark.parametrize("shape", list(H200_SWEEP_BEST))
+def test_shipped_tiles_pick_the_measured_best_at_sdxl_shapes(monkeypatch, shape):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's config list, not the interpreter's one
+    M, N, _ = shape
+    picked = pick_gemm_config(prune_by_m(get_gemm_a8_autotune_config(), {"M": M}), M, N, H200_SMS).kwargs
+    measured = H200_SWEEP_BEST[shape]
+    tile = (picked["BLOCK_M"], picked["BLOCK_N"])
+    assert tile in measured and measured[tile] <= 1.02 * min(measured.values())
