@@ -83,7 +83,6 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import kernels  # noqa: E402
 from mixdq.config import PrecisionConfig  # noqa: E402
 from mixdq.deploy import DeployReport, deploy  # noqa: E402
 from mixdq.inventory import layer_inventory  # noqa: E402

@@ -2,6 +2,9 @@
 
     python bench/quality.py                       # the committed table (256 prompts x 4 and 1 steps, CPU)
     python bench/quality.py --merge-content-sqnr  # once: add the content-layer SQNR rows to the shipped table
+    python bench/quality.py --steps 4 --rows "MixDQ W4A8" \
+        --content-sensitivity bench/results/tiny_content_ssim_4steps.csv --out bench/results/quality_content4
+                                                  # content layers scored at 4 steps (sweep_embedded --group content)
 
 Rows (each a precision config evaluated by :func:`mixdq.evaluate.evaluate` with identical noise per prompt):
 FP | naive min-max W8A8 (BOS token quantized with the rest of the text embedding) | + BOS-aware W8A8 |
@@ -169,9 +172,14 @@ def validation_prompts(count: int, exclude: Collection[str] = ()) -> list[str]:
 
 
 def ablation_configs(
-    pipe, table: pd.DataFrame, choose_k: Callable[[Allocator, float, float | None], PrecisionConfig] | None = None
+    pipe,
+    table: pd.DataFrame,
+    choose_k: Callable[[Allocator, float, float | None], PrecisionConfig] | None = None,
+    rows: list[str] | None = None,
 ) -> tuple[dict[str, PrecisionConfig | None], dict[str, bool], dict[str, str]]:
     """The ablation's configs in table order, which of them skip BOS handling, and how each was made.
+
+    ``rows``: only these labels (and FP, the reference) are built; None = all.
 
     ``choose_k(allocator, weight_bits, act_bits)`` makes each mixed-precision config (e.g. by
     :func:`mixdq.evaluate.select_k`); ``None`` uses the allocator's auto K.
@@ -195,18 +203,22 @@ def ablation_configs(
             return choose_k(allocator, weight_bits, act_bits)
         return allocator.allocate(weight_bits=weight_bits, act_bits=act_bits, k="auto", solver="cbc").config
 
-    uniform_w8a8 = PrecisionConfig.uniform(layers, 8, 8, model_id=pipe.model_id)
-    configs: dict[str, PrecisionConfig | None] = {
-        "FP": None,
+    uniform_w8a8 = lambda: PrecisionConfig.uniform(layers, 8, 8, model_id=pipe.model_id)
+    builders: dict[str, Callable[[], PrecisionConfig | None]] = {
+        "FP": lambda: None,
         "naive W8A8 (no BOS)": uniform_w8a8,
         "+ BOS-aware W8A8": uniform_w8a8,
-        "+ MP, SQNR only, W4A8": allocated(single, 4.0, ACT_BUDGET),
-        "MixDQ W8A8": allocated(mixdq, 8.0, ACT_BUDGET),
-        "MixDQ W5A8": allocated(mixdq, 5.0, ACT_BUDGET),
-        "MixDQ W4A8": allocated(mixdq, 4.0, ACT_BUDGET),
-        "MixDQ W3.66A16": allocated(mixdq, 3.66, None),
-        "uniform W4A8 (BOS-aware)": PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id),
+        "+ MP, SQNR only, W4A8": lambda: allocated(single, 4.0, ACT_BUDGET),
+        "MixDQ W8A8": lambda: allocated(mixdq, 8.0, ACT_BUDGET),
+        "MixDQ W5A8": lambda: allocated(mixdq, 5.0, ACT_BUDGET),
+        "MixDQ W4A8": lambda: allocated(mixdq, 4.0, ACT_BUDGET),
+        "MixDQ W3.66A16": lambda: allocated(mixdq, 3.66, None),
+        "uniform W4A8 (BOS-aware)": lambda: PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id),
     }
+    unknown = set(rows or ()) - set(builders)
+    if unknown:
+        raise SystemExit(f"unknown --rows {sorted(unknown)}; the rows are: {', '.join(builders)}")
+    configs = {label: build() for label, build in builders.items() if rows is None or label in {"FP", *rows}}
     k_how = "K chosen by image validation (see below)" if choose_k is not None else "auto K"
     how = {
         "FP": "the pipeline in float32, no layer quantized",
@@ -219,7 +231,8 @@ def ablation_configs(
         "MixDQ W3.66A16": "as MixDQ W8A8 at 3.66 avg weight bits, activations FP",
         "uniform W4A8 (BOS-aware)": "every layer W4A8 min-max, BOS-aware, nothing protected: 4.00 avg bits",
     }
-    return configs, {"naive W8A8 (no BOS)": False}, how
+    bos_aware = {label: False for label in ("naive W8A8 (no BOS)",) if label in configs}
+    return configs, bos_aware, {label: how[label] for label in configs}
 
 
 def markdown(tables: dict[int, pd.DataFrame], header: list[str]) -> str:
@@ -289,6 +302,12 @@ def main() -> None:
     parser.add_argument("--validation-prompts", type=int, default=64, help="validation captions per K candidate (default 64)")
     parser.add_argument("--validation-steps", type=int, default=None, help="steps of the validation images (default: the first of --steps)")
     parser.add_argument("--merge-content-sqnr", action="store_true", help="sweep (or read) the content SQNR rows, append them to the shipped table, exit")
+    parser.add_argument("--rows", help="comma-separated row labels to evaluate (FP always); default: every row")
+    parser.add_argument(
+        "--content-sensitivity", type=Path,
+        help="a sweep table (bench/sweep_embedded.py --group content) whose content-layer rows replace the shipped "
+        "table's, e.g. content layers scored at 4 steps instead of 1",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -301,6 +320,11 @@ def main() -> None:
         merge_into_shipped(extra)
         return
     table = shipped if extra is None else validate_table(pd.concat([shipped, extra], ignore_index=True))
+    if args.content_sensitivity:
+        swept = read_table(args.content_sensitivity)
+        swept = swept[swept["group"] == "content"]
+        replaced = (table["group"] == "content") & table["metric"].isin(swept["metric"].unique())
+        table = validate_table(pd.concat([table[~replaced], swept], ignore_index=True))
     selections: dict[str, KSelection] = {}
     choose_k = None
     if args.k_selection == "images":
@@ -319,7 +343,10 @@ def main() -> None:
             print(f"{label}: K={chosen.k:.4f} chosen by {chosen.metric}\n{chosen.table.drop(columns='config').to_string(index=False)}", flush=True)
             return chosen.result.config
 
-    configs, bos_aware, how = ablation_configs(pipe, table, choose_k)
+    rows = [label.strip() for label in args.rows.split(",")] if args.rows else None
+    configs, bos_aware, how = ablation_configs(pipe, table, choose_k, rows)
+    if args.content_sensitivity:
+        how["content sensitivity"] = f"content-layer rows from {args.content_sensitivity} instead of the shipped table"
     if selections:
         how["K selection"] = (
             "each mixed-precision row's K chosen among 5 values evenly spaced over the budget's feasible range plus "

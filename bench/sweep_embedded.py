@@ -1,6 +1,7 @@
 """Sensitivity sweep of a model (default: the embedded one), written where the studio finds it.
 
     python bench/sweep_embedded.py --out assets/tiny-sdxl/sensitivity.csv [--device cuda] [--prompts 16]
+    python bench/sweep_embedded.py --group content --steps 4 --out bench/results/tiny_content_ssim_4steps.csv
 
 Calibrates (all candidate activation bits), sweeps every layer at every candidate bit (weight-only,
 then activation-only) and writes the table plus a JSON with provenance, timings and the cost of one
@@ -36,6 +37,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="sampling steps (default 1, as MixDQ's published data)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--layers", type=int, default=None, help="sweep only the first N layers (timing runs)")
+    parser.add_argument(
+        "--group", choices=["all", "content", "quality"], default="all",
+        help="sweep one group's layers only (e.g. content layers at another step count); the table is written",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="table CSV; a .json with the same stem gets the stats")
     args = parser.parse_args()
 
@@ -54,14 +59,15 @@ def main() -> None:
     calibration_seconds = time.perf_counter() - started
     from mixdq.inventory import forward_order_key, layer_inventory
 
-    names = sorted((i.name for i in layer_inventory(pipe.unet)), key=forward_order_key)
-    layers = tuple(names[: args.layers]) if args.layers else None
+    inventory = [i for i in layer_inventory(pipe.unet) if args.group in ("all", i.group)]
+    names = sorted((i.name for i in inventory), key=forward_order_key)
+    layers = tuple(names[: args.layers]) if args.layers or args.group != "all" else None
     settings = SweepSettings(
         prompts=tuple(prompts), num_inference_steps=args.steps, seed=args.seed, height=size, width=size, layers=layers
     )
     table, stats = run_sweep(pipe, ranges, settings, act_ranges_key=ranges.provenance.get("prompts_sha256", ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if layers is None:
+    if args.layers is None:  # a whole group, or every layer
         write_table(table, args.out)
     report = {
         "model_id": pipe.model_id,

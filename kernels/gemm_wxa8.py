@@ -6,7 +6,7 @@
 x:      [M, K] int8 codes ``q - 128`` (from :mod:`kernels.act_quant`), any strides. A float x is quantized by
         the activation-quantization kernel first (one memory-bound pass); under torch.compile the quantization
         is graph ops that Inductor fuses into the op producing x. (A quantize-in-the-GEMM-prologue variant ran
-        3-10x slower on an H200: every output-column tile re-quantized its x tiles on the CUDA cores.)
+        3-11x slower on an H200: every output-column tile re-quantized its x tiles on the CUDA cores.)
 weight: :class:`kernels.pack.PackedWeight` ``[N, K]``: int8 codes, or uint8 planar chunks of 128 codes with 2
         (int4) / 4 (int2) codes per byte. A chunk unpacks with one shift and mask per K-slice of 64 (32) codes,
         and each slice meets its own slice of x in a ``tl.dot`` (no interleave: on an H200 the interleaved
