@@ -171,6 +171,13 @@ def validation_prompts(count: int, exclude: Collection[str] = ()) -> list[str]:
     return prompts
 
 
+def replace_content_rows(table: pd.DataFrame, swept: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with its content-layer rows of each metric ``swept`` holds replaced by ``swept``'s content rows."""
+    swept = swept[swept["group"] == "content"]
+    replaced = (table["group"] == "content") & table["metric"].isin(swept["metric"].unique())
+    return validate_table(pd.concat([table[~replaced], swept], ignore_index=True))
+
+
 def ablation_configs(
     pipe,
     table: pd.DataFrame,
@@ -321,10 +328,7 @@ def main() -> None:
         return
     table = shipped if extra is None else validate_table(pd.concat([shipped, extra], ignore_index=True))
     if args.content_sensitivity:
-        swept = read_table(args.content_sensitivity)
-        swept = swept[swept["group"] == "content"]
-        replaced = (table["group"] == "content") & table["metric"].isin(swept["metric"].unique())
-        table = validate_table(pd.concat([table[~replaced], swept], ignore_index=True))
+        table = replace_content_rows(table, read_table(args.content_sensitivity))
     selections: dict[str, KSelection] = {}
     choose_k = None
     if args.k_selection == "images":

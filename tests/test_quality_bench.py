@@ -185,3 +185,16 @@ def test_validation_captions_that_choose_k_are_not_the_reported_ones():
     assert reported & set(bench.validation_prompts(64))  # the small 1-object caption space repeats captions
     validation = bench.validation_prompts(64, exclude=reported)
     assert len(validation) == 64 and not reported & set(validation)
+
+
+def test_content_rows_swept_at_other_settings_replace_the_shipped_ones():
+    """``bench/quality.py --content-sensitivity``: content rows of the swept metric are replaced, nothing else."""
+    table = metric_table()
+    swept = table.loc[(table["group"] == "content") & (table["metric"] == "ssim")].assign(value=0.5)
+    merged = load_bench().replace_content_rows(table, pd.concat([swept, table.loc[table["group"] == "quality"]]))
+    assert len(merged) == len(table)
+    content_ssim = (merged["group"] == "content") & (merged["metric"] == "ssim")
+    assert (merged.loc[content_ssim, "value"] == 0.5).all()
+    rest = merged.loc[~content_ssim].sort_values(list(COLUMNS)).reset_index(drop=True)
+    assert rest.equals(table.loc[~((table["group"] == "content") & (table["metric"] == "ssim"))]
+                       .sort_values(list(COLUMNS)).reset_index(drop=True))  # fmt: skip
