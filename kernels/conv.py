@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from kernels.pack import PackedWeight
+from kernels import reference
 from kernels.reference import ACT_OFFSET, act_parts
 
 
@@ -54,8 +55,13 @@ def conv2d_quant(
     *,
     act_bits: int = 8,
     backend: str = "auto",
+    act_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Quantized conv: W{8,4,2}A8 when ``act_scale`` is given, else weight-only. Returns ``[B, N, Ho, Wo]``."""
+    """Quantized conv: W{8,4,2}A8 when ``act_scale`` is given, else weight-only. Returns ``[B, N, Ho, Wo]``.
+
+    ``act_qparams``: ``(1 / s, zp)`` float32 tensors, one element per input part, for the quantization step
+    under torch.compile (the same codes as the Python numbers, without a kernel compiled per layer).
+    """
     from kernels import quant_linear, quantize_act
 
     (kh, kw), st, pad = _pair(kernel_size), _pair(stride), _pair(padding)
@@ -68,6 +74,8 @@ def conv2d_quant(
     xh = x.permute(0, 2, 3, 1)
     if (kh, kw, *st, *pad) == (1, 1, 1, 1, 0, 0):
         cols = xh.reshape(-1, C)
+        if act_scale is not None and act_qparams is not None:
+            cols = reference.quantize_act_parts_tensors(cols, *act_qparams, weight.k_split, act_bits)
     elif act_scale is None:
         cols = im2col_nhwc(xh, (kh, kw), st, pad, [(0, C, 0.0)])
     else:
@@ -75,9 +83,16 @@ def conv2d_quant(
         xq = torch.empty(B, H, W, C, dtype=torch.int8, device=x.device)
         # under torch.compile the PyTorch quantizer (same codes) lets Inductor fuse it into what precedes
         quant_backend = "torch" if torch.compiler.is_compiling() else backend
-        for c0, c1, s, z in parts:
-            quantize_act(xh[..., c0:c1], s, z, act_bits, out=xq[..., c0:c1], backend=quant_backend)
-        cols = im2col_nhwc(xq, (kh, kw), st, pad, [(c0, c1, z - ACT_OFFSET) for c0, c1, _, z in parts])
+        fills = []
+        for p, (c0, c1, s, z) in enumerate(parts):
+            if act_qparams is not None:
+                inv_t, zp_t = act_qparams[0][p], act_qparams[1][p]
+                xq[..., c0:c1] = reference.quantize_act_tensors(xh[..., c0:c1], inv_t, zp_t, act_bits)
+                fills.append((c0, c1, (zp_t - ACT_OFFSET).to(torch.int8)))
+            else:
+                quantize_act(xh[..., c0:c1], s, z, act_bits, out=xq[..., c0:c1], backend=quant_backend)
+                fills.append((c0, c1, z - ACT_OFFSET))
+        cols = im2col_nhwc(xq, (kh, kw), st, pad, fills)
     out_dtype = x.dtype if act_scale is not None else None  # int8 patches in, x's dtype out
     y = quant_linear(cols, weight, act_scale, act_zp, bias, act_bits=act_bits, backend=backend, out_dtype=out_dtype)
     return y.view(B, Ho, Wo, -1).permute(0, 3, 1, 2)

@@ -94,6 +94,19 @@ class PackedLayer(nn.Module):
         self.weight_shape = tuple(fp.weight.shape)
         self.backend = backend
         self.act_kwargs = self._static_act_kwargs(layer)
+        # the same quantizers as float32 tensors [2, parts], read by torch.compile'd graphs (see _act_qparams);
+        # held as their int32 bit patterns so that module.half() / .to(dtype) cannot round them
+        act_params = None
+        if self.act_kwargs:
+            scales, zero_points = self.act_kwargs["act_scale"], self.act_kwargs["act_zp"]
+            scales = scales if isinstance(scales, tuple) else (scales,)
+            zero_points = zero_points if isinstance(zero_points, tuple) else (zero_points,)
+            act_params = torch.tensor(
+                [[kernels.reference.inv_scale(s) for s in scales], [float(z) for z in zero_points]],
+                dtype=torch.float32,
+                device=packed.data.device,
+            ).view(torch.int32)
+        self.register_buffer("act_qparams_t", act_params)
 
     @staticmethod
     def _static_act_kwargs(layer: QuantLayer) -> dict[str, Any]:
@@ -107,6 +120,17 @@ class PackedLayer(nn.Module):
         if len(scale) == 1:
             return {"act_scale": scale[0], "act_zp": zero_point[0], "act_bits": bits}
         return {"act_scale": scale, "act_zp": zero_point, "act_bits": bits}
+
+    def _act_qparams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(1 / s, zp)`` per input part as tensors under torch.compile, else None (Python numbers suffice).
+
+        Inductor bakes Python numbers into the kernels it generates, so with them every layer's activation
+        quantizer was a kernel of its own to compile; as tensors, layers of the same shapes share kernels.
+        """
+        if self.act_qparams_t is None or not torch.compiler.is_compiling():
+            return None
+        params = self.act_qparams_t.view(torch.float32)
+        return params[0], params[1]
 
     @property
     def packed_weight(self) -> kernels.PackedWeight:
@@ -164,8 +188,13 @@ class DeployedLinear(PackedLayer):
         return torch.cat([self._bos_rows(x[:, 0]).unsqueeze(1), self._matmul(x[:, 1:])], dim=1)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.quant_linear(x, self.packed_weight, bias=self.bias, backend=self.backend, **self.act_kwargs)
-        return y.to(x.dtype)
+        dtype, qparams = x.dtype, self._act_qparams()
+        if qparams is not None:  # compiled: quantize here with tensor parameters; the GEMM gets int8 codes
+            x = kernels.reference.quantize_act_parts_tensors(x, *qparams, self.k_split, self.act_bits)
+        y = kernels.quant_linear(
+            x, self.packed_weight, bias=self.bias, backend=self.backend, out_dtype=dtype, **self.act_kwargs
+        )
+        return y.to(dtype)
 
     def _bos_rows(self, token0: torch.Tensor) -> torch.Tensor:
         """Full-precision outputs ``(B, C_out)`` for token-0 inputs ``(B, C_in)``, from the precomputed cache."""
@@ -215,6 +244,7 @@ class DeployedConv2d(PackedLayer):
             self.padding,
             bias=self.bias,
             backend=self.backend,
+            act_qparams=self._act_qparams(),
             **self.act_kwargs,
         )
         return y.to(x.dtype)
@@ -284,8 +314,8 @@ class DeployReport:
     on a CPU model). It exceeds the planner's ``accounted_bytes`` (:func:`mixdq.memory.weight_memory`) by
     what the kernels keep beyond ``ceil(K * bits / 8)`` packed bytes + one FP16 scale + FP16 bias per row:
     float32 scales (+2 B per row), int32 row sums for the A8 zero-point correction (+4 B per row and input
-    part), 4- and 2-bit rows padded to whole 128-code chunks per input part (:mod:`kernels.pack`), the BOS K/V
-    caches, the buffers of layers left on the fake path, and float tensors wider than FP16.
+    part), 4- and 2-bit rows padded to whole 128-code chunks per input part (:mod:`kernels.pack`), the
+    activation quantizers as tensors for torch.compile (8 B per input part), the BOS K/V caches, the buffers of layers left on the fake path, and float tensors wider than FP16.
     """
 
     layers: tuple[DeployedLayerReport, ...]
