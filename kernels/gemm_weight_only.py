@@ -52,7 +52,7 @@ def get_gemm_a16_autotune_config() -> list[triton.Config]:
 
 @triton.autotune(configs=get_gemm_a16_autotune_config(), key=["M", "N", "K", "W_BITS"],
                  prune_configs_by={"early_config_prune": prune_by_m})  # fmt: skip
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # see kernels.gemm_wxa8.PER_LAYER_INTS
 def gemm_a16_kernel(
     # pointers
     a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,

@@ -37,6 +37,12 @@ from kernels.reference import ACT_OFFSET, act_parts, check_act_params
 from kernels.tiles import device_sms, launch_gemm, prune_by_m
 
 CHUNK = tl.constexpr(PACK_CHUNK)  # a jit function may read a global only as a constexpr
+# Integer arguments that vary from layer to layer without changing the code worth generating: left
+# unspecialized, so Triton does not compile a variant per value class (== 1, divisible by 16, other). Counted
+# from the SDXL UNet's layer shapes and the launch rule: 18 -> 11 compiles for W8A8, 38 -> 22 for MixDQ ~W4A8.
+# K_SPLIT and W_BYTE2 stay specialized: their divisibility by 16 is what lets the K-masked loads vectorize
+# into cp.async copies, and without it Triton does not pipeline the K loop (tests/compile_sm90.py shows it).
+PER_LAYER_INTS = ["M", "a_corr1", "a_corr2"]
 
 
 def get_gemm_a8_autotune_config() -> list[triton.Config]:
@@ -132,7 +138,7 @@ def k_loop(
 
 @triton.autotune(configs=get_gemm_a8_autotune_config(), key=["M", "N", "K", "W_BITS", "SWAP_AB"],
                  prune_configs_by={"early_config_prune": prune_by_m})  # fmt: skip
-@triton.jit
+@triton.jit(do_not_specialize=PER_LAYER_INTS)
 def gemm_a8_kernel(
     # pointers
     a_ptr, w_ptr, w_scale_ptr, rowsum_ptr, bias_ptr, out_ptr,
