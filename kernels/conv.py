@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.pack import PackedWeight
 from kernels import reference
+from kernels.pack import PackedWeight
 from kernels.reference import ACT_OFFSET, act_parts
 
 
