@@ -29,7 +29,7 @@ import struct
 
 import torch
 
-from kernels.pack import PackedWeight, qmax
+from kernels.pack import PackedWeight, part_bounds, qmax
 
 ACT_OFFSET = 128  # x_int8 = q - ACT_OFFSET: unsigned 8-bit codes shifted into int8
 ACT_BITS = (4, 8)
@@ -47,7 +47,7 @@ def act_parts(
     weight: PackedWeight, act_scale: float | tuple[float, float], act_zp: int | tuple[int, int]
 ) -> list[tuple[int, int, float, int]]:
     """``[(k_start, k_end, scale, zp), ...]``: one entry per K part of the weight's input."""
-    bounds = [0, weight.in_features] if weight.k_split is None else [0, weight.k_split, weight.in_features]
+    bounds = part_bounds(weight.in_features, weight.k_split)
     scales = act_scale if isinstance(act_scale, (tuple, list)) else (act_scale,)
     zps = act_zp if isinstance(act_zp, (tuple, list)) else (act_zp,)
     if len(scales) != len(bounds) - 1 or len(zps) != len(bounds) - 1:
@@ -83,15 +83,16 @@ def inv_scale(scale: float) -> float:
 def quantize_act(x: torch.Tensor, scale: float, zp: int, bits: int = 8) -> torch.Tensor:
     """Float activations (any shape) -> int8 ``q - 128`` of the same shape (see the module docstring)."""
     check_act_params(scale, zp, bits)
-    v = x.float() * torch.tensor(inv_scale(scale), dtype=torch.float32)
-    q = torch.clamp(torch.round(v) + zp, 0, 2**bits - 1)
-    return (q - ACT_OFFSET).to(torch.int8)
+    return quantize_act_tensors(x, torch.tensor(inv_scale(scale), dtype=torch.float32), zp, bits)
 
 
-def quantize_act_tensors(x: torch.Tensor, inv_scale_t: torch.Tensor, zp_t: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """:func:`quantize_act` with ``1 / s`` and ``zp`` as float32 tensors (one element each): the same codes.
+def quantize_act_tensors(
+    x: torch.Tensor, inv_scale_t: torch.Tensor, zp_t: torch.Tensor | int, bits: int = 8
+) -> torch.Tensor:
+    """The quantizer itself, ``1 / s`` as a float32 tensor and ``zp`` as a float32 tensor (or an int).
 
-    For torch.compile: Inductor bakes Python numbers into the kernels it generates, so every layer's quantizer
+    :func:`quantize_act` calls it with Python numbers turned into constants; deployed layers under
+    torch.compile call it with tensor buffers, because Inductor bakes Python numbers into the kernels it generates, so every layer's quantizer
     became its own kernel to compile (~720 unique kernels for an SDXL UNet vs ~60 in FP16); tensors are kernel
     arguments, and layers with the same shapes share one kernel.
     """

@@ -98,11 +98,9 @@ class PackedLayer(nn.Module):
         # held as their int32 bit patterns so that module.half() / .to(dtype) cannot round them
         act_params = None
         if self.act_kwargs:
-            scales, zero_points = self.act_kwargs["act_scale"], self.act_kwargs["act_zp"]
-            scales = scales if isinstance(scales, tuple) else (scales,)
-            zero_points = zero_points if isinstance(zero_points, tuple) else (zero_points,)
+            parts = kernels.reference.act_parts(packed, self.act_kwargs["act_scale"], self.act_kwargs["act_zp"])
             act_params = torch.tensor(
-                [[kernels.reference.inv_scale(s) for s in scales], [float(z) for z in zero_points]],
+                [[kernels.reference.inv_scale(s) for _, _, s, _ in parts], [float(z) for _, _, _, z in parts]],
                 dtype=torch.float32,
                 device=packed.data.device,
             ).view(torch.int32)

@@ -37,10 +37,10 @@ def compile_for_hopper(kernel, config: triton.Config, pointer_types: dict, **con
     indices = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
     # what the JIT specializes at the UNet's shapes: 16-byte aligned pointers, sizes and row strides divisible
     # by 16 (without it loads are byte-wise, cannot use cp.async, and the K loop is not pipelined)
-    unspecialized = set(getattr(kernel.fn, "do_not_specialize", ()) or ())
-    unspecialized |= {fn.arg_names[i] for i in unspecialized if isinstance(i, int)}
+    # ... except what the kernel marks do_not_specialize (names, or indices in some Triton versions)
+    unspecialized = {fn.arg_names[a] if isinstance(a, int) else a for a in getattr(fn, "do_not_specialize", ()) or ()}
     aligned = [i for i, n in enumerate(fn.arg_names)
-               if n not in constexprs and signature[n] != "fp32" and n not in unspecialized and i not in unspecialized]  # fmt: skip
+               if n not in constexprs and signature[n] != "fp32" and n not in unspecialized]  # fmt: skip
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     source = ASTSource(fn=fn, signature=signature, constexprs=indices, attrs=attrs)
