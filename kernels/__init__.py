@@ -6,7 +6,9 @@ reference, :mod:`kernels.reference`, elsewhere):
 * :class:`PackedWeight` (``PackedWeight.from_codes(q, scale, bits, k_split=None)``), packing helpers.
 * :func:`quantize_act` float -> int8 codes ``q - 128`` (static per-tensor scale / zero-point).
 * :func:`quant_linear` ``x [..., K]`` -> ``[..., N]``: A8 when ``act_scale`` is given, weight-only otherwise.
-* :func:`conv2d_quant` the same for Conv2d (1x1 as GEMM, kxk by channels-last im2col + GEMM).
+* :func:`conv2d_quant` the same for Conv2d (1x1 as GEMM, kxk by channels-last im2col + GEMM);
+  :func:`conv2d_dequant` the alternative: the weight unpacked to 16 bits per call and a float conv.
+* :mod:`kernels.fp8`: FP8 e4m3 linear layers on cuBLAS (``torch._scaled_mm``).
 
 Importing this package imports neither triton nor any kernel module; they load on first Triton use.
 ``backend="triton"`` forces the kernels (on CPU that needs ``TRITON_INTERPRET=1`` set before triton loads),
@@ -21,7 +23,7 @@ import importlib.util
 import torch
 
 from kernels import reference
-from kernels.conv import conv2d_quant
+from kernels.conv import conv2d_dequant, conv2d_quant
 from kernels.pack import (
     PackedWeight,
     conv_weight_matrix,
@@ -35,6 +37,7 @@ from kernels.pack import (
 
 __all__ = [
     "PackedWeight",
+    "conv2d_dequant",
     "conv2d_quant",
     "conv_weight_matrix",
     "has_triton_gpu",

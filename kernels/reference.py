@@ -96,8 +96,19 @@ def quantize_act_tensors(
     became its own kernel to compile (~720 unique kernels for an SDXL UNet vs ~60 in FP16); tensors are kernel
     arguments, and layers with the same shapes share one kernel.
     """
-    q = torch.clamp(torch.round(x.float() * inv_scale_t) + zp_t, 0, 2**bits - 1)
-    return (q - ACT_OFFSET).to(torch.int8)
+    return (_act_codes(x, inv_scale_t, zp_t, bits) - ACT_OFFSET).to(torch.int8)
+
+
+def _act_codes(x: torch.Tensor, inv_scale_t: torch.Tensor, zp_t: torch.Tensor | int, bits: int) -> torch.Tensor:
+    """Unsigned codes ``q`` as float32 (exact small integers): the one formula of the module docstring."""
+    return torch.clamp(torch.round(x.float() * inv_scale_t) + zp_t, 0, 2**bits - 1)
+
+
+def fake_quantize_act_tensors(
+    x: torch.Tensor, inv_scale_t: torch.Tensor, zp_t: torch.Tensor, scale_t: torch.Tensor, bits: int = 8
+) -> torch.Tensor:
+    """``(q - zp) * s`` in x's dtype: x rounded to its activation grid, torch's fused fake-quant formula."""
+    return ((_act_codes(x, inv_scale_t, zp_t, bits) - zp_t) * scale_t).to(x.dtype)
 
 
 def quantize_act_parts_tensors(

@@ -35,13 +35,17 @@ class PrecisionConfig:
 
     A layer missing from ``weight_bits`` keeps FP16 weights; one missing from ``act_bits`` keeps
     FP16 inputs. ``protected`` layers stay entirely in FP16 whatever the two maps say (MixDQ keeps
-    the ~1% most activation-sensitive layers this way). ``fingerprint`` identifies the architecture
-    the config was made for (see :func:`mixdq.inventory.inventory_fingerprint`).
+    the ~1% most activation-sensitive layers this way). ``fp8`` lists W8A8 linear layers whose 8-bit
+    weights and activations use the FP8 e4m3 format (:mod:`kernels.fp8`) instead of int8: cuBLAS FP8 is the
+    fastest 8-bit GEMM on Hopper/Ada GPUs, and fake quantization simulates the same grid, so quality is
+    measured for what runs (see :meth:`with_fp8_linears`). ``fingerprint`` identifies the architecture the
+    config was made for (see :func:`mixdq.inventory.inventory_fingerprint`).
     """
 
     weight_bits: dict[str, int] = field(default_factory=dict)
     act_bits: dict[str, int] = field(default_factory=dict)
     protected: list[str] = field(default_factory=list)
+    fp8: list[str] = field(default_factory=list)
     model_id: str = ""
     fingerprint: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +80,22 @@ class PrecisionConfig:
         """Bits of this layer's input activations, ``None`` for FP16."""
         return None if name in self.protected else self.act_bits.get(name)
 
+    def layer_fp8(self, name: str) -> bool:
+        """True when this layer's 8-bit weights and activations are FP8 e4m3 rather than int8."""
+        return name in self.fp8 and name not in self.protected
+
+    def with_fp8_linears(self, layers: list[LayerInfo]) -> PrecisionConfig:
+        """A copy in which every W8A8 linear layer runs FP8 e4m3 (convs and other bits keep their format)."""
+        fp8 = [
+            i.name
+            for i in layers
+            if i.kind == "linear" and self.layer_weight_bits(i.name) == 8 and self.layer_act_bits(i.name) == 8
+        ]
+        config = PrecisionConfig.from_dict(self.to_dict())
+        config.fp8 = fp8
+        config.validate(layers)
+        return config
+
     def validate(self, layers: list[LayerInfo]) -> None:
         """Raise :class:`ConfigError` naming the first entry that does not fit ``layers``."""
         fingerprint = inventory_fingerprint(layers)
@@ -97,6 +117,20 @@ class PrecisionConfig:
         for name in self.protected:
             if name not in known:
                 raise ConfigError(f"protected: unknown layer {name!r} (not a Linear/Conv2d of this UNet).")
+        kinds = {i.name: i.kind for i in layers}
+        for name in self.fp8:
+            if name not in known:
+                raise ConfigError(f"fp8: unknown layer {name!r} (not a Linear/Conv2d of this UNet).")
+            if kinds[name] != "linear":
+                raise ConfigError(
+                    f"fp8: layer {name!r} is a {kinds[name]}; FP8 e4m3 is offered for linear layers only."
+                )
+            bits = (self.layer_weight_bits(name), self.layer_act_bits(name))
+            if name not in self.protected and bits != (8, 8):
+                raise ConfigError(
+                    f"fp8: layer {name!r} is at W{bits[0] or 16}A{bits[1] or 16}; FP8 e4m3 replaces int8 in W8A8 "
+                    "layers only. Remove it from 'fp8' or give it 8-bit weights and activations."
+                )
 
     # ---- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +142,7 @@ class PrecisionConfig:
             "weight_bits": dict(self.weight_bits),
             "act_bits": dict(self.act_bits),
             "protected": list(self.protected),
+            "fp8": list(self.fp8),
             "metadata": dict(self.metadata),
         }
 
@@ -124,13 +159,20 @@ class PrecisionConfig:
             raise ConfigError(
                 f"unsupported schema_version {version!r}; this version of MixDQ Studio reads {SCHEMA_VERSION}."
             )
-        for key, kind in (("weight_bits", dict), ("act_bits", dict), ("protected", list), ("metadata", dict)):
+        for key, kind in (
+            ("weight_bits", dict),
+            ("act_bits", dict),
+            ("protected", list),
+            ("fp8", list),
+            ("metadata", dict),
+        ):
             if not isinstance(data.get(key, kind()), kind):
                 raise ConfigError(f"'{key}' must be a JSON {'object' if kind is dict else 'array'}.")
         return cls(
             weight_bits=dict(data.get("weight_bits", {})),
             act_bits=dict(data.get("act_bits", {})),
             protected=list(data.get("protected", [])),
+            fp8=list(data.get("fp8", [])),
             model_id=str(data.get("model_id", "")),
             fingerprint=data.get("fingerprint"),
             metadata=dict(data.get("metadata", {})),
@@ -164,8 +206,14 @@ class PrecisionConfig:
     def to_mixdq_yaml(self, layers: list[LayerInfo]) -> tuple[str, str]:
         """(weight yaml, activation yaml) in the MixDQ authors' format: ``model.<layer>: bits``.
 
-        Layers kept in FP16 (protected, or absent from a map) are written as 16 bits.
+        Layers kept in FP16 (protected, or absent from a map) are written as 16 bits. MixDQ's format has no
+        FP8, so a config with ``fp8`` layers is refused rather than exported as int8.
         """
+        if self.fp8:
+            raise ConfigError(
+                f"MixDQ's yaml format has no FP8 e4m3; this config runs {len(self.fp8)} layers in FP8. Export it as "
+                "JSON, or clear its 'fp8' list to export the int8 equivalent."
+            )
         weight = {MIXDQ_YAML_PREFIX + i.name: self.layer_weight_bits(i.name) or MIXDQ_YAML_FP_BITS for i in layers}
         act = {MIXDQ_YAML_PREFIX + i.name: self.layer_act_bits(i.name) or MIXDQ_YAML_FP_BITS for i in layers}
         return yaml.safe_dump(weight, sort_keys=False), yaml.safe_dump(act, sort_keys=False)

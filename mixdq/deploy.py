@@ -37,17 +37,22 @@ import torch
 from torch import nn
 
 import kernels
+from kernels import fp8
 from mixdq.config import PrecisionConfig
 from mixdq.inventory import layer_inventory, non_layer_param_count
 from mixdq.memory import MB, layer_weight_bytes, weight_memory
 from mixdq.quant.api import quant_layers, quantize_
 from mixdq.quant.layers import CalibrationRequiredError, QuantLayer
-from mixdq.quant.primitives import act_qparams, quantize_weight
+from mixdq.quant.primitives import act_qparams, fp8_act_qparams, quantize_weight
 
 # Relative L2 distance under which a run-time token-0 vector counts as a cached one. The same BOS state
 # computed at another batch size or by another kernel differs by float rounding (< 1e-3 relative in FP16);
 # BOS states of other text encoders or hidden layers (clip_skip) differ by O(1).
 BOS_MATCH_RTOL = 1e-2
+
+
+# how a deployed quantized conv computes: integer GEMM on patches, or float conv on the unpacked weight
+CONV_PATHS = ("gemm", "dequant")
 
 
 class BosCacheMissError(RuntimeError):
@@ -94,16 +99,15 @@ class PackedLayer(nn.Module):
         self.weight_shape = tuple(fp.weight.shape)
         self.backend = backend
         self.act_kwargs = self._static_act_kwargs(layer)
-        # the same quantizers as float32 tensors [2, parts], read by torch.compile'd graphs (see _act_qparams);
-        # held as their int32 bit patterns so that module.half() / .to(dtype) cannot round them
+        # the same quantizers as float32 tensors [3, parts] of rows (1 / s, zp, s), read by torch.compile'd
+        # graphs and the dequantizing conv (see _act_qparams); held as their int32 bit patterns so that
+        # module.half() / .to(dtype) cannot round them
         act_params = None
         if self.act_kwargs:
             parts = kernels.reference.act_parts(packed, self.act_kwargs["act_scale"], self.act_kwargs["act_zp"])
-            act_params = torch.tensor(
-                [[kernels.reference.inv_scale(s) for _, _, s, _ in parts], [float(z) for _, _, _, z in parts]],
-                dtype=torch.float32,
-                device=packed.data.device,
-            ).view(torch.int32)
+            rows = [[kernels.reference.inv_scale(s), float(z), s] for _, _, s, z in parts]
+            act_params = torch.tensor(rows, dtype=torch.float32, device=packed.data.device).T.contiguous()
+            act_params = act_params.view(torch.int32)
         self.register_buffer("act_qparams_t", act_params)
 
     @staticmethod
@@ -127,8 +131,14 @@ class PackedLayer(nn.Module):
         """
         if self.act_qparams_t is None or not torch.compiler.is_compiling():
             return None
-        params = self.act_qparams_t.view(torch.float32)
-        return params[0], params[1]
+        return self._act_param_tensors()[:2]
+
+    def _act_param_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(1 / s, zp, s)`` float32 tensors, one element per input part (None for weight-only layers)."""
+        if self.act_qparams_t is None:
+            return None
+        inv_scale, zero_point, scale = self.act_qparams_t.view(torch.float32).unbind()
+        return inv_scale, zero_point, scale
 
     @property
     def packed_weight(self) -> kernels.PackedWeight:
@@ -161,17 +171,17 @@ def _bos_vectors(layer: QuantLayer, extra_bos: torch.Tensor | None) -> torch.Ten
     return torch.cat(rows)
 
 
-class DeployedLinear(PackedLayer):
-    """Packed replacement of a quantized ``nn.Linear``; BOS-aware for cross-attention ``to_k`` / ``to_v``.
+class BosAwareForward:
+    """The forward of a deployed linear layer, BOS-aware for cross-attention ``to_k`` / ``to_v``.
 
     ``bos_inputs`` ``(K, C_in)`` / ``bos_outputs`` ``(K, C_out)`` (model dtype, BOS-aware layers only): the
-    token-0 vectors this layer knows and their full-precision outputs, precomputed by :func:`deploy`.
+    token-0 vectors this layer knows and their full-precision outputs, precomputed by :func:`deploy`; every
+    other row goes through the subclass's ``_matmul``.
     """
 
-    kind = "linear"
+    layer_name: str
 
-    def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
-        super().__init__(layer, backend)
+    def _register_bos(self, layer: QuantLayer, extra_bos: torch.Tensor | None) -> None:
         if not layer.bos_aware:
             self.register_buffer("bos_inputs", None)
             self.register_buffer("bos_outputs", None)
@@ -184,15 +194,6 @@ class DeployedLinear(PackedLayer):
         if self.bos_inputs is None:
             return self._matmul(x)
         return torch.cat([self._bos_rows(x[:, 0]).unsqueeze(1), self._matmul(x[:, 1:])], dim=1)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, qparams = x.dtype, self._act_qparams()
-        if qparams is not None:  # compiled: quantize here with tensor parameters; the GEMM gets int8 codes
-            x = kernels.reference.quantize_act_parts_tensors(x, *qparams, self.k_split, self.act_bits)
-        y = kernels.quant_linear(
-            x, self.packed_weight, bias=self.bias, backend=self.backend, out_dtype=dtype, **self.act_kwargs
-        )
-        return y.to(dtype)
 
     def _bos_rows(self, token0: torch.Tensor) -> torch.Tensor:
         """Full-precision outputs ``(B, C_out)`` for token-0 inputs ``(B, C_in)``, from the precomputed cache."""
@@ -219,13 +220,92 @@ class DeployedLinear(PackedLayer):
         )
 
 
+class DeployedLinear(BosAwareForward, PackedLayer):
+    """Packed replacement of a quantized ``nn.Linear`` (BOS-aware: see :class:`BosAwareForward`)."""
+
+    kind = "linear"
+
+    def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
+        super().__init__(layer, backend)
+        self._register_bos(layer, extra_bos)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, qparams = x.dtype, self._act_qparams()
+        if qparams is not None:  # compiled: quantize here with tensor parameters; the GEMM gets int8 codes
+            x = kernels.reference.quantize_act_parts_tensors(x, *qparams, self.k_split, self.act_bits)
+        y = kernels.quant_linear(
+            x, self.packed_weight, bias=self.bias, backend=self.backend, out_dtype=dtype, **self.act_kwargs
+        )
+        return y.to(dtype)
+
+
+class DeployedFP8Linear(BosAwareForward, nn.Module):
+    """A W8A8 ``nn.Linear`` of a config's ``fp8`` list: e4m3 weight and activations, one scale each.
+
+    On a CUDA GPU with FP8 tensor cores the product is one cuBLAS call (``torch._scaled_mm``, bias and FP16
+    output fused); elsewhere, and for shapes cuBLAS FP8 rejects, the same codes are dequantized and multiplied
+    (:func:`kernels.fp8.fp8_linear`). The codes are held as uint8 and the scales as int32 bit patterns, so
+    ``module.half()`` can convert neither.
+    """
+
+    kind = "linear"
+    weight_bits = 8
+    act_bits = 8
+    k_split = None
+
+    def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
+        super().__init__()
+        fp = layer.fp_module
+        codes, weight_scale = fp8.quantize_fp8_weight(fp.weight)
+        act_scale, act_inv_scale = fp8_act_qparams(layer.act_range(8))
+        self.register_buffer("qweight", codes.view(torch.uint8))
+        scales = torch.stack([weight_scale, act_scale[0], act_inv_scale[0]]).float()
+        self.register_buffer("fp8_scales_t", scales.view(torch.int32))
+        self.register_buffer("bias", None if fp.bias is None else fp.bias.detach().clone())
+        self.layer_name = layer.layer_name
+        self.out_features, self.in_features = fp.weight.shape
+        self.weight_shape = tuple(fp.weight.shape)
+        self.backend = backend
+        self._register_bos(layer, extra_bos)
+
+    def _use_scaled_mm(self, x: torch.Tensor) -> bool:
+        return kernels.resolve_backend(x, self.backend) == "triton" and fp8.fp8_shape_ok(
+            self.in_features, self.out_features
+        )
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        weight_scale, act_scale, act_inv_scale = self.fp8_scales_t.view(torch.float32).unbind()
+        weight = self.qweight.view(fp8.FP8_DTYPE)
+        use_scaled_mm = self._use_scaled_mm(x)
+        return fp8.fp8_linear(x, weight, weight_scale, act_inv_scale, act_scale, self.bias, use_scaled_mm=use_scaled_mm)
+
+    @property
+    def precision(self) -> str:
+        return "W8A8 FP8"
+
+    def resolved_backend(self) -> str:
+        """``"cuBLAS FP8"`` where ``torch._scaled_mm`` runs for this layer on its device now, else ``"torch"``."""
+        return "cuBLAS FP8" if self._use_scaled_mm(self.qweight) else "torch"
+
+    def extra_repr(self) -> str:
+        return f"{self.precision}, out={self.out_features}, in={self.in_features}, backend={self.backend}"
+
+
 class DeployedConv2d(PackedLayer):
-    """Packed replacement of a quantized ``nn.Conv2d`` (weight in channels-last ``(kh, kw, C)`` order)."""
+    """Packed replacement of a quantized ``nn.Conv2d`` (weight in channels-last ``(kh, kw, C)`` order).
+
+    ``conv_path`` (see :data:`CONV_PATHS`): ``"gemm"`` runs the integer GEMM on channels-last patches
+    (:func:`kernels.conv2d_quant`); ``"dequant"`` unpacks the weight to 16 bits per call and runs a float conv
+    on the A8-rounded input (:func:`kernels.conv2d_dequant`): the same numbers, cuDNN's speed.
+    """
 
     kind = "conv"
 
-    def __init__(self, layer: QuantLayer, backend: str) -> None:
+    def __init__(self, layer: QuantLayer, backend: str, conv_path: str = "gemm") -> None:
         super().__init__(layer, backend)
+        if conv_path not in CONV_PATHS:
+            raise ValueError(f"conv_path must be one of {list(CONV_PATHS)}, got {conv_path!r}.")
+        self.conv_path = conv_path
         conv = layer.fp_module
         self.in_channels = conv.in_channels
         self.out_channels = conv.out_channels
@@ -234,6 +314,17 @@ class DeployedConv2d(PackedLayer):
         self.padding = conv.padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_path == "dequant":
+            return kernels.conv2d_dequant(
+                x,
+                self.packed_weight,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.bias,
+                act_qparams=self._act_param_tensors(),
+                act_bits=self.act_bits or 8,
+            )
         y = kernels.conv2d_quant(
             x,
             self.packed_weight,
@@ -259,6 +350,10 @@ def check_deployable(layer: QuantLayer, extra_bos: torch.Tensor | None = None) -
         )
     if layer.act_bits is not None and layer.act_range(layer.act_bits) is None:
         raise CalibrationRequiredError(layer.layer_name, layer.act_bits)
+    if layer.fp8 and (layer.weight_bits, layer.act_bits) != (8, 8):
+        raise ValueError(
+            f"{layer.layer_name}: FP8 e4m3 deploys W8A8 layers only; it is W{layer.weight_bits}A{layer.act_bits or 16}."
+        )
     conv = layer.fp_module
     if not isinstance(conv, nn.Conv2d):
         return
@@ -279,7 +374,9 @@ def check_deployable(layer: QuantLayer, extra_bos: torch.Tensor | None = None) -
         )
 
 
-def deploy_layer(layer: QuantLayer, backend: str = "auto", extra_bos: torch.Tensor | None = None) -> nn.Module:
+def deploy_layer(
+    layer: QuantLayer, backend: str = "auto", extra_bos: torch.Tensor | None = None, conv_path: str = "gemm"
+) -> nn.Module:
     """The module that replaces one fake-quant layer (see the module docstring for the three cases).
 
     A BOS-aware layer precomputes the full-precision output of the all-zeros vector, of the token-0 vectors
@@ -289,8 +386,14 @@ def deploy_layer(layer: QuantLayer, backend: str = "auto", extra_bos: torch.Tens
     if layer.weight_bits is None:
         return layer if layer.act_bits is not None else layer.fp_module
     if isinstance(layer.fp_module, nn.Conv2d):
-        return DeployedConv2d(layer, backend)
+        return DeployedConv2d(layer, backend, conv_path)
+    if layer.fp8:
+        return DeployedFP8Linear(layer, backend, extra_bos)
     return DeployedLinear(layer, backend, extra_bos)
+
+
+# the modules deploy() puts in place of fake-quant layers that quantize weights
+DEPLOYED_TYPES = (PackedLayer, DeployedFP8Linear)
 
 
 @dataclass(frozen=True)
@@ -299,7 +402,9 @@ class DeployedLayerReport:
 
     name: str
     precision: str  # "W4A8", "W4A16" (weight-only), "W16A8" (activation-only), "FP16"
-    backend: str  # "triton", "torch reference" (integer kernels' PyTorch path), "fake-quant", "torch" (float)
+    backend: (
+        str  # "triton", "cuBLAS FP8", "torch reference" (integer kernels' PyTorch path), "fake-quant", "torch" (float)
+    )
     nbytes: int  # every tensor the layer's module holds, exact
     accounted_bytes: int  # mixdq.memory.layer_weight_bytes at its weight bits
 
@@ -313,7 +418,9 @@ class DeployReport:
     what the kernels keep beyond ``ceil(K * bits / 8)`` packed bytes + one FP16 scale + FP16 bias per row:
     float32 scales (+2 B per row), int32 row sums for the A8 zero-point correction (+4 B per row and input
     part), 4- and 2-bit rows padded to whole 128-code chunks per input part (:mod:`kernels.pack`), the
-    activation quantizers as tensors for torch.compile (8 B per input part), the BOS K/V caches, the buffers of layers left on the fake path, and float tensors wider than FP16.
+    activation quantizers as tensors for torch.compile and the dequantizing conv (12 B per input part), the BOS
+    K/V caches, FP8 layers' three float32 scales (vs an FP16 scale per row), the buffers of layers left on the fake
+    path, and float tensors wider than FP16.
     """
 
     layers: tuple[DeployedLayerReport, ...]
@@ -347,6 +454,20 @@ class DeployReport:
         )
 
 
+def _check_fp8_device(unet: nn.Module, layers, kernel_backend: str) -> None:
+    """FP8 layers on a CUDA GPU without FP8 tensor cores would fail at their first call: refuse up front."""
+    device = next(unet.parameters()).device
+    if kernel_backend != "triton" or device.type != "cuda" or not any(q.fp8 and q.weight_bits for q in layers):
+        return
+    if not fp8.fp8_supported(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"this config runs layers in FP8 e4m3, which needs an NVIDIA GPU of compute capability 8.9 or newer "
+            f"(Ada, Hopper); {torch.cuda.get_device_name(device)} is {major}.{minor}. Use the int8 config "
+            "(clear its 'fp8' list) or deploy with backend='torch' (the reference path, not faster)."
+        )
+
+
 def _unet_dtype(unet: nn.Module) -> torch.dtype:
     return next(p.dtype for p in unet.parameters() if p.is_floating_point())
 
@@ -365,7 +486,13 @@ def _pipeline_bos(model: Any, unet: nn.Module) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def deploy(model: Any, config: PrecisionConfig | None = None, act_ranges=None, backend: str = "auto") -> DeployReport:
+def deploy(
+    model: Any,
+    config: PrecisionConfig | None = None,
+    act_ranges=None,
+    backend: str = "auto",
+    conv_path: str = "gemm",
+) -> DeployReport:
     """Replace the fake-quant layers of ``model``'s UNet (a pipeline or the UNet) by packed-integer layers.
 
     ``config`` (with ``act_ranges`` from :func:`mixdq.calibrate.calibrate` if it quantizes activations) is
@@ -373,12 +500,15 @@ def deploy(model: Any, config: PrecisionConfig | None = None, act_ranges=None, b
     Every layer is checked before the first one is replaced. Deployment is one way: the FP weights of the
     packed layers are dropped (memory returns once no one else holds the old layers), so ``quantize_``,
     ``quantization_off`` and sensitivity sweeps do not apply to the result; deploy a copy to keep both.
-    On CUDA the UNet must be float16/bfloat16 (the Triton kernels' activation types).
+    On CUDA the UNet must be float16/bfloat16 (the Triton kernels' activation types). ``conv_path``:
+    how quantized convs compute (:class:`DeployedConv2d`; both hold packed weights).
     """
     if backend not in kernels.BACKENDS:
         raise ValueError(f"backend must be one of {list(kernels.BACKENDS)}, got {backend!r}.")
+    if conv_path not in CONV_PATHS:
+        raise ValueError(f"conv_path must be one of {list(CONV_PATHS)}, got {conv_path!r}.")
     unet = getattr(model, "unet", model)
-    if any(isinstance(m, PackedLayer) for m in unet.modules()):
+    if any(isinstance(m, DEPLOYED_TYPES) for m in unet.modules()):
         raise ValueError("this UNet is already deployed; deploy a fresh fake-quant copy instead.")
     if config is not None:
         quantize_(unet, config, act_ranges)
@@ -395,6 +525,7 @@ def deploy(model: Any, config: PrecisionConfig | None = None, act_ranges=None, b
     pipeline_bos = _pipeline_bos(model, unet) if needs_bos else None
     for layer in layers.values():
         check_deployable(layer, pipeline_bos)
+    _check_fp8_device(unet, layers.values(), kernel_backend)
     inventory = layer_inventory(unet)
     bits = PrecisionConfig(weight_bits={n: q.weight_bits for n, q in layers.items() if q.weight_bits is not None})
     other_params = non_layer_param_count(unet)
@@ -404,11 +535,12 @@ def deploy(model: Any, config: PrecisionConfig | None = None, act_ranges=None, b
     reports = []
     for info in inventory:
         layer = layers.pop(info.name)
-        module = deploy_layer(layer, backend, pipeline_bos)
+        module = deploy_layer(layer, backend, pipeline_bos, conv_path)
         unet.set_submodule(info.name, module)
-        if isinstance(module, PackedLayer):
+        if isinstance(module, DEPLOYED_TYPES):
             precision = module.precision
-            layer_backend = "triton" if module.resolved_backend() == "triton" else "torch reference"
+            resolved = module.resolved_backend()
+            layer_backend = {"triton": "triton", "cuBLAS FP8": resolved}.get(resolved, "torch reference")
         elif isinstance(module, QuantLayer):
             precision, layer_backend = f"W16A{module.act_bits}", "fake-quant"
         else:

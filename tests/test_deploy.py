@@ -78,6 +78,41 @@ def test_conv3x3_matches_fake_quant(weight_bits, act_bits, stride):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_bits,act_bits", [(8, 8), (4, 8), (2, None)])
+def test_dequant_conv_path_computes_the_fake_quant_numbers(weight_bits, act_bits, dtype):
+    """conv_path='dequant': packed weights unpacked per call + the A8-rounded input, then a float conv. It is
+    the fake-quant arithmetic itself (same rounded inputs, same weights), so the outputs differ only by the
+    conv's accumulation order (another weight memory layout picks another algorithm)."""
+    torch.manual_seed(7)
+    cases = [
+        (nn.Conv2d(32, 48, 3, stride=2, padding=1), torch.randn(2, 32, 9, 9), {}),
+        (
+            nn.Conv2d(40, 24, 1),
+            torch.cat([torch.randn(2, 16, 8, 8), 20 * torch.randn(2, 24, 8, 8)], 1),
+            {"concat_split": 16},
+        ),
+    ]
+    for module, x, kwargs in cases:
+        layer = fake_quant_layer(module.to(dtype), weight_bits, act_bits, x.to(dtype), **kwargs)
+        ref = layer(x.to(dtype))
+        deployed = deploy_layer(layer, conv_path="dequant")
+        assert isinstance(deployed, DeployedConv2d) and deployed.conv_path == "dequant"
+        y = deployed(x.to(dtype))
+        assert y.dtype == dtype and y.shape == ref.shape
+        atol = (1e-5 if dtype == torch.float32 else 2**-7) * float(ref.abs().max())  # accumulation order
+        torch.testing.assert_close(y, ref, rtol=0, atol=atol)
+
+
+def test_unknown_conv_path_is_refused_before_any_change(fresh_random_pipe):
+    with pytest.raises(ValueError, match="conv_path must be one of"):
+        deploy(
+            fresh_random_pipe, PrecisionConfig.uniform(layer_inventory(fresh_random_pipe.unet), 8, None), conv_path="x"
+        )
+    assert not quant_layers(fresh_random_pipe)
+
+
+@torch.no_grad()
 def test_float32_layers_keep_float32_outputs():
     """A float32 model (the CPU path) gets float32 outputs from every deployed layer kind: only fp32 epilogue
     rounding separates them from the fake-quant layers (once, 3x3 convs came back rounded to fp16)."""
@@ -338,7 +373,7 @@ def test_report_counts_backends_and_exact_bytes(deployed_pipe):
 def test_fp16_bytes_match_the_accounting_plus_kernel_extras(fresh_random_pipe):
     """In FP16, bytes held = mixdq.memory's accounting + what the kernels keep beyond it, exactly:
     +2 B per row (float32 scales), +4 B per row and input part (int32 row sums), the padding of 4- and 2-bit
-    rows to whole 128-code chunks per input part, the activation quantizers as tensors (8 B per input part,
+    rows to whole 128-code chunks per input part, the activation quantizers as tensors (12 B per input part,
     for torch.compile), the BOS K/V caches."""
     pipe = fresh_random_pipe
     pipe.unet.half()

@@ -75,6 +75,7 @@ def quantize_(
         for bits, by_layer in ranges.items():
             if info.name in by_layer:
                 layer.set_act_range(bits, by_layer[info.name])
+        layer.fp8 = config is not None and config.layer_fp8(info.name)
         if config is None:
             layer.set_bits(None, None)
         else:

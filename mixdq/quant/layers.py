@@ -17,8 +17,11 @@ from torch import nn
 from mixdq.config import ACT_BITS, WEIGHT_BITS
 from mixdq.quant.primitives import (
     act_qparams,
+    fake_quantize_act_fp8,
     fake_quantize_act_qparams,
     fake_quantize_weight,
+    fake_quantize_weight_fp8,
+    fp8_act_qparams,
     observe_min_max,
     weight_scales,
 )
@@ -52,6 +55,9 @@ class QuantLayer(nn.Module):
 
     ``concat_split = c`` quantizes input channels ``[:c]`` and ``[c:]`` with separate ranges (up-block
     ``conv_shortcut`` inputs are ``cat([upsampled, skip])``, whose ranges differ a lot).
+    ``fp8`` (set by ``quantize_`` for the layers of a config's ``fp8`` list): the side(s) at 8 bits use the
+    FP8 e4m3 grid of :mod:`kernels.fp8` (one scale per tensor) instead of int8, as a deployed FP8 layer does.
+
     ``bos_aware`` (cross-attention ``to_k`` / ``to_v``): token 0 of the ``(B, T, C)`` text embedding is left
     out of calibration and quantization; its output row is the full-precision one, computed once per
     distinct token-0 vector and cached, since the BOS hidden state is the same for every prompt.
@@ -74,6 +80,7 @@ class QuantLayer(nn.Module):
         self.mode = QuantMode.QUANTIZED
         self._weight_bits: int | None = None
         self._act_bits: int | None = None
+        self._fp8 = False
         for bits, scale in weight_scales(fp_module.weight).items():
             self.register_buffer(f"weight_scale_{bits}", scale, persistent=False)
         for bits in ACT_BITS:
@@ -117,6 +124,21 @@ class QuantLayer(nn.Module):
         self._check_bits(bits, ACT_BITS, "activation")
         self._act_bits = bits
         self._refresh_act_qparams()
+
+    @property
+    def fp8(self) -> bool:
+        return self._fp8
+
+    @fp8.setter
+    def fp8(self, value: bool) -> None:
+        if bool(value) != self._fp8:
+            self._fq_weight = None
+        self._fp8 = bool(value)
+        self._refresh_act_qparams()
+
+    def _fp8_side(self, bits: int | None) -> bool:
+        """FP8 replaces int8 on a side only at 8 bits (a sweep may set other bits on an FP8 layer)."""
+        return self._fp8 and bits == 8
 
     def set_bits(self, weight_bits: int | None, act_bits: int | None) -> None:
         """Set both bit-widths (``None`` = floating point); activation bits need a calibrated range.
@@ -164,6 +186,8 @@ class QuantLayer(nn.Module):
         act_range = None if self._act_bits is None else self.act_range(self._act_bits)
         if act_range is None:
             self._act_scale = self._act_zero_point = None
+        elif self._fp8_side(self._act_bits):  # (scale, 1 / scale) per part
+            self._act_scale, self._act_zero_point = fp8_act_qparams(act_range)
         else:
             self._act_scale, self._act_zero_point = act_qparams(act_range, self._act_bits)
 
@@ -185,8 +209,12 @@ class QuantLayer(nn.Module):
 
     def _fake_quant_weight(self) -> torch.Tensor:
         if self._fq_weight is None:
-            scale = getattr(self, f"weight_scale_{self._weight_bits}")
-            self._fq_weight = fake_quantize_weight(self.fp_module.weight.detach(), scale, self._weight_bits)
+            weight = self.fp_module.weight.detach()
+            if self._fp8_side(self._weight_bits):
+                self._fq_weight = fake_quantize_weight_fp8(weight)
+            else:
+                scale = getattr(self, f"weight_scale_{self._weight_bits}")
+                self._fq_weight = fake_quantize_weight(weight, scale, self._weight_bits)
         return self._fq_weight
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,9 +226,14 @@ class QuantLayer(nn.Module):
             self.set_act_range(bits, torch.stack(observed))
         if self._act_scale is None:
             raise CalibrationRequiredError(self.layer_name, bits)
-        quantized = [
-            fake_quantize_act_qparams(p, s, z, bits) for p, s, z in zip(parts, self._act_scale, self._act_zero_point)
-        ]
+        # int8: (scale, zero point) per part; FP8: (scale, 1 / scale) per part
+        if self._fp8_side(bits):
+            quantized = [
+                fake_quantize_act_fp8(p, s, inv) for p, s, inv in zip(parts, self._act_scale, self._act_zero_point)
+            ]
+        else:
+            pairs = zip(parts, self._act_scale, self._act_zero_point)
+            quantized = [fake_quantize_act_qparams(p, s, z, bits) for p, s, z in pairs]
         return quantized[0] if len(quantized) == 1 else torch.cat(quantized, dim=1)
 
     def _bos_output(self, token0: torch.Tensor) -> torch.Tensor:
@@ -225,6 +258,8 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         extras = [f"weight_bits={self._weight_bits}", f"act_bits={self._act_bits}", f"mode={self.mode.value}"]
+        if self._fp8:
+            extras.append("fp8=True")
         if self.concat_split is not None:
             extras.append(f"concat_split={self.concat_split}")
         if self.bos_aware:

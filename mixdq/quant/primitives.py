@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.fp8 import fp8_scale, quantize_fp8, quantize_fp8_weight
 from mixdq.config import WEIGHT_BITS
 
 # MixDQ's EMA momentum for activation ranges: new = momentum * old + (1 - momentum) * batch.
@@ -122,6 +123,28 @@ def fake_quantize_act_qparams(
     so layers compute their qparams once per range change and call this.
     """
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, act_qmax(bits))
+
+
+# ---- FP8 e4m3 (8-bit layers of a config's ``fp8`` list; the formulas are kernels.fp8's) --------------
+def fp8_act_qparams(act_range: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, 1 / scale) float32 tensors ``(...,)`` for a ``[..., 2]`` range: ``max(|lo|, |hi|) / 448``.
+
+    The same calibrated range as the int8 quantizer; FP8 is symmetric, so the wider side sets the scale.
+    """
+    absmax = torch.maximum(-act_range[..., 0].float(), act_range[..., 1].float()).clamp(min=0.0)
+    scale = fp8_scale(absmax)
+    return scale, 1.0 / scale
+
+
+def fake_quantize_weight_fp8(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to its per-tensor-scaled e4m3 grid, in ``w``'s dtype."""
+    codes, scale = quantize_fp8_weight(w)
+    return (codes.float() * scale).to(w.dtype)
+
+
+def fake_quantize_act_fp8(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the e4m3 grid of one (scale, 1 / scale) pair, in ``x``'s dtype; beyond 448 clipped."""
+    return (quantize_fp8(x, inv_scale).float() * scale).to(x.dtype)
 
 
 # ---- calibration ------------------------------------------------------------------------------------

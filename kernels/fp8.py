@@ -1,0 +1,88 @@
+"""FP8 e4m3 linear layers: the 8-bit format Hopper and Ada GPUs multiply fastest.
+
+cuBLAS's FP8 GEMM (``torch._scaled_mm``) is ~1.4x faster than FP16 at the SDXL UNet's linear shapes on an
+H200, while int8 (ours or ``torch._int_mm``) is no faster than FP16 there (``bench/gpu_kernels.py``). FP8 is
+also a different grid from int8: 3 mantissa bits, so a roughly constant *relative* rounding error instead of
+a constant step. A model that runs FP8 must be simulated with FP8 to keep quality numbers honest, so the
+formulas live here once and :mod:`mixdq.quant` fake-quantizes with them.
+
+Format (the per-tensor "tensorwise" recipe, what ``_scaled_mm`` runs in one cuBLAS call with bias and FP16
+output): ``x ~= scale * q`` with ``q = e4m3(clamp(x / scale, -448, 448))``, round to nearest even, one
+float32 scale per tensor. Weights: ``scale = max|w| / 448``. Activations: ``scale = max(|lo|, |hi|) / 448``
+from the same calibrated range the int8 quantizer uses (FP8 is symmetric: no zero point). e4m3's exponent
+covers ~2^17 of dynamic range, which is why one scale per tensor suffices where int8 needs one per channel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+# cuBLAS FP8 needs K and N to be multiples of 16; other shapes run the reference path
+FP8_ALIGN = 16
+# compute capability of the first GPUs with FP8 tensor cores (Ada 8.9, Hopper 9.0)
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """float32 scale mapping ``absmax`` to e4m3's largest value; 1 for an all-zero tensor (codes all 0)."""
+    absmax = absmax.float()
+    return torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+
+
+def quantize_fp8(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """``e4m3(clamp(x * (1 / scale)))``: the one formula for activations, fake and real.
+
+    Clamped first because a float -> e4m3fn cast of anything beyond 448 is NaN (the format has no infinity).
+    Plain tensor ops: under torch.compile Inductor fuses them into the op that produced ``x``.
+    """
+    return torch.clamp(x.float() * inv_scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes e4m3 same shape as w, float32 scale scalar)`` with ``scale = max|w| / 448``."""
+    scale = fp8_scale(w.detach().float().abs().amax())
+    codes = torch.clamp(w.detach().float() / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scale
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """True on a CUDA device with FP8 tensor cores (compute capability 8.9 or newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+
+
+def fp8_shape_ok(in_features: int, out_features: int) -> bool:
+    """cuBLAS FP8 takes this (K, N)."""
+    return in_features % FP8_ALIGN == 0 and out_features % FP8_ALIGN == 0
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    act_inv_scale: torch.Tensor,
+    act_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    use_scaled_mm: bool,
+) -> torch.Tensor:
+    """``y = dequant(e4m3(x)) @ dequant(weight).T + bias`` for float ``x [..., K]``, in x's dtype.
+
+    ``weight`` e4m3 ``(N, K)``; the scales are float32 scalar tensors (``act_inv_scale = 1 / act_scale``).
+    ``use_scaled_mm``: cuBLAS FP8 through ``torch._scaled_mm`` (CUDA, capability >= 8.9, K and N multiples of
+    16), products exact and accumulated in float32; otherwise the reference: the same codes dequantized and
+    multiplied in float32 (CPU) or x's dtype (GPU), which is what the fake-quant layer computes.
+    """
+    lead, K = x.shape[:-1], x.shape[-1]
+    q = quantize_fp8(x.reshape(-1, K), act_inv_scale)
+    if use_scaled_mm:
+        y = torch._scaled_mm(
+            q, weight.t(), act_scale, weight_scale, bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype
+        )
+    else:
+        compute = torch.float32 if x.device.type == "cpu" else x.dtype
+        a = (q.to(torch.float32) * act_scale).to(compute)
+        w = (weight.to(torch.float32) * weight_scale).to(compute)
+        y = torch.nn.functional.linear(a, w, None if bias is None else bias.to(compute)).to(x.dtype)
+    return y.view(*lead, -1)

@@ -1,0 +1,164 @@
+"""FP8 e4m3 for W8A8 linear layers: the grid, the fake-quant layer, the config, and deploy (CPU paths).
+
+On the CPU a deployed FP8 layer runs either the dequantize-and-multiply reference or ``torch._scaled_mm``
+(``backend="triton"``: the call cuBLAS FP8 makes on a GPU, which torch also implements on the CPU).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from kernels import fp8
+from mixdq.calibrate import calibrate
+from mixdq.config import ConfigError, PrecisionConfig
+from mixdq.deploy import DeployedFP8Linear, deploy, deploy_layer
+from mixdq.inventory import layer_inventory
+from mixdq.quant import quant_layers, quantize_
+from mixdq.quant.primitives import fake_quantize_act_fp8, fake_quantize_weight_fp8, fp8_act_qparams
+from tests.test_deploy import CALIBRATION_PROMPTS, fake_quant_layer, generate
+
+
+def sqnr_db(x: torch.Tensor, xq: torch.Tensor) -> float:
+    return float(10 * torch.log10(x.square().sum() / (xq - x).square().sum()))
+
+
+def e4m3_grid() -> torch.Tensor:
+    """Every finite e4m3fn value, sorted (from the 256 bit patterns)."""
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8.FP8_DTYPE).float()
+    return values[values.isfinite()].unique()
+
+
+def test_weight_codes_lie_on_the_e4m3_grid_with_the_max_at_448():
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    codes, scale = fp8.quantize_fp8_weight(w)
+    assert codes.dtype == fp8.FP8_DTYPE and scale.dtype == torch.float32 and scale.dim() == 0
+    assert float(scale) == pytest.approx(float(w.abs().max()) / 448, rel=1e-6)
+    assert float(codes.float().abs().max()) == 448.0
+    assert torch.isin(codes.float(), e4m3_grid()).all()
+    # round to nearest: each value is within half a grid step of its code (relative 2^-4 for normals)
+    normal = w.abs() / scale >= 2**-6
+    err = (codes.float() * scale - w).abs()[normal] / w.abs()[normal]
+    assert float(err.max()) <= 2**-4 + 1e-6
+
+
+def test_activation_quantizer_is_symmetric_clips_and_never_makes_nan():
+    act_range = torch.tensor([[-3.0, 12.0]])
+    scale, inv_scale = fp8_act_qparams(act_range)
+    assert float(scale[0]) == pytest.approx(12.0 / 448)
+    x = torch.tensor([-1e6, -3.0, 0.0, 1e-9, 12.0, 50.0, 1e6])
+    y = fake_quantize_act_fp8(x, scale[0], inv_scale[0])
+    assert not y.isnan().any()
+    assert y[0] == -12.0 and y[-1] == 12.0 and y[-2] == 12.0  # clipped to +-absmax, not NaN (e4m3fn has no inf)
+    assert y[2] == 0.0
+    assert float(y[1]) == pytest.approx(-3.0, rel=2**-4)
+
+
+def test_fp8_keeps_outlier_heavy_activations_better_than_int8_and_gaussian_weights_worse():
+    """Why FP8 needs its own fake-quant: its error profile is not int8's (numbers from the two quantizers)."""
+    from mixdq.quant.primitives import fake_quantize_act, fake_quantize_weight, weight_scales
+
+    torch.manual_seed(1)
+    w = torch.randn(256, 512)
+    w_int8 = fake_quantize_weight(w, weight_scales(w)[8], 8)
+    w_fp8 = fake_quantize_weight_fp8(w)
+    assert sqnr_db(w, w_int8) > sqnr_db(w, w_fp8) + 5  # per-channel int8 ~40 dB vs e4m3 ~31 dB on Gaussians
+    x = torch.randn(4096)
+    x[:4] = 200.0  # a few large outliers stretch the range
+    act_range = torch.stack(torch.aminmax(x)).view(1, 2)
+    x_int8 = fake_quantize_act(x, act_range[0], 8)
+    scale, inv = fp8_act_qparams(act_range)
+    x_fp8 = fake_quantize_act_fp8(x, scale[0], inv[0])
+    assert sqnr_db(x, x_fp8) > sqnr_db(x, x_int8) + 10
+
+
+@torch.no_grad()
+def test_fake_quant_layer_switches_grid_with_the_fp8_flag():
+    torch.manual_seed(2)
+    x = torch.randn(4, 7, 64)
+    layer = fake_quant_layer(nn.Linear(64, 48), 8, 8, x)
+    int8_out = layer(x).clone()
+    layer.fp8 = True
+    fp8_out = layer(x)
+    scale, inv_scale = fp8_act_qparams(layer.act_range(8))
+    x_fp8 = fake_quantize_act_fp8(x, scale[0], inv_scale[0])
+    expected = nn.functional.linear(x_fp8, fake_quantize_weight_fp8(layer.fp_module.weight), layer.fp_module.bias)
+    torch.testing.assert_close(fp8_out, expected, rtol=0, atol=0)
+    assert not torch.equal(fp8_out, int8_out)
+    layer.set_act_range(4, layer.act_range(8))
+    layer.act_bits = 4  # FP8 replaces a side only at 8 bits: int4 activations stay int4
+    assert layer._act_zero_point is not None and layer._act_zero_point.dtype == torch.int32
+    layer.fp8 = False
+    layer.act_bits = 8
+    torch.testing.assert_close(layer(x), int8_out, rtol=0, atol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bos_aware", [False, True])
+def test_deployed_fp8_linear_matches_its_fake_quant_layer(backend, bos_aware):
+    """backend='triton' runs torch._scaled_mm (cuBLAS FP8's call); 'torch' the dequantize reference."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 10, 64)
+    if bos_aware:
+        x[:, 0] = 25 * torch.randn(64)
+    layer = fake_quant_layer(nn.Linear(64, 32), 8, 8, x, bos_aware=bos_aware)
+    layer.fp8 = True
+    ref = layer(x)
+    deployed = deploy_layer(layer, backend=backend)
+    assert isinstance(deployed, DeployedFP8Linear) and deployed.precision == "W8A8 FP8"
+    assert deployed.qweight.dtype == torch.uint8 and deployed.qweight.numel() == 64 * 32
+    y = deployed(x)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    if bos_aware:  # token 0 is the full-precision row
+        torch.testing.assert_close(y[:, 0], layer.fp_module(x[:, 0]), rtol=1e-6, atol=1e-6)
+    deployed.half()  # e4m3 codes and float32 scales survive a dtype cast of the model
+    assert deployed.qweight.dtype == torch.uint8 and deployed.fp8_scales_t.dtype == torch.int32
+
+
+def test_config_fp8_list_is_validated_round_trips_and_blocks_yaml(random_pipe):
+    layers = layer_inventory(random_pipe.unet)
+    config = PrecisionConfig.uniform(layers, 8, 8)
+    with_fp8 = config.with_fp8_linears(layers)
+    linears = [i.name for i in layers if i.kind == "linear"]
+    assert with_fp8.fp8 == linears and config.fp8 == []
+    assert PrecisionConfig.from_json(with_fp8.to_json()).fp8 == linears
+    conv = next(i.name for i in layers if i.kind == "conv")
+    with pytest.raises(ConfigError, match="linear layers only"):
+        PrecisionConfig(weight_bits=config.weight_bits, act_bits=config.act_bits, fp8=[conv]).validate(layers)
+    w4 = PrecisionConfig.uniform(layers, 4, 8)
+    with pytest.raises(ConfigError, match="W4A8"):
+        PrecisionConfig(weight_bits=w4.weight_bits, act_bits=w4.act_bits, fp8=linears[:1]).validate(layers)
+    assert w4.with_fp8_linears(layers).fp8 == []  # nothing at W8A8
+    with pytest.raises(ConfigError, match="no FP8"):
+        with_fp8.to_mixdq_yaml(layers)
+
+
+@torch.no_grad()
+def test_deployed_fp8_pipeline_matches_its_fake_quant_pipeline(fresh_random_pipe):
+    """quantize_ carries the fp8 list into the layers; deploy builds FP8 linears and int8 convs from it."""
+    pipe = fresh_random_pipe
+    pipe.set_progress_bar_config(disable=True)
+    ranges = calibrate(
+        pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
+    )
+    layers = layer_inventory(pipe.unet)
+    config = PrecisionConfig.uniform(layers, 8, 8).with_fp8_linears(layers)
+    quantize_(pipe, config, ranges)
+    fake = quant_layers(pipe)
+    assert {n for n, q in fake.items() if q.fp8} == set(config.fp8)
+    fake_images = generate(pipe)
+    quantize_(pipe, PrecisionConfig.uniform(layers, 8, 8), ranges)
+    int8_images = generate(pipe)
+    quantize_(pipe, config, ranges)
+    report = deploy(pipe)
+    precisions = {r.name: r.precision for r in report.layers}
+    assert all(precisions[n] == "W8A8 FP8" for n in config.fp8)
+    assert {p for n, p in precisions.items() if n not in config.fp8} == {"W8A8"}  # the convs stay int8
+    assert isinstance(pipe.unet.get_submodule(config.fp8[0]), DeployedFP8Linear)
+    images = generate(pipe)
+    psnr = 10 * torch.log10(1.0 / (images - fake_images).pow(2).mean()).item()
+    psnr_int8 = 10 * torch.log10(1.0 / (int8_images - fake_images).pow(2).mean()).item()
+    print(f"deployed FP8 vs its fake-quant: {psnr:.1f} dB; int8 fake-quant vs FP8 fake-quant: {psnr_int8:.1f} dB")
+    assert psnr > 50.0 and psnr > psnr_int8 + 10  # it runs what was simulated, not int8
