@@ -221,6 +221,8 @@ def ablation_configs(
         "MixDQ W4A8": lambda: allocated(mixdq, 4.0, ACT_BUDGET),
         "MixDQ W3.66A16": lambda: allocated(mixdq, 3.66, None),
         "uniform W4A8 (BOS-aware)": lambda: PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id),
+        "BOS-aware W8A8 (FP8 linears)": lambda: uniform_w8a8().with_fp8_linears(layers),
+        "MixDQ W4A8 (FP8 8-bit linears)": lambda: allocated(mixdq, 4.0, ACT_BUDGET).with_fp8_linears(layers),
     }
     unknown = set(rows or ()) - set(builders)
     if unknown:
@@ -237,6 +239,9 @@ def ablation_configs(
         "MixDQ W4A8": "as MixDQ W8A8 at 4.0 avg weight bits",
         "MixDQ W3.66A16": "as MixDQ W8A8 at 3.66 avg weight bits, activations FP",
         "uniform W4A8 (BOS-aware)": "every layer W4A8 min-max, BOS-aware, nothing protected: 4.00 avg bits",
+        "BOS-aware W8A8 (FP8 linears)": "+ BOS-aware W8A8 with every linear layer in FP8 e4m3 (per-tensor scales), "
+        "convs int8: what the FP8 deploy backend runs on Hopper/Ada GPUs",
+        "MixDQ W4A8 (FP8 8-bit linears)": "MixDQ W4A8 with its W8A8 linear layers in FP8 e4m3",
     }
     bos_aware = {label: False for label in ("naive W8A8 (no BOS)",) if label in configs}
     return configs, bos_aware, {label: how[label] for label in configs}

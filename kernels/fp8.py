@@ -75,7 +75,9 @@ def fp8_linear(
     multiplied in float32 (CPU) or x's dtype (GPU), which is what the fake-quant layer computes.
     """
     lead, K = x.shape[:-1], x.shape[-1]
-    q = quantize_fp8(x.reshape(-1, K), act_inv_scale)
+    # contiguous: cuBLAS FP8 takes a row-major left operand, and x is often a transposed view (diffusers'
+    # proj_in gets NCHW permuted to tokens-last); under torch.compile the quantizing kernel writes it so
+    q = quantize_fp8(x.reshape(-1, K), act_inv_scale).contiguous()
     if use_scaled_mm:
         y = torch._scaled_mm(
             q, weight.t(), act_scale, weight_scale, bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype

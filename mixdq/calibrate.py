@@ -175,6 +175,7 @@ def calibrate(
             for name, layer in quant_layers(unet).items():
                 layer.set_act_range(bits, None)
                 layer.weight_bits = weight_config.layer_weight_bits(name)
+                layer.fp8 = weight_config.layer_fp8(name)  # upstream layers on the grid they will run
                 layer.act_bits = bits
             set_mode(unet, QuantMode.CALIBRATE)
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -202,9 +203,10 @@ def calibrate(
 def _weight_spec(weight_bits: int | PrecisionConfig | None) -> str:
     """A short, stable description of the weight precision used while calibrating."""
     if isinstance(weight_bits, PrecisionConfig):
-        data = json.dumps(
-            {"weight_bits": weight_bits.weight_bits, "protected": sorted(weight_bits.protected)}, sort_keys=True
-        )
+        spec = {"weight_bits": weight_bits.weight_bits, "protected": sorted(weight_bits.protected)}
+        if weight_bits.fp8:  # only when set, so the cache keys of int8-only configs stay what they were
+            spec["fp8"] = sorted(weight_bits.fp8)
+        data = json.dumps(spec, sort_keys=True)
         return "config:" + hashlib.sha256(data.encode()).hexdigest()[:16]
     return "fp" if weight_bits is None else f"W{weight_bits}"
 

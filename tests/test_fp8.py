@@ -117,6 +117,33 @@ def test_deployed_fp8_linear_matches_its_fake_quant_layer(backend, bos_aware):
     assert deployed.qweight.dtype == torch.uint8 and deployed.fp8_scales_t.dtype == torch.int32
 
 
+@torch.no_grad()
+def test_scaled_mm_gets_the_operand_layouts_cublas_requires(monkeypatch):
+    """On CUDA, _scaled_mm wants a row-major left and a column-major right operand (the CPU accepts any), and
+    diffusers' proj_in input is an NCHW tensor permuted to tokens-last: a column-major view (an H200 run
+    failed on exactly this). The layout rule is checked here as torch's CUDA meta function states it."""
+    calls = []
+
+    def checked_scaled_mm(a, b, *args, **kwargs):
+        calls.append(1)
+        assert a.stride(0) > a.stride(1) and a.stride(1) == 1, f"self must be row_major, got stride {a.stride()}"
+        assert b.stride(0) == 1 and b.stride(1) > 1, f"mat2 must be col_major, got stride {b.stride()}"
+        return real_scaled_mm(a, b, *args, **kwargs)
+
+    real_scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", checked_scaled_mm)
+    torch.manual_seed(4)
+    nchw = torch.randn(1, 64, 6, 8)
+    tokens = nchw.permute(0, 2, 3, 1).reshape(1, 48, 64)  # what Transformer2DModel.proj_in receives
+    assert tokens.stride(-1) != 1
+    layer = fake_quant_layer(nn.Linear(64, 32), 8, 8, tokens)
+    layer.fp8 = True
+    ref = layer(tokens)
+    y = deploy_layer(layer, backend="triton")(tokens)
+    assert calls
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
 def test_config_fp8_list_is_validated_round_trips_and_blocks_yaml(random_pipe):
     layers = layer_inventory(random_pipe.unet)
     config = PrecisionConfig.uniform(layers, 8, 8)
