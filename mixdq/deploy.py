@@ -7,7 +7,11 @@ memory and is slower than FP16. ``deploy`` makes the chosen precision real, in p
   integer codes packed along K (int8, two int4 or four int2 per byte, :class:`kernels.PackedWeight`), one
   float32 scale and (for the A8 epilogue) one int32 row sum per output channel, the bias, and the static
   activation scale / zero-point of each input part. Its ``forward`` is one call to ``kernels.quant_linear``
-  or ``kernels.conv2d_quant``: Triton on CUDA, the PyTorch integer reference elsewhere (``backend="auto"``);
+  or ``kernels.conv2d_quant``: Triton on CUDA, the PyTorch integer reference elsewhere (``backend="auto"``).
+  Convs by default take the measured faster ``conv_path="dequant"`` (:func:`kernels.conv2d_dequant`: the
+  packed weight unpacked per call, a float conv on the A8-rounded input);
+* a W8A8 linear layer of the config's ``fp8`` list becomes a :class:`DeployedFP8Linear` (e4m3 codes, cuBLAS
+  FP8 through ``torch._scaled_mm`` on GPUs of compute capability 8.9+);
 * a layer with FP weights but quantized activations (``W16A8``) stays a :class:`~mixdq.quant.QuantLayer`:
   there is no integer kernel for a float weight, and int8-activation x FP16-weight is exactly what the fake
   path computes (quantize, dequantize, FP16 matmul); it keeps its FP weights, as the accounting assumes;
@@ -51,8 +55,12 @@ from mixdq.quant.primitives import act_qparams, fp8_act_qparams, quantize_weight
 BOS_MATCH_RTOL = 1e-2
 
 
-# how a deployed quantized conv computes: integer GEMM on patches, or float conv on the unpacked weight
+# how a deployed quantized conv computes: integer GEMM on patches, or float conv on the unpacked weight.
+# The default is measured: on an H200 (1024 px SDXL UNet, W8A8, compiled) the dequant path's step took 20.90 ms
+# against 23.27 ms with the int8 GEMM convs (bench/results/gpu_unet_h200_2026-11-28.md, calls 7 and 8); on
+# the CPU the integer reference is the slower one too.
 CONV_PATHS = ("gemm", "dequant")
+DEFAULT_CONV_PATH = "dequant"
 
 
 class BosCacheMissError(RuntimeError):
@@ -244,14 +252,19 @@ class DeployedFP8Linear(BosAwareForward, nn.Module):
 
     On a CUDA GPU with FP8 tensor cores the product is one cuBLAS call (``torch._scaled_mm``, bias and FP16
     output fused); elsewhere, and for shapes cuBLAS FP8 rejects, the same codes are dequantized and multiplied
-    (:func:`kernels.fp8.fp8_linear`). The codes are held as uint8 and the scales as int32 bit patterns, so
-    ``module.half()`` can convert neither.
+    (:func:`kernels.fp8.fp8_linear`). The codes are held as uint8, so ``module.half()`` cannot convert them.
+
+    The three scales are plain float32 0-d buffers, each its own tensor: Inductor's CUDA lowering of
+    ``_scaled_mm`` reshapes its scale arguments and failed (torch 2.11, H200) on scales that were bit-cast
+    views of one int32 buffer. They keep float32 through ``.half()`` / ``.to(dtype)`` (:meth:`_apply`), since
+    cuBLAS FP8 takes float32 scales and rounding them would change every output.
     """
 
     kind = "linear"
     weight_bits = 8
     act_bits = 8
     k_split = None
+    SCALES = ("weight_scale", "act_scale", "act_inv_scale")
 
     def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -259,8 +272,8 @@ class DeployedFP8Linear(BosAwareForward, nn.Module):
         codes, weight_scale = fp8.quantize_fp8_weight(fp.weight)
         act_scale, act_inv_scale = fp8_act_qparams(layer.act_range(8))
         self.register_buffer("qweight", codes.view(torch.uint8))
-        scales = torch.stack([weight_scale, act_scale[0], act_inv_scale[0]]).float()
-        self.register_buffer("fp8_scales_t", scales.view(torch.int32))
+        for name, value in zip(self.SCALES, (weight_scale, act_scale[0], act_inv_scale[0])):
+            self.register_buffer(name, value.detach().to(torch.float32).clone())
         self.register_buffer("bias", None if fp.bias is None else fp.bias.detach().clone())
         self.layer_name = layer.layer_name
         self.out_features, self.in_features = fp.weight.shape
@@ -273,11 +286,26 @@ class DeployedFP8Linear(BosAwareForward, nn.Module):
             self.in_features, self.out_features
         )
 
+    def _apply(self, fn, recurse: bool = True):
+        """Move the scales with the module, never change their dtype (see the class docstring)."""
+        scales = {name: self._buffers.pop(name) for name in self.SCALES}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, scale in scales.items():
+                self.register_buffer(name, scale.to(self.qweight.device))
+        return self
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        weight_scale, act_scale, act_inv_scale = self.fp8_scales_t.view(torch.float32).unbind()
-        weight = self.qweight.view(fp8.FP8_DTYPE)
-        use_scaled_mm = self._use_scaled_mm(x)
-        return fp8.fp8_linear(x, weight, weight_scale, act_inv_scale, act_scale, self.bias, use_scaled_mm=use_scaled_mm)
+        return fp8.fp8_linear(
+            x,
+            self.qweight.view(fp8.FP8_DTYPE),
+            self.weight_scale,
+            self.act_inv_scale,
+            self.act_scale,
+            self.bias,
+            use_scaled_mm=self._use_scaled_mm(x),
+        )
 
     @property
     def precision(self) -> str:
@@ -301,7 +329,7 @@ class DeployedConv2d(PackedLayer):
 
     kind = "conv"
 
-    def __init__(self, layer: QuantLayer, backend: str, conv_path: str = "gemm") -> None:
+    def __init__(self, layer: QuantLayer, backend: str, conv_path: str = DEFAULT_CONV_PATH) -> None:
         super().__init__(layer, backend)
         if conv_path not in CONV_PATHS:
             raise ValueError(f"conv_path must be one of {list(CONV_PATHS)}, got {conv_path!r}.")
@@ -312,6 +340,10 @@ class DeployedConv2d(PackedLayer):
         self.kernel_size = conv.kernel_size
         self.stride = conv.stride
         self.padding = conv.padding
+
+    def resolved_backend(self) -> str:
+        """``"dequant + conv"`` on the dequant path, else where the integer GEMM runs (see PackedLayer)."""
+        return "dequant + conv" if self.conv_path == "dequant" else super().resolved_backend()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv_path == "dequant":
@@ -375,7 +407,10 @@ def check_deployable(layer: QuantLayer, extra_bos: torch.Tensor | None = None) -
 
 
 def deploy_layer(
-    layer: QuantLayer, backend: str = "auto", extra_bos: torch.Tensor | None = None, conv_path: str = "gemm"
+    layer: QuantLayer,
+    backend: str = "auto",
+    extra_bos: torch.Tensor | None = None,
+    conv_path: str = DEFAULT_CONV_PATH,
 ) -> nn.Module:
     """The module that replaces one fake-quant layer (see the module docstring for the three cases).
 
@@ -402,9 +437,9 @@ class DeployedLayerReport:
 
     name: str
     precision: str  # "W4A8", "W4A16" (weight-only), "W16A8" (activation-only), "FP16"
-    backend: (
-        str  # "triton", "cuBLAS FP8", "torch reference" (integer kernels' PyTorch path), "fake-quant", "torch" (float)
-    )
+    # "triton", "cuBLAS FP8", "dequant + conv" (packed conv weight unpacked per call, float conv), "torch reference"
+    # (integer kernels' PyTorch path), "fake-quant", "torch" (float)
+    backend: str
     nbytes: int  # every tensor the layer's module holds, exact
     accounted_bytes: int  # mixdq.memory.layer_weight_bytes at its weight bits
 
@@ -491,7 +526,7 @@ def deploy(
     config: PrecisionConfig | None = None,
     act_ranges=None,
     backend: str = "auto",
-    conv_path: str = "gemm",
+    conv_path: str = DEFAULT_CONV_PATH,
 ) -> DeployReport:
     """Replace the fake-quant layers of ``model``'s UNet (a pipeline or the UNet) by packed-integer layers.
 
@@ -501,7 +536,8 @@ def deploy(
     packed layers are dropped (memory returns once no one else holds the old layers), so ``quantize_``,
     ``quantization_off`` and sensitivity sweeps do not apply to the result; deploy a copy to keep both.
     On CUDA the UNet must be float16/bfloat16 (the Triton kernels' activation types). ``conv_path``:
-    how quantized convs compute (:class:`DeployedConv2d`; both hold packed weights).
+    how quantized convs compute (:class:`DeployedConv2d`; both hold packed weights): ``"dequant"`` (default,
+    measured faster, see :data:`DEFAULT_CONV_PATH`) or ``"gemm"`` (the integer GEMM on patches).
     """
     if backend not in kernels.BACKENDS:
         raise ValueError(f"backend must be one of {list(kernels.BACKENDS)}, got {backend!r}.")
@@ -540,7 +576,7 @@ def deploy(
         if isinstance(module, DEPLOYED_TYPES):
             precision = module.precision
             resolved = module.resolved_backend()
-            layer_backend = {"triton": "triton", "cuBLAS FP8": resolved}.get(resolved, "torch reference")
+            layer_backend = "torch reference" if resolved == "torch" else resolved
         elif isinstance(module, QuantLayer):
             precision, layer_backend = f"W16A{module.act_bits}", "fake-quant"
         else:

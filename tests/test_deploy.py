@@ -70,7 +70,7 @@ def test_conv3x3_matches_fake_quant(weight_bits, act_bits, stride):
     x = torch.randn(2, 32, 9, 9)
     layer = fake_quant_layer(nn.Conv2d(32, 48, 3, stride=stride, padding=1), weight_bits, act_bits, x)
     ref = layer(x)
-    deployed = deploy_layer(layer)
+    deployed = deploy_layer(layer, conv_path="gemm")
     assert isinstance(deployed, DeployedConv2d)
     y = deployed(x)
     assert y.shape == ref.shape
@@ -126,7 +126,7 @@ def test_float32_layers_keep_float32_outputs():
     for module, x, act_bits in cases:
         layer = fake_quant_layer(module, 8, act_bits, x)
         ref = layer(x)
-        y = deploy_layer(layer)(x)
+        y = deploy_layer(layer, conv_path="gemm")(x)
         assert y.dtype == torch.float32
         assert float((y - ref).norm() / ref.norm()) < 1e-5, (module, act_bits)
 
@@ -139,7 +139,7 @@ def test_concat_split_shortcut_matches_fake_quant(weight_bits):
     x = torch.cat([torch.randn(2, 16, 8, 8), 20 * torch.randn(2, 24, 8, 8)], dim=1)
     layer = fake_quant_layer(nn.Conv2d(40, 24, 1), weight_bits, 8, x, concat_split=16)
     ref = layer(x)
-    deployed = deploy_layer(layer)
+    deployed = deploy_layer(layer, conv_path="gemm")
     assert deployed.k_split == 16 and len(deployed.act_kwargs["act_scale"]) == 2
     assert_within_fp16_rounding(deployed(x), ref)
 
@@ -187,7 +187,7 @@ def test_triton_backend_runs_the_deployed_layers(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = [(nn.Linear(40, 24), torch.randn(2, 5, 40)), (nn.Conv2d(8, 12, 3, padding=1), torch.randn(1, 8, 5, 5))]
     for module, x in cases:
-        deployed = deploy_layer(fake_quant_layer(module, 4, 8, x)).to(device)
+        deployed = deploy_layer(fake_quant_layer(module, 4, 8, x), conv_path="gemm").to(device)
         x = x.to(device)
         deployed.backend = "triton"
         y = deployed(x)
@@ -217,9 +217,9 @@ def test_deployed_layers_compile_without_graph_breaks(monkeypatch):
     x, img = torch.randn(2, 5, 40), torch.randn(1, 8, 5, 5)
     a8 = deploy_layer(fake_quant_layer(nn.Linear(40, 24), 4, 8, x))
     a16 = deploy_layer(fake_quant_layer(nn.Linear(24, 16), 8, None, torch.randn(2, 5, 24)))
-    conv = deploy_layer(fake_quant_layer(nn.Conv2d(8, 12, 3, padding=1), 2, 8, img))
+    conv = deploy_layer(fake_quant_layer(nn.Conv2d(8, 12, 3, padding=1), 2, 8, img), conv_path="gemm")
     both = torch.cat([img, 30 * torch.randn(1, 4, 5, 5)], dim=1)
-    shortcut = deploy_layer(fake_quant_layer(nn.Conv2d(12, 8, 1), 4, 8, both, concat_split=8))
+    shortcut = deploy_layer(fake_quant_layer(nn.Conv2d(12, 8, 1), 4, 8, both, concat_split=8), conv_path="gemm")
     for layer in (a8, a16, conv, shortcut):
         layer.backend = "triton"
 
@@ -358,7 +358,10 @@ def test_report_counts_backends_and_exact_bytes(deployed_pipe):
     by_name = {layer.name: layer for layer in report.layers}
     assert by_name[ACT_ONLY_LAYER].precision == "W16A8" and by_name["conv_in"].precision == "FP16"
     packed = {name: m for name, m in unet.named_modules() if isinstance(m, PackedLayer)}
-    assert {layer.name for layer in report.layers if layer.backend == "torch reference"} == set(packed)  # CPU
+    convs = {name for name, m in packed.items() if m.kind == "conv"}
+    assert convs and all(packed[name].conv_path == "dequant" for name in convs)  # the default
+    assert {layer.name for layer in report.layers if layer.backend == "dequant + conv"} == convs
+    assert {layer.name for layer in report.layers if layer.backend == "torch reference"} == set(packed) - convs  # CPU
     assert len(report.layers) == len(packed) + len(PROTECTED) + 1  # + the activation-only layer
     for module in packed.values():
         packed_row = packed_row_bytes(module.in_features, module.weight_bits, module.k_split)  # chunk-padded

@@ -113,8 +113,16 @@ def test_deployed_fp8_linear_matches_its_fake_quant_layer(backend, bos_aware):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     if bos_aware:  # token 0 is the full-precision row
         torch.testing.assert_close(y[:, 0], layer.fp_module(x[:, 0]), rtol=1e-6, atol=1e-6)
-    deployed.half()  # e4m3 codes and float32 scales survive a dtype cast of the model
-    assert deployed.qweight.dtype == torch.uint8 and deployed.fp8_scales_t.dtype == torch.int32
+    scales = [getattr(deployed, name).clone() for name in DeployedFP8Linear.SCALES]
+    deployed.half()  # e4m3 codes and float32 scales survive a dtype cast of the model, bit for bit
+    assert deployed.qweight.dtype == torch.uint8
+    for name, before in zip(DeployedFP8Linear.SCALES, scales):
+        after = getattr(deployed, name)
+        assert after.dtype == torch.float32 and after.dim() == 0 and torch.equal(after, before)
+        assert after._base is None  # its own tensor: Inductor's CUDA _scaled_mm lowering rejected bit-cast views
+    assert deployed.bias.dtype == torch.float16
+    y16 = deployed(x.half())
+    assert y16.dtype == torch.float16
 
 
 @torch.no_grad()
