@@ -181,7 +181,7 @@ def replace_content_rows(table: pd.DataFrame, swept: pd.DataFrame) -> pd.DataFra
 def ablation_configs(
     pipe,
     table: pd.DataFrame,
-    choose_k: Callable[[Allocator, float, float | None], PrecisionConfig] | None = None,
+    choose_k: Callable[..., PrecisionConfig] | None = None,
     rows: list[str] | None = None,
 ) -> tuple[dict[str, PrecisionConfig | None], dict[str, bool], dict[str, str]]:
     """The ablation's configs in table order, which of them skip BOS handling, and how each was made.
@@ -205,10 +205,18 @@ def ablation_configs(
         metrics=SQNR_ONLY,
     )
 
-    def allocated(allocator: Allocator, weight_bits: float, act_bits: float | None) -> PrecisionConfig:
+    def allocated(
+        allocator: Allocator, weight_bits: float, act_bits: float | None, weight_clip: str = "minmax"
+    ) -> PrecisionConfig:
         if choose_k is not None:
-            return choose_k(allocator, weight_bits, act_bits)
-        return allocator.allocate(weight_bits=weight_bits, act_bits=act_bits, k="auto", solver="cbc").config
+            return choose_k(allocator, weight_bits, act_bits, weight_clip)
+        config = allocator.allocate(weight_bits=weight_bits, act_bits=act_bits, k="auto", solver="cbc").config
+        config.weight_clip = weight_clip
+        return config
+
+    def mse_clipped(config: PrecisionConfig) -> PrecisionConfig:
+        config.weight_clip = "mse"
+        return config
 
     uniform_w8a8 = lambda: PrecisionConfig.uniform(layers, 8, 8, model_id=pipe.model_id)
     builders: dict[str, Callable[[], PrecisionConfig | None]] = {
@@ -223,6 +231,8 @@ def ablation_configs(
         "uniform W4A8 (BOS-aware)": lambda: PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id),
         "BOS-aware W8A8 (FP8 linears)": lambda: uniform_w8a8().with_fp8_linears(layers),
         "MixDQ W4A8 (FP8 8-bit linears)": lambda: allocated(mixdq, 4.0, ACT_BUDGET).with_fp8_linears(layers),
+        "MixDQ W4A8 + MSE clip": lambda: allocated(mixdq, 4.0, ACT_BUDGET, "mse"),
+        "uniform W4A8 + MSE clip": lambda: mse_clipped(PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id)),
     }
     unknown = set(rows or ()) - set(builders)
     if unknown:
@@ -242,6 +252,9 @@ def ablation_configs(
         "BOS-aware W8A8 (FP8 linears)": "+ BOS-aware W8A8 with every linear layer in FP8 e4m3 (per-tensor scales), "
         "convs int8: what the FP8 deploy backend runs on Hopper/Ada GPUs",
         "MixDQ W4A8 (FP8 8-bit linears)": "MixDQ W4A8 with its W8A8 linear layers in FP8 e4m3",
+        "MixDQ W4A8 + MSE clip": "MixDQ W4A8's allocation (same sensitivities) with per-row MSE-clipped weight "
+        "scales instead of min-max (ours, not the paper's); K chosen under MSE clipping",
+        "uniform W4A8 + MSE clip": "uniform W4A8 (BOS-aware) with per-row MSE-clipped weight scales",
     }
     bos_aware = {label: False for label in ("naive W8A8 (no BOS)",) if label in configs}
     return configs, bos_aware, {label: how[label] for label in configs}
@@ -341,13 +354,17 @@ def main() -> None:
         validation = validation_prompts(args.validation_prompts, exclude=reported)
         validation_steps = args.validation_steps or args.steps[0]
 
-        def choose_k(allocator: Allocator, weight_bits: float, act_bits: float | None) -> PrecisionConfig:
+        def choose_k(
+            allocator: Allocator, weight_bits: float, act_bits: float | None, weight_clip: str = "minmax"
+        ) -> PrecisionConfig:
             chosen = select_k(
                 pipe, allocator, weight_bits, act_bits, validation, seeds=0, num_inference_steps=validation_steps,
                 calibration_prompts=default_prompts()[: args.calibration_prompts], cache_dir=args.cache_dir,
-                batch_size=args.batch_size, progress=False,
+                batch_size=args.batch_size, progress=False, weight_clip=weight_clip,
             )
             label = f"{'SQNR-only' if allocator.metrics['content'] == 'sqnr' else 'MixDQ'} W{weight_bits:g}A{act_bits or 16:g}"
+            if weight_clip != "minmax":
+                label += f" ({weight_clip} clip)"
             selections[label] = chosen
             print(f"{label}: K={chosen.k:.4f} chosen by {chosen.metric}\n{chosen.table.drop(columns='config').to_string(index=False)}", flush=True)
             return chosen.result.config

@@ -176,6 +176,7 @@ def calibrate(
                 layer.set_act_range(bits, None)
                 layer.weight_bits = weight_config.layer_weight_bits(name)
                 layer.fp8 = weight_config.layer_fp8(name)  # upstream layers on the grid they will run
+                layer.weight_clip = weight_config.weight_clip
                 layer.act_bits = bits
             set_mode(unet, QuantMode.CALIBRATE)
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -206,6 +207,8 @@ def _weight_spec(weight_bits: int | PrecisionConfig | None) -> str:
         spec = {"weight_bits": weight_bits.weight_bits, "protected": sorted(weight_bits.protected)}
         if weight_bits.fp8:  # only when set, so the cache keys of int8-only configs stay what they were
             spec["fp8"] = sorted(weight_bits.fp8)
+        if weight_bits.weight_clip != "minmax":
+            spec["weight_clip"] = weight_bits.weight_clip
         data = json.dumps(spec, sort_keys=True)
         return "config:" + hashlib.sha256(data.encode()).hexdigest()[:16]
     return "fp" if weight_bits is None else f"W{weight_bits}"

@@ -15,6 +15,8 @@ from mixdq.inventory import LayerInfo, inventory_fingerprint
 
 # Candidate bit-widths, the single source of truth for every module that chooses bits.
 WEIGHT_BITS: tuple[int, ...] = (2, 4, 8)
+# How weight scales are chosen (mixdq.quant.primitives): MixDQ's min-max, or per-row MSE clipping.
+WEIGHT_CLIPS: tuple[str, ...] = ("minmax", "mse")
 ACT_BITS: tuple[int, ...] = (4, 8)
 # In MixDQ yaml files a layer kept in floating point is written with this bit-width.
 MIXDQ_YAML_FP_BITS = 16
@@ -39,13 +41,16 @@ class PrecisionConfig:
     weights and activations use the FP8 e4m3 format (:mod:`kernels.fp8`) instead of int8: cuBLAS FP8 is the
     fastest 8-bit GEMM on Hopper/Ada GPUs, and fake quantization simulates the same grid, so quality is
     measured for what runs (see :meth:`with_fp8_linears`). ``fingerprint`` identifies the architecture the
-    config was made for (see :func:`mixdq.inventory.inventory_fingerprint`).
+    config was made for (see :func:`mixdq.inventory.inventory_fingerprint`). ``weight_clip`` chooses how
+    weight scales are set: ``"minmax"`` (MixDQ: each row's largest weight exact) or ``"mse"`` (each row's
+    scale clipped to the least squared rounding error; much better at 2 bits, same kernels and memory).
     """
 
     weight_bits: dict[str, int] = field(default_factory=dict)
     act_bits: dict[str, int] = field(default_factory=dict)
     protected: list[str] = field(default_factory=list)
     fp8: list[str] = field(default_factory=list)
+    weight_clip: str = "minmax"
     model_id: str = ""
     fingerprint: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +122,8 @@ class PrecisionConfig:
         for name in self.protected:
             if name not in known:
                 raise ConfigError(f"protected: unknown layer {name!r} (not a Linear/Conv2d of this UNet).")
+        if self.weight_clip not in WEIGHT_CLIPS:
+            raise ConfigError(f"weight_clip {self.weight_clip!r} not allowed; choose from {list(WEIGHT_CLIPS)}.")
         kinds = {i.name: i.kind for i in layers}
         for name in self.fp8:
             if name not in known:
@@ -143,6 +150,7 @@ class PrecisionConfig:
             "act_bits": dict(self.act_bits),
             "protected": list(self.protected),
             "fp8": list(self.fp8),
+            "weight_clip": self.weight_clip,
             "metadata": dict(self.metadata),
         }
 
@@ -173,6 +181,7 @@ class PrecisionConfig:
             act_bits=dict(data.get("act_bits", {})),
             protected=list(data.get("protected", [])),
             fp8=list(data.get("fp8", [])),
+            weight_clip=str(data.get("weight_clip", "minmax")),
             model_id=str(data.get("model_id", "")),
             fingerprint=data.get("fingerprint"),
             metadata=dict(data.get("metadata", {})),
@@ -209,6 +218,11 @@ class PrecisionConfig:
         Layers kept in FP16 (protected, or absent from a map) are written as 16 bits. MixDQ's format has no
         FP8, so a config with ``fp8`` layers is refused rather than exported as int8.
         """
+        if self.weight_clip != "minmax":
+            raise ConfigError(
+                f"MixDQ's yaml format holds bits only and its code uses min-max weight scales; this config uses "
+                f"weight_clip={self.weight_clip!r}. Export it as JSON."
+            )
         if self.fp8:
             raise ConfigError(
                 f"MixDQ's yaml format has no FP8 e4m3; this config runs {len(self.fp8)} layers in FP8. Export it as "

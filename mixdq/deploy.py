@@ -89,7 +89,7 @@ class PackedLayer(nn.Module):
         super().__init__()
         fp = layer.fp_module
         bits = layer.weight_bits
-        scale = getattr(layer, f"weight_scale_{bits}").float()
+        scale = layer.weight_scale(bits).float()
         codes = quantize_weight(fp.weight.detach(), scale, bits)
         if codes.dim() == 4:
             codes = kernels.conv_weight_matrix(codes)

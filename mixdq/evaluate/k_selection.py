@@ -74,6 +74,7 @@ def select_k(
     ks: Sequence[float] | None = None,
     metric: str = DEFAULT_METRIC,
     solver: str = "cbc",
+    weight_clip: str = "minmax",
     **evaluate_kwargs: Any,
 ) -> KSelection:
     """Allocate ``weight_bits`` (activations at ``act_bits``) at each K of ``ks`` (default
@@ -82,7 +83,8 @@ def select_k(
 
     ``prompts`` must be held out from the prompts the result is reported on, or the choice is tuned on
     the test set. ``evaluate_kwargs`` go to :func:`mixdq.evaluate.evaluate` (seeds, steps, calibration,
-    a scorer or checker when ``metric`` needs one). Ties go to the smaller K.
+    a scorer or checker when ``metric`` needs one). Ties go to the smaller K. ``weight_clip``: the weight
+    scales every candidate (and the result) uses (:class:`~mixdq.config.PrecisionConfig`).
     """
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"metric {metric!r} is not one of {list(HIGHER_IS_BETTER)}.")
@@ -91,6 +93,8 @@ def select_k(
         raise ValueError("ks is empty; pass at least one K or None for the default candidates.")
     auto = allocator.allocate_side("weight", weight_bits, AUTO, "approx").k
     results = {k: allocator.allocate(weight_bits=weight_bits, act_bits=act_bits, k=k, solver=solver) for k in ks}
+    for result in results.values():
+        result.config.weight_clip = weight_clip
     # Neighbouring K can give the same bits (coarse layer sizes): generate each distinct allocation once.
     first = {}
     for k in ks:
@@ -99,7 +103,9 @@ def select_k(
     unique = {names[k]: results[k].config for k in ks if first[_bits_key(results[k])] == k}
     scores = evaluate(pipe, unique, prompts, **evaluate_kwargs).set_index("config")
     if metric not in scores:
-        raise ValueError(f"metric {metric!r} was not measured; pass what it needs (a scorer, or a checker and attributes).")
+        raise ValueError(
+            f"metric {metric!r} was not measured; pass what it needs (a scorer, or a checker and attributes)."
+        )
     table = scores.loc[[names[k] for k in ks]].reset_index()
     table.attrs = scores.attrs
     table.insert(0, "k", ks)

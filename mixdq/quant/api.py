@@ -76,6 +76,7 @@ def quantize_(
             if info.name in by_layer:
                 layer.set_act_range(bits, by_layer[info.name])
         layer.fp8 = config is not None and config.layer_fp8(info.name)
+        layer.weight_clip = "minmax" if config is None else config.weight_clip
         if config is None:
             layer.set_bits(None, None)
         else:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixdq.config import ACT_BITS, WEIGHT_BITS
+from mixdq.config import ACT_BITS, WEIGHT_BITS, WEIGHT_CLIPS
 from mixdq.quant.primitives import (
     act_qparams,
     fake_quantize_act_fp8,
@@ -24,6 +24,7 @@ from mixdq.quant.primitives import (
     fp8_act_qparams,
     observe_min_max,
     weight_scales,
+    weight_scales_mse,
 )
 
 
@@ -55,6 +56,10 @@ class QuantLayer(nn.Module):
 
     ``concat_split = c`` quantizes input channels ``[:c]`` and ``[c:]`` with separate ranges (up-block
     ``conv_shortcut`` inputs are ``cat([upsampled, skip])``, whose ranges differ a lot).
+    ``weight_clip`` (set by ``quantize_`` from the config): ``"minmax"`` (MixDQ) or ``"mse"``, per-row scales
+    with the least squared rounding error (:func:`~mixdq.quant.primitives.weight_scales_mse`), computed on
+    first use per bit-width and cached.
+
     ``fp8`` (set by ``quantize_`` for the layers of a config's ``fp8`` list): the side(s) at 8 bits use the
     FP8 e4m3 grid of :mod:`kernels.fp8` (one scale per tensor) instead of int8, as a deployed FP8 layer does.
 
@@ -81,6 +86,8 @@ class QuantLayer(nn.Module):
         self._weight_bits: int | None = None
         self._act_bits: int | None = None
         self._fp8 = False
+        self._weight_clip = "minmax"
+        self._mse_scales: dict[int, torch.Tensor] = {}
         for bits, scale in weight_scales(fp_module.weight).items():
             self.register_buffer(f"weight_scale_{bits}", scale, persistent=False)
         for bits in ACT_BITS:
@@ -124,6 +131,26 @@ class QuantLayer(nn.Module):
         self._check_bits(bits, ACT_BITS, "activation")
         self._act_bits = bits
         self._refresh_act_qparams()
+
+    @property
+    def weight_clip(self) -> str:
+        return self._weight_clip
+
+    @weight_clip.setter
+    def weight_clip(self, clip: str) -> None:
+        if clip not in WEIGHT_CLIPS:
+            raise ValueError(f"{self.layer_name}: weight_clip {clip!r} not allowed; choose from {list(WEIGHT_CLIPS)}.")
+        if clip != self._weight_clip:
+            self._fq_weight = None
+        self._weight_clip = clip
+
+    def weight_scale(self, bits: int) -> torch.Tensor:
+        """The ``(out,)`` float32 scales of ``bits``-bit weights under this layer's ``weight_clip``."""
+        if self._weight_clip == "minmax":
+            return getattr(self, f"weight_scale_{bits}")
+        if bits not in self._mse_scales:
+            self._mse_scales[bits] = weight_scales_mse(self.fp_module.weight, bits)
+        return self._mse_scales[bits]
 
     @property
     def fp8(self) -> bool:
@@ -213,7 +240,7 @@ class QuantLayer(nn.Module):
             if self._fp8_side(self._weight_bits):
                 self._fq_weight = fake_quantize_weight_fp8(weight)
             else:
-                scale = getattr(self, f"weight_scale_{self._weight_bits}")
+                scale = self.weight_scale(self._weight_bits)
                 self._fq_weight = fake_quantize_weight(weight, scale, self._weight_bits)
         return self._fq_weight
 
@@ -260,6 +287,8 @@ class QuantLayer(nn.Module):
         extras = [f"weight_bits={self._weight_bits}", f"act_bits={self._act_bits}", f"mode={self.mode.value}"]
         if self._fp8:
             extras.append("fp8=True")
+        if self._weight_clip != "minmax":
+            extras.append(f"weight_clip={self._weight_clip}")
         if self.concat_split is not None:
             extras.append(f"concat_split={self.concat_split}")
         if self.bos_aware:
