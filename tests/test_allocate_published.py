@@ -182,6 +182,16 @@ def test_cli_writes_json_and_yaml(tmp_path, capsys):
     assert json.loads(out.read_text())["model_id"] == SDXL_TURBO_MODEL_ID
 
 
+def test_cli_weight_clip_goes_into_the_json_and_is_refused_for_yaml(tmp_path, capsys):
+    out = tmp_path / "mse.json"
+    base = ["allocate", "--budget-bits", "4.0", "--k", str(K), "--solver", "approx", "--weight-clip", "mse"]
+    assert run_cli([*base, "--out", str(out)]) == 0
+    assert PrecisionConfig.load(out).weight_clip == "mse"
+    assert run_cli([*base, "--out", str(tmp_path / "x.json"), "--yaml-out", str(tmp_path / "x")]) == 2
+    assert "min-max weight scales only" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_cli_reports_infeasible_budgets_and_reads_tables(tmp_path, capsys, allocator):
     assert run_cli(["allocate", "--budget-mb", "100", "--out", str(tmp_path / "x.json")]) == 2
     assert "feasible budgets" in capsys.readouterr().err

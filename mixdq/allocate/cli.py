@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mixdq.allocate.allocator import AUTO, BAND, METHODS, AllocationResult, Allocator
 from mixdq.allocate.exact import MIP_GAP
+from mixdq.config import WEIGHT_CLIPS
 from mixdq.sensitivity.published import (
     SDXL_TURBO_MODEL_ID,
     UNetInventory,
@@ -106,6 +107,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="with --select-k: the first N captions calibrate activations (default: all but the validation ones)",
     )
     parser.add_argument("--validation-steps", type=int, default=4, help="with --select-k: sampling steps (default 4)")
+    parser.add_argument(
+        "--weight-clip",
+        choices=WEIGHT_CLIPS,
+        default="minmax",
+        help="weight scales: minmax (MixDQ, default) or mse (per-row MSE clipping; JSON only, not MixDQ yaml)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="where to write the PrecisionConfig JSON")
     parser.add_argument(
         "--yaml-out", metavar="PREFIX", help="also write MixDQ yaml: PREFIX_weight.yaml, PREFIX_act.yaml"
@@ -116,6 +123,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run_allocate(args: argparse.Namespace) -> int:
     """Run the allocation; 0 on success, 2 with a message on stderr for a bad budget or input."""
+    if args.yaml_out and args.weight_clip != "minmax":
+        print(
+            "error: MixDQ yaml (--yaml-out) has min-max weight scales only; drop --weight-clip or --yaml-out.",
+            file=sys.stderr,
+        )
+        return 2
     try:
         allocator = _allocator(args)
         if args.select_k:
@@ -132,6 +145,7 @@ def run_allocate(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    result.config.weight_clip = args.weight_clip
     result.config.save(args.out)
     if args.yaml_out:
         weight_yaml, act_yaml = result.config.to_mixdq_yaml(list(allocator.inventory.layers))
@@ -175,6 +189,7 @@ def _select_k(args: argparse.Namespace, allocator: Allocator) -> AllocationResul
     selection = select_k(
         pipe, allocator, bits, args.act_bits, prompts[-n:], seeds=0, num_inference_steps=args.validation_steps,
         calibration_prompts=calibration, solver=args.solver if args.solver != "approx" else "cbc",
+        weight_clip=args.weight_clip,
     )  # fmt: skip
     columns = [c for c in ("k", "auto", "content_bits", "quality_bits", selection.metric) if c in selection.table]
     print(selection.table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
