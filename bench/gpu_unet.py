@@ -43,7 +43,10 @@ What is measured
   ``*_compiled``: ours under torch.compile (first in the default order: the baseline that counts is compiled
   FP16), which fuses the attention/norm/elementwise part (~42% of the compiled step) as the FP16 baseline
   does; our GEMMs are ``torch.library`` custom ops (``kernels/ops.py``), so the UNet compiles as one graph,
-  and A8 inputs are quantized by graph ops that Inductor fuses into the producing op.
+  and A8 inputs are quantized by graph ops that Inductor fuses into the producing op. Convs in the plain
+  names run our integer GEMM (``deploy(conv_path="gemm")``, as measured in sessions 2-3); ``_dqconv``: the
+  convs unpack their packed weight per call for cuDNN (``conv_path="dequant"``, deploy's default since it
+  measured faster); ``_fp8``: the config's W8A8 linears in FP8 e4m3 on cuBLAS (``with_fp8_linears``).
 * Ours = ``mixdq.deploy``: ``quantize_`` with activation ranges from a short ``QuantMode.CALIBRATE`` pass on
   random inputs, one fake-quant forward per resolution (fills the BOS token-0 cache of the cross-attention
   ``to_k`` / ``to_v``, which a bare UNet needs before deploy, and gives the fake-quant output the deployed
