@@ -197,3 +197,24 @@ def test_deployed_fp8_pipeline_matches_its_fake_quant_pipeline(fresh_random_pipe
     psnr_int8 = 10 * torch.log10(1.0 / (int8_images - fake_images).pow(2).mean()).item()
     print(f"deployed FP8 vs its fake-quant: {psnr:.1f} dB; int8 fake-quant vs FP8 fake-quant: {psnr_int8:.1f} dB")
     assert psnr > 50.0 and psnr > psnr_int8 + 10  # it runs what was simulated, not int8
+
+
+@torch.no_grad()
+def test_fp8_linear_and_dequant_conv_trace_as_one_graph():
+    """torch.compile(fullgraph=True) traces a deployed FP8 linear (on its _scaled_mm path) and a dequantizing
+    conv without graph breaks, and the traced graph computes what eager computes."""
+    from tests.test_deploy import fake_quant_layer as make
+
+    torch.manual_seed(6)
+    tokens, img = torch.randn(2, 12, 64), torch.randn(1, 8, 6, 6)
+    fp8_layer = make(nn.Linear(64, 32), 8, 8, tokens)
+    fp8_layer.fp8 = True
+    linear = deploy_layer(fp8_layer, backend="triton")
+    conv = deploy_layer(make(nn.Conv2d(8, 16, 3, padding=1), 4, 8, img), conv_path="dequant")
+
+    def block(tokens, img):
+        return linear(torch.nn.functional.gelu(tokens)), conv(torch.nn.functional.silu(img))
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(tokens, img), block(tokens, img)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
