@@ -231,6 +231,7 @@ def ablation_configs(
         "uniform W4A8 (BOS-aware)": lambda: PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id),
         "BOS-aware W8A8 (FP8 linears)": lambda: uniform_w8a8().with_fp8_linears(layers),
         "MixDQ W4A8 (FP8 8-bit linears)": lambda: allocated(mixdq, 4.0, ACT_BUDGET).with_fp8_linears(layers),
+        "MixDQ W8A8 + MSE clip": lambda: allocated(mixdq, 8.0, ACT_BUDGET, "mse"),
         "MixDQ W4A8 + MSE clip": lambda: allocated(mixdq, 4.0, ACT_BUDGET, "mse"),
         "uniform W4A8 + MSE clip": lambda: mse_clipped(PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id)),
     }
@@ -254,6 +255,7 @@ def ablation_configs(
         "MixDQ W4A8 (FP8 8-bit linears)": "MixDQ W4A8 with its W8A8 linear layers in FP8 e4m3",
         "MixDQ W4A8 + MSE clip": "MixDQ W4A8's allocation (same sensitivities) with per-row MSE-clipped weight "
         "scales instead of min-max (ours, not the paper's); K chosen under MSE clipping",
+        "MixDQ W8A8 + MSE clip": "MixDQ W8A8's allocation with per-row MSE-clipped weight scales",
         "uniform W4A8 + MSE clip": "uniform W4A8 (BOS-aware) with per-row MSE-clipped weight scales",
     }
     bos_aware = {label: False for label in ("naive W8A8 (no BOS)",) if label in configs}
