@@ -148,9 +148,10 @@ class QuantLayer(nn.Module):
         """The ``(out,)`` float32 scales of ``bits``-bit weights under this layer's ``weight_clip``."""
         if self._weight_clip == "minmax":
             return getattr(self, f"weight_scale_{bits}")
+        weight = self.fp_module.weight
         if bits not in self._mse_scales:
-            self._mse_scales[bits] = weight_scales_mse(self.fp_module.weight, bits)
-        return self._mse_scales[bits]
+            self._mse_scales[bits] = weight_scales_mse(weight, bits)
+        return self._mse_scales[bits].to(weight.device)  # a plain cache: .to(device) does not move it
 
     @property
     def fp8(self) -> bool:
