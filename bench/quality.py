@@ -325,6 +325,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mixdq-studio", help="calibration cache")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality_embedded", help="writes OUT.json, OUT.md, OUT.csv")
     parser.add_argument("--note", default="", help="a line for the results (e.g. what else loaded the machine)")
+    parser.add_argument("--k", type=float, default=None, help="a fixed K for every mixed-precision row (skips --k-selection), e.g. to compare two K on the same prompts")
     parser.add_argument("--k-selection", choices=K_SELECTION, default="images", help="images: choose K by generating validation images (default); auto: the allocator's auto K")
     parser.add_argument("--validation-prompts", type=int, default=64, help="validation captions per K candidate (default 64)")
     parser.add_argument("--validation-steps", type=int, default=None, help="steps of the validation images (default: the first of --steps)")
@@ -351,7 +352,16 @@ def main() -> None:
         table = replace_content_rows(table, read_table(args.content_sensitivity))
     selections: dict[str, KSelection] = {}
     choose_k = None
-    if args.k_selection == "images":
+    if args.k is not None:
+
+        def choose_k(
+            allocator: Allocator, weight_bits: float, act_bits: float | None, weight_clip: str = "minmax"
+        ) -> PrecisionConfig:
+            config = allocator.allocate(weight_bits=weight_bits, act_bits=act_bits, k=args.k, solver="cbc").config
+            config.weight_clip = weight_clip
+            return config
+
+    elif args.k_selection == "images":
         reported = {p for steps in args.steps for p in held_out_prompts(_count(args, steps))[0]}
         validation = validation_prompts(args.validation_prompts, exclude=reported)
         validation_steps = args.validation_steps or args.steps[0]
@@ -373,6 +383,9 @@ def main() -> None:
 
     rows = [label.strip() for label in args.rows.split(",")] if args.rows else None
     configs, bos_aware, how = ablation_configs(pipe, table, choose_k, rows)
+    if args.k is not None:
+        how = {label: text.replace("K chosen by image validation (see below)", f"K fixed at {args.k:g}") for label, text in how.items()}
+        how["K"] = f"fixed at {args.k:g} for every mixed-precision row (--k; no image validation)"
     if args.content_sensitivity:
         how["content sensitivity"] = f"content-layer rows from {args.content_sensitivity} instead of the shipped table"
     if selections:
