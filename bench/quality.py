@@ -55,6 +55,7 @@ from mixdq.allocate import Allocator
 from mixdq.calibrate import calibrate, default_prompts
 from mixdq.config import PrecisionConfig
 from mixdq.evaluate import KSelection, embedded_checker, embedded_clip_scorer, evaluate, select_k
+from mixdq.evaluate.runner import results_path
 from mixdq.inventory import layer_inventory, non_layer_param_count
 from mixdq.models import EMBEDDED_MODEL_DIR, load_pipeline
 from mixdq.sensitivity.published import UNetInventory
@@ -443,7 +444,7 @@ def write_results(
     machine, date = _machine(), time.strftime("%Y-%m-%d")
     rows = pd.concat([t.assign(steps=s) for s, t in tables.items()], ignore_index=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(out.with_suffix(".csv"), index=False)
+    rows.to_csv(results_path(out, ".csv"), index=False)
     document = {
         "format": "mixdq-studio/quality-bench",
         "command": command,
@@ -461,7 +462,7 @@ def write_results(
         "rows": rows.to_dict(orient="records"),
         "configs": {name: c.to_dict() for name, c in configs.items() if c is not None},
     }
-    out.with_suffix(".json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+    results_path(out, ".json").write_text(json.dumps(document, indent=2, default=str) + "\n")
     timings = ", ".join(f"{steps} step{'s' if steps > 1 else ''} {v / 60:.1f} min" for steps, v in seconds.items())
     header = [
         "# MixDQ ablation on the embedded model",
@@ -477,7 +478,7 @@ def write_results(
         *[f"* **{name}**: {text}" for name, text in how.items()],
         *(["", f"Note: {note}"] if note else []),
     ]
-    out.with_suffix(".md").write_text(markdown(tables, header) + k_selection_markdown(selections or {}))
+    results_path(out, ".md").write_text(markdown(tables, header) + k_selection_markdown(selections or {}))
     print(f"results -> {out}.{{json,md,csv}}", flush=True)
 
 

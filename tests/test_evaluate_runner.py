@@ -115,3 +115,12 @@ def test_inputs_are_checked(random_pipe):
         evaluate(random_pipe, {"FP16": None}, PROMPTS, seeds=[1, 2], progress=False)
     with pytest.raises(ValueError, match="both a checker and attributes"):
         evaluate(random_pipe, {"FP16": None}, PROMPTS, checker=is_image, progress=False)
+
+
+def test_results_paths_keep_dots_in_the_stem(tmp_path):
+    """`--out results/quality_k0.621` once wrote quality_k0.json (with_suffix cut '.621' off)."""
+    from mixdq.evaluate.runner import results_path
+
+    assert results_path(tmp_path / "quality_k0.621", ".json").name == "quality_k0.621.json"
+    assert results_path(tmp_path / "quality", ".csv").name == "quality.csv"
+    assert results_path(tmp_path / "quality.csv", ".json").name == "quality.json"

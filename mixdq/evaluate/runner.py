@@ -251,6 +251,18 @@ def _row(
     return row
 
 
+RESULT_SUFFIXES = (".csv", ".json", ".md")
+
+
+def results_path(stem: str | Path, suffix: str) -> Path:
+    """``stem`` + ``suffix``: a stem may hold dots (``quality_k0.62``), which ``with_suffix`` would cut off;
+    a stem that already ends in a results suffix has it replaced."""
+    stem = Path(stem)
+    if stem.suffix in RESULT_SUFFIXES:
+        return stem.with_suffix(suffix)
+    return stem.parent / f"{stem.name}{suffix}"
+
+
 def save_results(table: pd.DataFrame, path_stem: str | Path) -> tuple[Path, Path]:
     """Write ``<stem>.csv`` (the table) and ``<stem>.json`` (settings from ``table.attrs`` plus the rows) and return
     both paths. Infinite PSNR stays infinite: ``inf`` in the CSV, ``Infinity`` in the JSON (Python's and
@@ -258,7 +270,7 @@ def save_results(table: pd.DataFrame, path_stem: str | Path) -> tuple[Path, Path
     """
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    csv_path, json_path = results_path(stem, ".csv"), results_path(stem, ".json")
     table.to_csv(csv_path, index=False)
     document = {"format": RESULTS_FORMAT, "settings": table.attrs, "rows": table.to_dict(orient="records")}
     json_path.write_text(json.dumps(document, indent=2, default=str) + "\n")
