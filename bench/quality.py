@@ -276,16 +276,25 @@ def markdown(tables: dict[int, pd.DataFrame], header: list[str]) -> str:
             "| config | avg W bits | UNet MB | × smaller | CLIP score | FD vs FP | alignment % | Δ vs FP (pts) | SSIM | PSNR dB |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        paired = "alignment_delta_se" in table
         for row in table.itertuples():
             psnr = "∞" if np.isinf(row.psnr_db) else f"{row.psnr_db:.2f}"
+            delta = f"{100 * (row.alignment - fp.alignment):+.1f}"
+            if paired and row.config != "FP" and np.isfinite(row.alignment_delta_se):  # ± paired SE, lost / gained
+                delta += f" ± {100 * row.alignment_delta_se:.1f} ({row.aligned_lost:.0f}↓ {row.aligned_gained:.0f}↑)"
             lines.append(
                 f"| {row.config} | {row.avg_weight_bits:.2f} | {row.weight_mb:.2f} | {row.weight_ratio:.2f} | "
                 f"{row.clip_score:.2f} | {row.fd:.4f} | {100 * row.alignment:.1f} | "
-                f"{100 * (row.alignment - fp.alignment):+.1f} | {row.ssim:.4f} | {psnr} |"
+                f"{delta} | {row.ssim:.4f} | {psnr} |"
             )
         se = 100 * np.sqrt(fp.alignment * (1 - fp.alignment) / n)
         lines.append("")
         lines.append(f"Binomial standard error of one alignment number at {n} prompts: ±{se:.1f} points.")
+        if paired:
+            lines.append(
+                "Δ ± its standard error over the same prompts (paired), and the prompts FP aligns that the config "
+                "does not (↓) and the reverse (↑)."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -87,6 +87,8 @@ def test_table_rows_and_reference_row(evaluated):
     assert fp.ssim == pytest.approx(1.0) and fp.psnr_db == math.inf and fp.fd == pytest.approx(0.0, abs=1e-9)
     assert fp.alignment == 1.0  # batched generation reproduces the one-at-a-time FP images
     assert (table.alignment[1:] == 0.0).all()  # quantization changes every image
+    assert (table.aligned_lost[1:] == len(PROMPTS)).all() and (table.aligned_gained[1:] == 0).all()
+    assert (table.alignment_delta_se[1:] == 0.0).all()  # every prompt lost: no spread
     assert fp.weight_ratio == pytest.approx(1.0) and fp.avg_weight_bits == 16
 
 
@@ -124,3 +126,14 @@ def test_results_paths_keep_dots_in_the_stem(tmp_path):
     assert results_path(tmp_path / "quality_k0.621", ".json").name == "quality_k0.621.json"
     assert results_path(tmp_path / "quality", ".csv").name == "quality.csv"
     assert results_path(tmp_path / "quality.csv", ".json").name == "quality.json"
+
+
+def test_paired_alignment_counts_flips_and_their_standard_error():
+    from mixdq.evaluate.runner import _add_paired_alignment
+
+    rows = [{"config": "FP"}, {"config": "Q"}]
+    verdicts = {"FP": torch.tensor([1.0, 1, 0, 0]), "Q": torch.tensor([1.0, 0, 1, 0])}
+    _add_paired_alignment(rows, verdicts, "FP")
+    assert "aligned_lost" not in rows[0]
+    assert rows[1]["aligned_lost"] == 1 and rows[1]["aligned_gained"] == 1
+    assert rows[1]["alignment_delta_se"] == pytest.approx((2 / 3) ** 0.5 / 2)  # std of (0, -1, 1, 0) / sqrt(4)

@@ -81,6 +81,11 @@ def evaluate(
     ``bos_aware``: MixDQ's BOS handling for every config, or per config name (names left out get ``True``);
     ``{"naive W8A8": False}`` makes the ablation's naive baseline, calibrated the naive way too.
 
+    With a checker and an FP config (``None``) in ``configs``, each quantized row also gets the paired comparison
+    with FP: ``aligned_lost`` / ``aligned_gained`` (prompts FP aligns and the config does not, and the reverse)
+    and ``alignment_delta_se``, the standard error of the alignment difference over the same prompts (what
+    decides whether a gap is noise; the binomial error of one alignment number overstates it).
+
     Only the FP images (and their features) are kept in memory; each config's images are scored batch by batch.
     The UNet is left wrapped by :func:`mixdq.quant.quantize_` computing exact FP, as calibration leaves it.
     """
@@ -126,6 +131,7 @@ def evaluate(
             fid.update(reference_images, real=True)
 
         rows = []
+        aligned_by_config: dict[str, torch.Tensor] = {}  # per-prompt alignment (0/1) of each config
         for name, config in configs.items():
             bar.set_description(f"evaluate: {name}")
             if config is not None:
@@ -167,9 +173,12 @@ def evaluate(
                 _row(name, config, layers, other_params, scores, text_features, reference_features, fid)
                 | {"seconds": time.perf_counter() - start}
             )
+            if scores["aligned"]:
+                aligned_by_config[name] = torch.cat(scores["aligned"])
     finally:
         bar.close()
         quantize_(pipe, None)
+    _add_paired_alignment(rows, aligned_by_config, next((n for n, c in configs.items() if c is None), None))
     table = pd.DataFrame(rows)
     table.attrs = {
         "model_id": str(getattr(pipe, "model_id", type(pipe).__name__)),
@@ -249,6 +258,21 @@ def _row(
     if fid is not None:
         row["inception_fid"] = float(fid.compute())
     return row
+
+
+def _add_paired_alignment(rows: list[dict[str, Any]], verdicts: dict[str, torch.Tensor], fp_name: str | None) -> None:
+    """Per quantized row: prompts lost / gained against the FP row on the same prompts, and the standard error
+    of the alignment difference (sample std of the per-prompt differences / sqrt(n))."""
+    if fp_name is None or fp_name not in verdicts:
+        return
+    fp = verdicts[fp_name]
+    for row in rows:
+        if row["config"] == fp_name or row["config"] not in verdicts:
+            continue
+        diff = verdicts[row["config"]] - fp
+        row["aligned_lost"] = int((diff < 0).sum())
+        row["aligned_gained"] = int((diff > 0).sum())
+        row["alignment_delta_se"] = float(diff.std(unbiased=True) / len(diff) ** 0.5) if len(diff) > 1 else float("nan")
 
 
 RESULT_SUFFIXES = (".csv", ".json", ".md")
