@@ -126,8 +126,9 @@ VARIANTS: dict[str, str] = {
     "w4a16_dqconv_compiled": "ours W4A16, convs dequant + cuDNN + torch.compile",
 }
 DEFAULT_VARIANTS = (
-    "fp16_compiled", "w8a8_compiled", "w4a8_compiled", "w4a16_compiled", "fp16_eager", "w8a8", "w4a8", "w4a16",
-    "torchao",
+    "fp16_compiled", "w8a8_fp8_dqconv_compiled", "w4a8_fp8_dqconv_compiled", "w8a8_dqconv_compiled",
+    "w4a8_dqconv_compiled", "w4a16_dqconv_compiled", "w8a8_compiled", "w4a8_compiled", "fp16_eager", "w8a8",
+    "w4a8", "w4a16", "torchao",
 )  # fmt: skip
 BASELINES = {"vs_fp16_compiled": "fp16_compiled", "vs_fp16_eager": "fp16_eager"}
 
