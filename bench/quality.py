@@ -184,13 +184,14 @@ def ablation_configs(
     table: pd.DataFrame,
     choose_k: Callable[..., PrecisionConfig] | None = None,
     rows: list[str] | None = None,
+    k: float | str = "auto",
 ) -> tuple[dict[str, PrecisionConfig | None], dict[str, bool], dict[str, str]]:
     """The ablation's configs in table order, which of them skip BOS handling, and how each was made.
 
     ``rows``: only these labels (and FP, the reference) are built; None = all.
 
-    ``choose_k(allocator, weight_bits, act_bits)`` makes each mixed-precision config (e.g. by
-    :func:`mixdq.evaluate.select_k`); ``None`` uses the allocator's auto K.
+    ``choose_k(allocator, weight_bits, act_bits, weight_clip)`` makes each mixed-precision config (e.g. by
+    :func:`mixdq.evaluate.select_k`); ``None`` allocates at ``k``: the allocator's auto K, or a fixed value.
     Memory matching: uniform W4A8 has 4.00 average weight bits with no FP16 layer; MixDQ W4A8 is allocated at
     an overall 4.00 average bits with its protected layers counted at 16, met within MixDQ's ±0.02-bit band,
     so the two differ by at most that band (the table shows both MB).
@@ -211,7 +212,7 @@ def ablation_configs(
     ) -> PrecisionConfig:
         if choose_k is not None:
             return choose_k(allocator, weight_bits, act_bits, weight_clip)
-        config = allocator.allocate(weight_bits=weight_bits, act_bits=act_bits, k="auto", solver="cbc").config
+        config = allocator.allocate(weight_bits=weight_bits, act_bits=act_bits, k=k, solver="cbc").config
         config.weight_clip = weight_clip
         return config
 
@@ -240,7 +241,10 @@ def ablation_configs(
     if unknown:
         raise SystemExit(f"unknown --rows {sorted(unknown)}; the rows are: {', '.join(builders)}")
     configs = {label: build() for label, build in builders.items() if rows is None or label in {"FP", *rows}}
-    k_how = "K chosen by image validation (see below)" if choose_k is not None else "auto K"
+    if choose_k is not None:
+        k_how = "K chosen by image validation (see below)"
+    else:
+        k_how = "auto K" if k == "auto" else f"K fixed at {k:g}"
     how = {
         "FP": "the pipeline in float32, no layer quantized",
         "naive W8A8 (no BOS)": "every layer W8A8 min-max; BOS token quantized with the text embedding (calibrated that way)",
@@ -255,7 +259,7 @@ def ablation_configs(
         "convs int8: what the FP8 deploy backend runs on Hopper/Ada GPUs",
         "MixDQ W4A8 (FP8 8-bit linears)": "MixDQ W4A8 with its W8A8 linear layers in FP8 e4m3",
         "MixDQ W4A8 + MSE clip": "MixDQ W4A8's allocation (same sensitivities) with per-row MSE-clipped weight "
-        "scales instead of min-max (ours, not the paper's); K chosen under MSE clipping",
+        "scales instead of min-max (ours, not the paper's); K chosen as for MixDQ W4A8, with these scales",
         "MixDQ W8A8 + MSE clip": "MixDQ W8A8's allocation with per-row MSE-clipped weight scales",
         "uniform W4A8 + MSE clip": "uniform W4A8 (BOS-aware) with per-row MSE-clipped weight scales",
     }
@@ -362,16 +366,7 @@ def main() -> None:
         table = replace_content_rows(table, read_table(args.content_sensitivity))
     selections: dict[str, KSelection] = {}
     choose_k = None
-    if args.k is not None:
-
-        def choose_k(
-            allocator: Allocator, weight_bits: float, act_bits: float | None, weight_clip: str = "minmax"
-        ) -> PrecisionConfig:
-            config = allocator.allocate(weight_bits=weight_bits, act_bits=act_bits, k=args.k, solver="cbc").config
-            config.weight_clip = weight_clip
-            return config
-
-    elif args.k_selection == "images":
+    if args.k is None and args.k_selection == "images":
         reported = {p for steps in args.steps for p in held_out_prompts(_count(args, steps))[0]}
         validation = validation_prompts(args.validation_prompts, exclude=reported)
         validation_steps = args.validation_steps or args.steps[0]
@@ -392,9 +387,8 @@ def main() -> None:
             return chosen.result.config
 
     rows = [label.strip() for label in args.rows.split(",")] if args.rows else None
-    configs, bos_aware, how = ablation_configs(pipe, table, choose_k, rows)
+    configs, bos_aware, how = ablation_configs(pipe, table, choose_k, rows, "auto" if args.k is None else args.k)
     if args.k is not None:
-        how = {label: text.replace("K chosen by image validation (see below)", f"K fixed at {args.k:g}") for label, text in how.items()}
         how["K"] = f"fixed at {args.k:g} for every mixed-precision row (--k; no image validation)"
     if args.content_sensitivity:
         how["content sensitivity"] = f"content-layer rows from {args.content_sensitivity} instead of the shipped table"

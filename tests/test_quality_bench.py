@@ -198,3 +198,26 @@ def test_content_rows_swept_at_other_settings_replace_the_shipped_ones():
     rest = merged.loc[~content_ssim].sort_values(list(COLUMNS)).reset_index(drop=True)
     assert rest.equals(table.loc[~((table["group"] == "content") & (table["metric"] == "ssim"))]
                        .sort_values(list(COLUMNS)).reset_index(drop=True))  # fmt: skip
+
+
+def test_fixed_k_rows_carry_their_k_fp8_list_and_weight_clip():
+    """``bench/quality.py --k``: mixed-precision rows allocated at that K; the FP8 and MSE-clip rows are their
+    int8 / min-max twins with only the format changed."""
+    from mixdq.models import load_pipeline
+
+    bench = load_bench()
+    pipe = load_pipeline(device="cpu", dtype=torch.float32)
+    table = read_table(bench.SHIPPED_TABLE)
+    rows = ["MixDQ W4A8", "MixDQ W4A8 + MSE clip", "MixDQ W4A8 (FP8 8-bit linears)", "uniform W4A8 + MSE clip"]
+    configs, _, _ = bench.ablation_configs(pipe, table, rows=rows, k=0.5)
+    plain, mse, fp8 = (configs[label] for label in rows[:3])
+    for config in (plain, mse, fp8):
+        assert config.metadata["allocation"]["weight"]["k"] == pytest.approx(0.5)
+        assert config.weight_bits == plain.weight_bits and config.act_bits == plain.act_bits
+    assert (plain.weight_clip, mse.weight_clip, fp8.weight_clip) == ("minmax", "mse", "minmax")
+    assert not plain.fp8 and not mse.fp8 and fp8.fp8
+    assert all(plain.layer_weight_bits(n) == 8 and plain.layer_act_bits(n) == 8 for n in fp8.fp8)
+    assert configs["uniform W4A8 + MSE clip"].weight_clip == "mse"
+    w8a8, _, how = bench.ablation_configs(pipe, table, rows=["MixDQ W8A8"], k=1.0)  # K 0.5 cannot reach 8 bits
+    assert w8a8["MixDQ W8A8"].metadata["allocation"]["weight"]["k"] == pytest.approx(1.0)
+    assert "K fixed at 1" in how["MixDQ W8A8"] and "validation" not in how["MixDQ W8A8"]
