@@ -86,6 +86,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mixdq.compile import compile_repeated_blocks  # noqa: E402
 from mixdq.config import PrecisionConfig  # noqa: E402
 from mixdq.deploy import DeployReport, deploy  # noqa: E402
 from mixdq.inventory import layer_inventory  # noqa: E402
@@ -107,28 +108,61 @@ SEED = 0
 CALIBRATION_BATCHES = 2  # random latents per activation bit-width; ranges only need to be plausible for timing
 BACK_TO_BACK = 5  # calls per CUDA-event sample when a step cannot be captured in a CUDA graph
 
-VARIANTS: dict[str, str] = {
+# A variant of ours is named <config>[_<option>...][_<compile>], e.g. "w4a8_fp8_dqconv_dqlow_regional":
+OUR_CONFIGS = {"w8a8": "W8A8 (uniform)", "w4a8": "MixDQ mixed ~W4A8", "w4a16": "W4A16 (uniform, weight-only)"}
+OPTIONS = {
+    "fp8": "8-bit linears FP8 e4m3 (cuBLAS)",
+    "dqconv": "convs dequant + cuDNN",
+    "dqlow": "4/2-bit linears dequant + cuBLAS",
+    "dqlin": "all integer linears dequant + cuBLAS",
+}
+COMPILE_MODES = {"compiled": "torch.compile", "regional": "torch.compile per repeated block"}
+PEERS = {
     "fp16_compiled": "FP16 torch.compile (mode default)",
-    "w8a8": "ours W8A8 (uniform)",
-    "w4a8": "ours MixDQ mixed ~W4A8",
-    "w4a16": "ours W4A16 (uniform, weight-only)",
+    "fp16_regional": "FP16 torch.compile per repeated block",
     "fp16_eager": "FP16 eager",
     "torchao": "torchao int8 dyn-act/int8-weight, compiled",
-    "w8a8_compiled": "ours W8A8 + torch.compile",
-    "w4a8_compiled": "ours MixDQ mixed ~W4A8 + torch.compile",
-    "w4a16_compiled": "ours W4A16 (uniform, weight-only) + torch.compile",
-    # FP8: the config's W8A8 linears in FP8 e4m3 on cuBLAS; dqconv: convs unpacked to FP16 per call + cuDNN
-    "w8a8_fp8_compiled": "ours W8A8, linears FP8 e4m3 + torch.compile",
-    "w8a8_dqconv_compiled": "ours W8A8, convs dequant + cuDNN + torch.compile",
-    "w8a8_fp8_dqconv_compiled": "ours W8A8, linears FP8 e4m3, convs dequant + cuDNN + torch.compile",
-    "w4a8_fp8_dqconv_compiled": "ours MixDQ mixed ~W4A8, 8-bit linears FP8, convs dequant + cuDNN + torch.compile",
-    "w4a8_dqconv_compiled": "ours MixDQ mixed ~W4A8, convs dequant + cuDNN + torch.compile",
-    "w4a16_dqconv_compiled": "ours W4A16, convs dequant + cuDNN + torch.compile",
 }
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One of our variants, parsed from its name (see :func:`parse_variant`)."""
+
+    config: str
+    options: frozenset[str]
+    compile: str | None  # None (eager), "compiled" (whole UNet) or "regional" (repeated blocks)
+
+    @property
+    def label(self) -> str:
+        parts = [f"ours {OUR_CONFIGS[self.config]}", *(OPTIONS[o] for o in OPTIONS if o in self.options)]
+        return ", ".join(parts) + (f" + {COMPILE_MODES[self.compile]}" if self.compile else "")
+
+
+def parse_variant(name: str) -> VariantSpec | None:
+    """``VariantSpec`` of one of ours; None for a peer (``PEERS``); ``ValueError`` for an unknown name."""
+    if name in PEERS:
+        return None
+    config, *rest = name.split("_")
+    compile_mode = rest.pop() if rest and rest[-1] in COMPILE_MODES else None
+    unknown = [o for o in rest if o not in OPTIONS]
+    if config not in OUR_CONFIGS or unknown or len(set(rest)) != len(rest) or {"dqlow", "dqlin"} <= set(rest):
+        raise ValueError(
+            f"unknown variant {name!r}: one of {list(PEERS)}, or <config>[_<option>...][_<compile>] with config "
+            f"in {list(OUR_CONFIGS)}, options in {list(OPTIONS)} (dqlow or dqlin), compile in {list(COMPILE_MODES)}"
+        )
+    return VariantSpec(config, frozenset(rest), compile_mode)
+
+
+def variant_label(name: str) -> str:
+    spec = parse_variant(name)
+    return PEERS[name] if spec is None else spec.label
+
+
 DEFAULT_VARIANTS = (
-    "fp16_compiled", "w8a8_fp8_dqconv_compiled", "w4a8_fp8_dqconv_compiled", "w8a8_dqconv_compiled",
-    "w4a8_dqconv_compiled", "w4a16_dqconv_compiled", "w8a8_compiled", "w4a8_compiled", "fp16_eager", "w8a8",
-    "w4a8", "w4a16", "torchao",
+    "fp16_compiled", "w8a8_fp8_dqconv_compiled", "w4a8_fp8_dqconv_dqlow_compiled", "w4a16_dqconv_dqlin_compiled",
+    "fp16_regional", "w8a8_fp8_dqconv_regional", "w4a8_fp8_dqconv_dqlow_regional", "w8a8_dqconv_compiled",
+    "w4a8_dqconv_compiled", "w8a8_compiled", "w4a8_compiled", "fp16_eager", "w8a8", "w4a8", "w4a16", "torchao",
 )  # fmt: skip
 BASELINES = {"vs_fp16_compiled": "fp16_compiled", "vs_fp16_eager": "fp16_eager"}
 
@@ -271,12 +305,17 @@ def calibrate_and_reference(setup: Setup, act_bits: set[int]) -> None:
 
 
 # ---- variants ---------------------------------------------------------------------------------------
-def build_ours(setup: Setup, make_config: Callable[[nn.Module], PrecisionConfig], conv_path: str = "gemm") -> Built:
+def build_ours(
+    setup: Setup,
+    make_config: Callable[[nn.Module], PrecisionConfig],
+    conv_path: str = "gemm",
+    linear_path: str | dict[int, str] = "gemm",
+) -> Built:
     """quantize_ -> one fake-quant forward per resolution (BOS cache, reference) -> deploy."""
     unet = build_unet(setup)
     quantize_(unet, make_config(unet), setup.act_ranges)
     fake_quant = {px: host_copy(step(unet, unet_inputs(setup, px))) for px in setup.px}
-    report = deploy(unet, conv_path=conv_path)
+    report = deploy(unet, conv_path=conv_path, linear_path=linear_path)
     return Built(unet, report, fake_quant)
 
 
@@ -295,9 +334,13 @@ def mixed(setup: Setup) -> Callable[[nn.Module], PrecisionConfig]:
     return lambda unet: setup.mixed_config
 
 
-def compiled(built: Built) -> Built:
-    """``torch.compile`` in the default mode with static shapes: each resolution compiles once."""
-    built.module = torch.compile(built.module, dynamic=False)
+def compiled(built: Built, mode: str = "compiled") -> Built:
+    """``torch.compile`` in the default mode with static shapes (each resolution compiles once): the whole UNet,
+    or (``mode="regional"``) each repeated block (:func:`mixdq.compile.compile_repeated_blocks`)."""
+    if mode == "regional":
+        compile_repeated_blocks(built.module, dynamic=False)
+    else:
+        built.module = torch.compile(built.module, dynamic=False)
     return built
 
 
@@ -316,23 +359,31 @@ def build_torchao(setup: Setup) -> Built:
     return compiled(Built(unet))
 
 
+def build_spec(spec: VariantSpec, setup: Setup) -> Built:
+    """One of ours: the config, its options (FP8 linears, dequant paths), then the compile mode."""
+    configs = {"w8a8": lambda: uniform(8, 8), "w4a8": lambda: mixed(setup), "w4a16": lambda: uniform(4, None)}
+    make_config = configs[spec.config]()
+    if "fp8" in spec.options:
+        make_config = fp8(make_config)
+    conv_path = "dequant" if "dqconv" in spec.options else "gemm"
+    linear_path: str | dict[int, str] = "gemm"
+    if "dqlin" in spec.options:
+        linear_path = "dequant"
+    elif "dqlow" in spec.options:
+        linear_path = {4: "dequant", 2: "dequant"}
+    built = build_ours(setup, make_config, conv_path, linear_path)
+    return compiled(built, spec.compile) if spec.compile else built
+
+
 def build_variant(name: str, setup: Setup) -> Built:
+    spec = parse_variant(name)
+    if spec is not None:
+        return build_spec(spec, setup)
     builders: dict[str, Callable[[], Built]] = {
         "fp16_compiled": lambda: compiled(Built(build_unet(setup))),
-        "w8a8": lambda: build_ours(setup, uniform(8, 8)),
-        "w4a8": lambda: build_ours(setup, mixed(setup)),
-        "w4a16": lambda: build_ours(setup, uniform(4, None)),
+        "fp16_regional": lambda: compiled(Built(build_unet(setup)), "regional"),
         "fp16_eager": lambda: Built(build_unet(setup)),
         "torchao": lambda: build_torchao(setup),
-        "w8a8_compiled": lambda: compiled(build_ours(setup, uniform(8, 8))),
-        "w4a8_compiled": lambda: compiled(build_ours(setup, mixed(setup))),
-        "w4a16_compiled": lambda: compiled(build_ours(setup, uniform(4, None))),
-        "w8a8_fp8_compiled": lambda: compiled(build_ours(setup, fp8(uniform(8, 8)))),
-        "w8a8_dqconv_compiled": lambda: compiled(build_ours(setup, uniform(8, 8), "dequant")),
-        "w8a8_fp8_dqconv_compiled": lambda: compiled(build_ours(setup, fp8(uniform(8, 8)), "dequant")),
-        "w4a8_fp8_dqconv_compiled": lambda: compiled(build_ours(setup, fp8(mixed(setup)), "dequant")),
-        "w4a8_dqconv_compiled": lambda: compiled(build_ours(setup, mixed(setup), "dequant")),
-        "w4a16_dqconv_compiled": lambda: compiled(build_ours(setup, uniform(4, None), "dequant")),
     }
     return builders[name]()
 
@@ -468,7 +519,7 @@ def deploy_summary(report: DeployReport) -> dict[str, Any]:
 
 def bench_variant(name: str, setup: Setup, warmup: int, repeats: int, on_row: Callable[[dict[str, Any]], None]) -> None:
     """Build ``name`` once, time it at every resolution, report each row as it is done, free it."""
-    base = {"variant": name, "label": VARIANTS[name]}
+    base = {"variant": name, "label": variant_label(name)}
     if name == "torchao" and importlib.util.find_spec("torchao") is None:
         for px in setup.px:
             on_row(base | {"px": px, "status": "not installed", "error": "torchao is not installed on this machine"})
@@ -522,7 +573,7 @@ def bench_variant(name: str, setup: Setup, warmup: int, repeats: int, on_row: Ca
         )
         del timing
     built = None  # drop the last reference before freeing device memory
-    if name.endswith("compiled") or name == "torchao":
+    if name.endswith(tuple(COMPILE_MODES)) or name == "torchao":
         torch._dynamo.reset()  # compiled code and guards hold on to the module
     free_device_memory(setup.device)
 
@@ -606,7 +657,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
-        help=f"comma-separated, run in this order; known: {', '.join(VARIANTS)} (default: %(default)s)",
+        help=f"comma-separated, run in this order; {', '.join(PEERS)} or ours: <config>[_<option>...][_<compile>], "
+        f"config {'|'.join(OUR_CONFIGS)}, options {'|'.join(OPTIONS)}, compile {'|'.join(COMPILE_MODES)} "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--warmup", type=int, default=3, help="untimed calls first: compile, Triton JIT and autotune (default: 3)"
@@ -620,9 +673,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-config", type=Path, help="PrecisionConfig JSON for the w4a8 variants")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    for name in args.variants:
+        try:
+            parse_variant(name)
+        except ValueError as err:
+            parser.error(str(err))
     bad_px = [px for px in args.px if px % 64]
     if bad_px:
         parser.error(f"--px must be multiples of 64 (latent px/8 halved by the down blocks), got {bad_px}")

@@ -7,7 +7,8 @@ reference, :mod:`kernels.reference`, elsewhere):
 * :func:`quantize_act` float -> int8 codes ``q - 128`` (static per-tensor scale / zero-point).
 * :func:`quant_linear` ``x [..., K]`` -> ``[..., N]``: A8 when ``act_scale`` is given, weight-only otherwise.
 * :func:`conv2d_quant` the same for Conv2d (1x1 as GEMM, kxk by channels-last im2col + GEMM);
-  :func:`conv2d_dequant` the alternative: the weight unpacked to 16 bits per call and a float conv.
+  :func:`conv2d_dequant` / :func:`linear_dequant` the alternative (:mod:`kernels.dequant`): the weight
+  unpacked to 16 bits per call, the input rounded to its A8 grid, and a float conv / matmul.
 * :mod:`kernels.fp8`: FP8 e4m3 linear layers on cuBLAS (``torch._scaled_mm``).
 
 Importing this package imports neither triton nor any kernel module; they load on first Triton use.
@@ -23,7 +24,8 @@ import importlib.util
 import torch
 
 from kernels import reference
-from kernels.conv import conv2d_dequant, conv2d_quant
+from kernels.conv import conv2d_quant
+from kernels.dequant import conv2d_dequant, linear_dequant
 from kernels.pack import (
     PackedWeight,
     conv_weight_matrix,
@@ -41,10 +43,12 @@ __all__ = [
     "conv2d_quant",
     "conv_weight_matrix",
     "has_triton_gpu",
+    "linear_dequant",
     "pack_codes",
     "pack_int2",
     "pack_int4",
     "quant_linear",
+    "quant_linear_codes",
     "quantize_act",
     "reference",
     "resolve_backend",
@@ -129,4 +133,27 @@ def quant_linear(
             y = call_gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
         else:
             y = reference.gemm_a8(x2, weight, act_scale, act_zp, bias, act_bits, out_dtype)
+    return y.view(*lead, -1)
+
+
+def quant_linear_codes(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    act_params: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    out_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """The A8 :func:`quant_linear` of int8 codes ``x [..., K]``, the quantizers as a float32 ``[3, P]`` tensor
+    of rows ``(1 / s, zp, s)`` (:func:`reference.act_params_tensor`): what compiled deployed layers call, so the
+    compiled code reads no per-layer Python numbers and one compiled block serves every copy of it."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if resolve_backend(x, backend) == "triton":
+        from kernels.ops import call_gemm_a8_codes
+
+        y = call_gemm_a8_codes(x2, weight, act_params, bias, out_dtype)
+    else:
+        y = reference.gemm_a8_codes(x2, weight, act_params, bias, out_dtype)
     return y.view(*lead, -1)

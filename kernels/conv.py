@@ -8,9 +8,8 @@
 * kxk: explicit im2col. A8 layers quantize first (one pass, 1 byte per element) and gather int8 patches, so the
   gathered copy is 9 bytes per input element instead of 18 in fp16; padding is filled with the code of 0.0,
   ``zp - 128``, not 0. This is the measured alternative to an implicit-GEMM kernel.
-* :func:`conv2d_dequant`, the other measured alternative: the packed weight unpacked to 16 bits per call,
-  the input rounded to its A8 grid (quantize + dequantize, fused by Inductor into its producer) and cuDNN's
-  FP16 conv. The weights stay packed in memory; the arithmetic is the fake-quant layer's, in FP16.
+* :func:`kernels.dequant.conv2d_dequant`, the other measured alternative: the packed weight unpacked to 16
+  bits per call, the input rounded to its A8 grid and cuDNN's FP16 conv (the weights stay packed in memory).
 * Concat input (up-block ``conv_shortcut``, 1x1): the weight's ``k_split`` is the channel where the second
   tensor starts; each part is quantized with its own (scale, zp) and the GEMM corrects each part's zero-point
   with that part's row sums.
@@ -21,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference
-from kernels.pack import PackedWeight, part_bounds
+from kernels.pack import PackedWeight
 from kernels.reference import ACT_OFFSET, act_parts
 
 
@@ -58,14 +57,15 @@ def conv2d_quant(
     *,
     act_bits: int = 8,
     backend: str = "auto",
-    act_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+    act_params: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantized conv: W{8,4,2}A8 when ``act_scale`` is given, else weight-only. Returns ``[B, N, Ho, Wo]``.
 
-    ``act_qparams``: ``(1 / s, zp)`` float32 tensors, one element per input part, for the quantization step
-    under torch.compile (the same codes as the Python numbers, without a kernel compiled per layer).
+    ``act_params``: the same quantizers as a float32 ``[3, P]`` tensor of rows ``(1 / s, zp, s)``
+    (:func:`kernels.reference.act_params_tensor`), used instead of the Python numbers under torch.compile: the
+    same codes, with no kernel compiled and no guard installed per layer (see :func:`kernels.quant_linear_codes`).
     """
-    from kernels import quant_linear, quantize_act
+    from kernels import quant_linear, quant_linear_codes, quantize_act
 
     (kh, kw), st, pad = _pair(kernel_size), _pair(stride), _pair(padding)
     B, C, H, W = x.shape
@@ -77,8 +77,8 @@ def conv2d_quant(
     xh = x.permute(0, 2, 3, 1)
     if (kh, kw, *st, *pad) == (1, 1, 1, 1, 0, 0):
         cols = xh.reshape(-1, C)
-        if act_scale is not None and act_qparams is not None:
-            cols = reference.quantize_act_parts_tensors(cols, *act_qparams, weight.k_split, act_bits)
+        if act_scale is not None and act_params is not None:
+            cols = reference.quantize_act_parts_tensors(cols, act_params[0], act_params[1], weight.k_split, act_bits)
     elif act_scale is None:
         cols = im2col_nhwc(xh, (kh, kw), st, pad, [(0, C, 0.0)])
     else:
@@ -88,8 +88,8 @@ def conv2d_quant(
         quant_backend = "torch" if torch.compiler.is_compiling() else backend
         fills = []
         for p, (c0, c1, s, z) in enumerate(parts):
-            if act_qparams is not None:
-                inv_t, zp_t = act_qparams[0][p], act_qparams[1][p]
+            if act_params is not None:
+                inv_t, zp_t = act_params[0, p], act_params[1, p]
                 xq[..., c0:c1] = reference.quantize_act_tensors(xh[..., c0:c1], inv_t, zp_t, act_bits)
                 fills.append((c0, c1, (zp_t - ACT_OFFSET).to(torch.int8)))
             else:
@@ -97,41 +97,8 @@ def conv2d_quant(
                 fills.append((c0, c1, z - ACT_OFFSET))
         cols = im2col_nhwc(xq, (kh, kw), st, pad, fills)
     out_dtype = x.dtype if act_scale is not None else None  # int8 patches in, x's dtype out
-    y = quant_linear(cols, weight, act_scale, act_zp, bias, act_bits=act_bits, backend=backend, out_dtype=out_dtype)
+    if act_scale is not None and act_params is not None:
+        y = quant_linear_codes(cols, weight, act_params, bias, backend=backend, out_dtype=out_dtype)
+    else:
+        y = quant_linear(cols, weight, act_scale, act_zp, bias, act_bits=act_bits, backend=backend, out_dtype=out_dtype)
     return y.view(B, Ho, Wo, -1).permute(0, 3, 1, 2)
-
-
-def conv2d_dequant(
-    x: torch.Tensor,
-    weight: PackedWeight,
-    kernel_size: int | tuple[int, int],
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    bias: torch.Tensor | None = None,
-    *,
-    act_qparams: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    act_bits: int = 8,
-) -> torch.Tensor:
-    """Conv by cuDNN (or the CPU's conv) on the dequantized weight: ``[B, C, H, W]`` -> ``[B, N, Ho, Wo]``.
-
-    ``act_qparams`` ``(1 / s, zp, s)`` float32 tensors with one element per input part (None: weight-only):
-    the input is rounded to that grid first, exactly as the fake-quant layer does, so this computes the
-    fake-quant layer's numbers while the layer holds only packed codes. Why it exists: on an H200 a 3x3 conv
-    as int8 im2col + our GEMM cost more than cuDNN's FP16 conv, and unpacking a conv weight is one small
-    elementwise kernel (measured in ``bench/gpu_unet.py``).
-    """
-    kh, kw = _pair(kernel_size)
-    n, c = weight.out_features, weight.in_features // (kh * kw)
-    if x.shape[1] != c:
-        raise ValueError(f"input has {x.shape[1]} channels, the weight expects {c}")
-    w = (weight.codes().float() * weight.scale.float()[:, None]).to(x.dtype)
-    w = w.view(n, kh, kw, c).permute(0, 3, 1, 2)  # (kh, kw, C) order back to [N, C, kh, kw]
-    if act_qparams is not None:
-        inv, zp, scale = act_qparams
-        bounds = part_bounds(c, weight.k_split)  # 1x1 only when split, so K parts are channel parts
-        parts = [
-            reference.fake_quantize_act_tensors(x[:, a:b], inv[i], zp[i], scale[i], act_bits)
-            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
-        ]
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return torch.nn.functional.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding)

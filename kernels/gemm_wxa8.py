@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.act_quant import quantize_act
-from kernels.pack import PACK_CHUNK, PackedWeight
+from kernels.pack import PACK_CHUNK, PackedWeight, part_bounds
 from kernels.reference import ACT_OFFSET, act_parts, check_act_params
 from kernels.tiles import device_sms, launch_gemm, prune_by_m
 
@@ -146,14 +146,22 @@ def gemm_a8_kernel(
     M, N, K, K_SPLIT, W_BYTE2,
     # strides (elements; the packed weight's in bytes)
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
-    # activation quantizer of each part: scale (fp32) and 128 - zp (int32)
-    a_scale1, a_corr1, a_scale2, a_corr2,
+    # activation quantizer of each part: scale (fp32) and 128 - zp (int32), or with ACT_FROM_PTR read from
+    # a_params_ptr, float32 [3, parts] rows (1 / s, zp, s) (deployed layers under torch.compile: see gemm_a8_codes)
+    a_scale1, a_corr1, a_scale2, a_corr2, a_params_ptr,
     # meta
     W_BITS: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_ACC: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, ACT_FROM_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if ACT_FROM_PTR:
+        parts = 2 if HAS_SPLIT else 1
+        a_scale1 = tl.load(a_params_ptr + 2 * parts)
+        a_corr1 = 128 - tl.load(a_params_ptr + parts).to(tl.int32)
+        if HAS_SPLIT:
+            a_scale2 = tl.load(a_params_ptr + 2 * parts + 1)
+            a_corr2 = 128 - tl.load(a_params_ptr + parts + 1).to(tl.int32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -208,35 +216,70 @@ def gemm_a8(
 
     ``swap`` overrides :func:`swap_ab` (the GEMM benchmark measures both orientations).
     """
-    # 1. check
     parts = act_parts(weight, act_scale, act_zp)
     for _, _, s, z in parts:
         check_act_params(s, z, act_bits)
+    _check(x, weight, bias)
+    if x.dtype != torch.int8:  # quantize a float x, part by part, into one int8 operand
+        codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        for a, b, s, z in parts:
+            quantize_act(x[:, a:b], s, z, act_bits, out=codes[:, a:b])
+        x = codes
+    (_, _, s1, z1), (_, _, s2, z2) = parts[0], parts[-1]
+    act = dict(a_scale1=s1, a_corr1=ACT_OFFSET - z1, a_scale2=s2, a_corr2=ACT_OFFSET - z2, a_params_ptr=weight.scale)
+    return _launch(x, weight, bias, out_dtype, return_acc, swap, act, act_from_ptr=False)
+
+
+def gemm_a8_codes(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    act_params: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    return_acc: bool = False,
+    swap: bool | None = None,
+) -> torch.Tensor:
+    """:func:`gemm_a8` of int8 codes with the quantizers read from ``act_params``, a float32 ``[3, P]`` tensor
+    of rows ``(1 / s, zp, s)`` (:func:`kernels.reference.act_params_tensor`) on x's device.
+
+    Why: Dynamo guards on Python numbers it reads, so per-layer scales passed as launch arguments made every
+    copy of a repeated block compile on its own; as a tensor they are data, and one compiled block serves all.
+    """
+    _check(x, weight, bias)
+    if x.dtype != torch.int8:
+        raise TypeError(f"x must be int8 codes here, got {x.dtype}")
+    parts = len(part_bounds(weight.in_features, weight.k_split)) - 1
+    if act_params.shape != (3, parts) or act_params.dtype != torch.float32 or not act_params.is_contiguous():
+        raise ValueError(f"act_params must be a contiguous float32 [3, {parts}] tensor, got {act_params.dtype} "
+                         f"{tuple(act_params.shape)}")  # fmt: skip
+    act = dict(a_scale1=1.0, a_corr1=0, a_scale2=1.0, a_corr2=0, a_params_ptr=act_params)
+    return _launch(x, weight, bias, out_dtype, return_acc, swap, act, act_from_ptr=True)
+
+
+def _check(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> None:
     M, K = x.shape
-    N = weight.out_features
     if K != weight.in_features:
         raise ValueError(f"x has K={K} columns but the weight has in_features={weight.in_features}")
     if x.dtype not in (torch.int8, torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"x must be int8 codes or float16/bfloat16/float32, got {x.dtype}")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    # 2. allocate (and quantize a float x, part by part, into one int8 operand)
-    if x.dtype != torch.int8:
-        codes = torch.empty(M, K, dtype=torch.int8, device=x.device)
-        for a, b, s, z in parts:
-            quantize_act(x[:, a:b], s, z, act_bits, out=codes[:, a:b])
-        x = codes
+    if bias is not None and bias.shape != (weight.out_features,):
+        raise ValueError(f"bias must have shape ({weight.out_features},), got {tuple(bias.shape)}")
+
+
+def _launch(x, weight: PackedWeight, bias, out_dtype, return_acc: bool, swap, act: dict, act_from_ptr: bool):
+    """Allocate the output and launch :func:`gemm_a8_kernel` on int8 codes ``x``."""
+    M, K = x.shape
+    N = weight.out_features
     out = torch.empty(M, N, dtype=torch.int32 if return_acc else out_dtype, device=x.device)
-    (_, k_split, s1, z1), (_, _, s2, z2) = parts[0], parts[-1]
-    # 3. launch
+    k_split = weight.k_split if weight.k_split is not None else K
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
     launch_gemm(
         gemm_a8_kernel, grid, M, N, device_sms(x),
         x, weight.data, weight.scale, weight.rowsum, bias if bias is not None else weight.scale, out,
         M, N, K, k_split, weight.part_byte_offsets()[1],
         x.stride(0), x.stride(1), weight.data.stride(0), weight.data.stride(1), out.stride(0), out.stride(1),
-        s1, ACT_OFFSET - z1, s2, ACT_OFFSET - z2,
-        W_BITS=weight.bits, HAS_SPLIT=len(parts) == 2, HAS_BIAS=bias is not None, RETURN_ACC=return_acc,
-        SWAP_AB=swap_ab(M, weight.bits) if swap is None else swap,
+        act["a_scale1"], act["a_corr1"], act["a_scale2"], act["a_corr2"], act["a_params_ptr"],
+        W_BITS=weight.bits, HAS_SPLIT=weight.k_split is not None, HAS_BIAS=bias is not None, RETURN_ACC=return_acc,
+        SWAP_AB=swap_ab(M, weight.bits) if swap is None else swap, ACT_FROM_PTR=act_from_ptr,
     )  # fmt: skip
     return out

@@ -54,6 +54,31 @@ def _(x, qweight, weight_scale, weight_rowsum, bias, weight_bits, in_features, k
     return x.new_empty(x.shape[0], weight_scale.shape[0], dtype=out_dtype)
 
 
+@torch.library.custom_op("mixdq::gemm_a8_codes", mutates_args=())
+def gemm_a8_codes(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_rowsum: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    act_params: torch.Tensor,
+    weight_bits: int,
+    in_features: int,
+    k_split: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """W{8,4,2}A8 Triton GEMM of int8 codes ``x [M, K]``, the quantizers in ``act_params`` (float32 [3, P])."""
+    from kernels.gemm_wxa8 import gemm_a8_codes as launch
+
+    weight = _weight(qweight, weight_scale, weight_rowsum, weight_bits, in_features, k_split)
+    return launch(x, weight, act_params, bias, out_dtype)
+
+
+@gemm_a8_codes.register_fake
+def _(x, qweight, weight_scale, weight_rowsum, bias, act_params, weight_bits, in_features, k_split, out_dtype):
+    return x.new_empty(x.shape[0], weight_scale.shape[0], dtype=out_dtype)
+
+
 @torch.library.custom_op("mixdq::gemm_a16", mutates_args=())
 def gemm_a16(
     x: torch.Tensor,
@@ -91,6 +116,16 @@ def call_gemm_a8(
     return torch.ops.mixdq.gemm_a8(
         x, weight.data, weight.scale, weight.rowsum, bias, weight.bits, weight.in_features, _split(weight), scales,
         zero_points, act_bits, out_dtype,
+    )  # fmt: skip
+
+
+def call_gemm_a8_codes(
+    x: torch.Tensor, weight: PackedWeight, act_params: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`gemm_a8_codes` with the :mod:`kernels` calling convention."""
+    return torch.ops.mixdq.gemm_a8_codes(
+        x, weight.data, weight.scale, weight.rowsum, bias, act_params, weight.bits, weight.in_features, _split(weight),
+        out_dtype,
     )  # fmt: skip
 
 

@@ -176,6 +176,11 @@ class PackedWeight:
         """Unpacked int8 codes ``[N, K]``."""
         return unpack_codes(self.data, self.bits, self.in_features, self.k_split)
 
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """``codes * scale`` as a ``[N, K]`` float tensor of ``dtype`` (computed in float32, rounded once):
+        the fake-quant layer's weight, made per call by the dequantizing paths (:mod:`kernels.dequant`)."""
+        return (self.codes().float() * self.scale.float()[:, None]).to(dtype)
+
     def part_byte_offsets(self) -> list[int]:
         """Where each K part's packed bytes start in a row (see :func:`part_byte_offsets`)."""
         return part_byte_offsets(self.in_features, self.bits, self.k_split)

@@ -134,6 +134,15 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (a.double() @ w.double().T).to(torch.int32)
 
 
+def act_params_tensor(
+    weight: PackedWeight, act_scale: float | tuple, act_zp: int | tuple, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The activation quantizers of ``weight``'s input parts as one float32 ``[3, P]`` tensor of rows
+    ``(1 / s, zp, s)``: how deployed layers hold them, so compiled code reads no per-layer Python numbers."""
+    rows = [[inv_scale(s), float(z), s] for _, _, s, z in act_parts(weight, act_scale, act_zp)]
+    return torch.tensor(rows, dtype=torch.float32, device=device).T.contiguous()
+
+
 def gemm_a8(
     x: torch.Tensor,
     weight: PackedWeight,
@@ -148,17 +157,33 @@ def gemm_a8(
 
     ``return_acc=True`` returns the int32 ``sum_p (acc_p + (128 - zp_p) * rowsum_p)`` = ``sum_k (q - zp) w``.
     """
-    parts = act_parts(weight, act_scale, act_zp)
-    w = weight.codes()
+    for _, _, s, z in act_parts(weight, act_scale, act_zp):
+        check_act_params(s, z, act_bits)
     if x.dtype != torch.int8:
         x = quantize_act_parts(x, weight, act_scale, act_zp, act_bits)
+    params = act_params_tensor(weight, act_scale, act_zp, x.device)
+    return gemm_a8_codes(x, weight, params, bias, out_dtype, return_acc)
+
+
+def gemm_a8_codes(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    act_params: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    return_acc: bool = False,
+) -> torch.Tensor:
+    """:func:`gemm_a8` of int8 codes ``x [M, K]`` with the quantizers as a tensor (:func:`act_params_tensor`)."""
+    w = weight.codes()
+    _, zp, scale = act_params.float().unbind()
     sw = weight.scale.float()
     total = torch.zeros(x.shape[0], w.shape[0], dtype=torch.int32, device=x.device)
     y = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
-    for p, (a, b, s, z) in enumerate(parts):
-        tot = int_matmul(x[:, a:b], w[:, a:b]) + (ACT_OFFSET - z) * weight.rowsum[p]
+    bounds = part_bounds(weight.in_features, weight.k_split)
+    for p, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        tot = int_matmul(x[:, a:b], w[:, a:b]) + (ACT_OFFSET - zp[p]).to(torch.int32) * weight.rowsum[p]
         total += tot
-        y += tot.float() * (torch.tensor(s, dtype=torch.float32) * sw)
+        y += tot.float() * (scale[p] * sw)
     if return_acc:
         return total
     if bias is not None:

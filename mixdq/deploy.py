@@ -34,6 +34,7 @@ the last bits); a vector that matches none is an error, never a silent low-preci
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,9 +63,34 @@ BOS_MATCH_RTOL = 1e-2
 CONV_PATHS = ("gemm", "dequant")
 DEFAULT_CONV_PATH = "dequant"
 
+# how a deployed quantized linear computes: our Triton integer GEMM, or cuBLAS on the weight unpacked per call
+# (kernels.linear_dequant). Either one path for every linear, or one per weight bit-width, e.g.
+# {8: "gemm", 4: "dequant", 2: "dequant"}.
+LINEAR_PATHS = ("gemm", "dequant")
+DEFAULT_LINEAR_PATH = "gemm"
+
 
 class BosCacheMissError(RuntimeError):
     """A deployed BOS-aware layer met a token-0 vector whose full-precision K/V it never precomputed."""
+
+
+def check_linear_path(linear_path: str | Mapping[int, str]) -> None:
+    """Raise ``ValueError`` unless ``linear_path`` is one of :data:`LINEAR_PATHS` or a {bits: path} mapping."""
+    paths = linear_path.values() if isinstance(linear_path, Mapping) else [linear_path]
+    bad = [p for p in paths if p not in LINEAR_PATHS]
+    bad_bits = [b for b in linear_path if b not in (2, 4, 8)] if isinstance(linear_path, Mapping) else []
+    if bad or bad_bits:
+        raise ValueError(
+            f"linear_path must be one of {list(LINEAR_PATHS)} or a mapping of weight bits (2, 4, 8) to one; "
+            f"got {linear_path!r}."
+        )
+
+
+def linear_path_for(linear_path: str | Mapping[int, str], weight_bits: int) -> str:
+    """The path of a linear layer with ``weight_bits``: a mapping without its bit-width means the default."""
+    if isinstance(linear_path, Mapping):
+        return linear_path.get(weight_bits, DEFAULT_LINEAR_PATH)
+    return linear_path
 
 
 def _nbytes(module: nn.Module) -> int:
@@ -107,15 +133,14 @@ class PackedLayer(nn.Module):
         self.weight_shape = tuple(fp.weight.shape)
         self.backend = backend
         self.act_kwargs = self._static_act_kwargs(layer)
-        # the same quantizers as float32 tensors [3, parts] of rows (1 / s, zp, s), read by torch.compile'd
-        # graphs and the dequantizing conv (see _act_qparams); held as their int32 bit patterns so that
-        # module.half() / .to(dtype) cannot round them
+        # the same quantizers as a float32 tensor [3, parts] of rows (1 / s, zp, s), read by torch.compile'd
+        # graphs and the dequantizing paths (see _act_params); held as its int32 bit pattern so that
+        # module.half() / .to(dtype) cannot round it
         act_params = None
         if self.act_kwargs:
-            parts = kernels.reference.act_parts(packed, self.act_kwargs["act_scale"], self.act_kwargs["act_zp"])
-            rows = [[kernels.reference.inv_scale(s), float(z), s] for _, _, s, z in parts]
-            act_params = torch.tensor(rows, dtype=torch.float32, device=packed.data.device).T.contiguous()
-            act_params = act_params.view(torch.int32)
+            act_params = kernels.reference.act_params_tensor(
+                packed, self.act_kwargs["act_scale"], self.act_kwargs["act_zp"], packed.data.device
+            ).view(torch.int32)
         self.register_buffer("act_qparams_t", act_params)
 
     @staticmethod
@@ -131,22 +156,25 @@ class PackedLayer(nn.Module):
             return {"act_scale": scale[0], "act_zp": zero_point[0], "act_bits": bits}
         return {"act_scale": scale, "act_zp": zero_point, "act_bits": bits}
 
-    def _act_qparams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(1 / s, zp)`` per input part as tensors under torch.compile, else None (Python numbers suffice).
+    def _compiled_act_params(self) -> torch.Tensor | None:
+        """The float32 ``[3, P]`` quantizers under torch.compile, else None (eager: Python numbers suffice).
 
-        Inductor bakes Python numbers into the kernels it generates, so with them every layer's activation
-        quantizer was a kernel of its own to compile; as tensors, layers of the same shapes share kernels.
+        Inductor bakes Python numbers into the kernels it generates and Dynamo guards on them, so with numbers
+        every layer's quantizer was a kernel of its own to compile, and every copy of a repeated block its own
+        graph; as tensors, layers and blocks of the same shapes share compiled code.
         """
         if self.act_qparams_t is None or not torch.compiler.is_compiling():
             return None
-        return self._act_param_tensors()[:2]
+        return self._act_params()
+
+    def _act_params(self) -> torch.Tensor | None:
+        """Float32 ``[3, P]``: rows ``(1 / s, zp, s)``, one column per input part (None for weight-only layers)."""
+        return None if self.act_qparams_t is None else self.act_qparams_t.view(torch.float32)
 
     def _act_param_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(1 / s, zp, s)`` float32 tensors, one element per input part (None for weight-only layers)."""
-        if self.act_qparams_t is None:
-            return None
-        inv_scale, zero_point, scale = self.act_qparams_t.view(torch.float32).unbind()
-        return inv_scale, zero_point, scale
+        params = self._act_params()
+        return None if params is None else tuple(params.unbind())
 
     @property
     def packed_weight(self) -> kernels.PackedWeight:
@@ -212,7 +240,10 @@ class BosAwareForward:
         hit = distance2 <= BOS_MATCH_RTOL**2 * keys.square().sum(-1)[index]
         if token0.is_cuda or torch.compiler.is_compiling():
             # a device-side check: a host sync here would break CUDA-graph capture and torch.compile graphs
-            torch._assert_async(hit.all(), f"BOS cache miss in {self.layer_name}"[:250])  # torch caps it at 255
+            # torch caps the message at 255 characters; compiled, it names no layer: Dynamo would guard on the
+            # name, and every copy of a repeated block would compile on its own (run eagerly to see which layer)
+            where = "a deployed BOS-aware layer" if torch.compiler.is_compiling() else self.layer_name
+            torch._assert_async(hit.all(), f"BOS cache miss in {where}"[:250])
         elif not bool(hit.all()):
             raise BosCacheMissError(self._miss_message())
         return self.bos_outputs[index].to(token0.dtype)
@@ -229,22 +260,47 @@ class BosAwareForward:
 
 
 class DeployedLinear(BosAwareForward, PackedLayer):
-    """Packed replacement of a quantized ``nn.Linear`` (BOS-aware: see :class:`BosAwareForward`)."""
+    """Packed replacement of a quantized ``nn.Linear`` (BOS-aware: see :class:`BosAwareForward`).
+
+    ``linear_path`` (see :data:`LINEAR_PATHS`): ``"gemm"`` runs our integer GEMM (:func:`kernels.quant_linear`);
+    ``"dequant"`` unpacks the weight to 16 bits per call and multiplies the A8-rounded input by it
+    (:func:`kernels.linear_dequant`): the fake-quant numbers at cuBLAS's speed plus one unpacking kernel.
+    """
 
     kind = "linear"
 
-    def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        layer: QuantLayer,
+        backend: str,
+        extra_bos: torch.Tensor | None = None,
+        linear_path: str = DEFAULT_LINEAR_PATH,
+    ) -> None:
         super().__init__(layer, backend)
+        if linear_path not in LINEAR_PATHS:
+            raise ValueError(f"linear_path must be one of {list(LINEAR_PATHS)}, got {linear_path!r}.")
+        self.linear_path = linear_path
         self._register_bos(layer, extra_bos)
 
+    def resolved_backend(self) -> str:
+        """``"dequant + matmul"`` on the dequant path, else where the integer GEMM runs (see PackedLayer)."""
+        return "dequant + matmul" if self.linear_path == "dequant" else super().resolved_backend()
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, qparams = x.dtype, self._act_qparams()
-        if qparams is not None:  # compiled: quantize here with tensor parameters; the GEMM gets int8 codes
-            x = kernels.reference.quantize_act_parts_tensors(x, *qparams, self.k_split, self.act_bits)
+        if self.linear_path == "dequant":
+            return kernels.linear_dequant(
+                x, self.packed_weight, self.bias, act_qparams=self._act_param_tensors(), act_bits=self.act_bits or 8
+            )
+        params = self._compiled_act_params()
+        if params is not None:  # compiled: quantize here with tensor parameters; the GEMM gets int8 codes
+            codes = kernels.reference.quantize_act_parts_tensors(x, params[0], params[1], self.k_split, self.act_bits)
+            return kernels.quant_linear_codes(
+                codes, self.packed_weight, params, self.bias, backend=self.backend, out_dtype=x.dtype
+            )
         y = kernels.quant_linear(
-            x, self.packed_weight, bias=self.bias, backend=self.backend, out_dtype=dtype, **self.act_kwargs
+            x, self.packed_weight, bias=self.bias, backend=self.backend, out_dtype=x.dtype, **self.act_kwargs
         )
-        return y.to(dtype)
+        return y.to(x.dtype)
 
 
 class DeployedFP8Linear(BosAwareForward, nn.Module):
@@ -365,7 +421,7 @@ class DeployedConv2d(PackedLayer):
             self.padding,
             bias=self.bias,
             backend=self.backend,
-            act_qparams=self._act_qparams(),
+            act_params=self._compiled_act_params(),
             **self.act_kwargs,
         )
         return y.to(x.dtype)
@@ -411,6 +467,7 @@ def deploy_layer(
     backend: str = "auto",
     extra_bos: torch.Tensor | None = None,
     conv_path: str = DEFAULT_CONV_PATH,
+    linear_path: str | Mapping[int, str] = DEFAULT_LINEAR_PATH,
 ) -> nn.Module:
     """The module that replaces one fake-quant layer (see the module docstring for the three cases).
 
@@ -424,7 +481,7 @@ def deploy_layer(
         return DeployedConv2d(layer, backend, conv_path)
     if layer.fp8:
         return DeployedFP8Linear(layer, backend, extra_bos)
-    return DeployedLinear(layer, backend, extra_bos)
+    return DeployedLinear(layer, backend, extra_bos, linear_path_for(linear_path, layer.weight_bits))
 
 
 # the modules deploy() puts in place of fake-quant layers that quantize weights
@@ -437,7 +494,8 @@ class DeployedLayerReport:
 
     name: str
     precision: str  # "W4A8", "W4A16" (weight-only), "W16A8" (activation-only), "FP16"
-    # "triton", "cuBLAS FP8", "dequant + conv" (packed conv weight unpacked per call, float conv), "torch reference"
+    # "triton", "cuBLAS FP8", "dequant + conv" / "dequant + matmul" (packed weight unpacked per call, float
+    # conv / matmul), "torch reference"
     # (integer kernels' PyTorch path), "fake-quant", "torch" (float)
     backend: str
     nbytes: int  # every tensor the layer's module holds, exact
@@ -527,6 +585,7 @@ def deploy(
     act_ranges=None,
     backend: str = "auto",
     conv_path: str = DEFAULT_CONV_PATH,
+    linear_path: str | Mapping[int, str] = DEFAULT_LINEAR_PATH,
 ) -> DeployReport:
     """Replace the fake-quant layers of ``model``'s UNet (a pipeline or the UNet) by packed-integer layers.
 
@@ -538,11 +597,14 @@ def deploy(
     On CUDA the UNet must be float16/bfloat16 (the Triton kernels' activation types). ``conv_path``:
     how quantized convs compute (:class:`DeployedConv2d`; both hold packed weights): ``"dequant"`` (default,
     measured faster, see :data:`DEFAULT_CONV_PATH`) or ``"gemm"`` (the integer GEMM on patches).
+    ``linear_path``: how integer linears compute (:class:`DeployedLinear`): ``"gemm"`` (default) or
+    ``"dequant"``, or a mapping from weight bits to one of them (see :data:`LINEAR_PATHS`).
     """
     if backend not in kernels.BACKENDS:
         raise ValueError(f"backend must be one of {list(kernels.BACKENDS)}, got {backend!r}.")
     if conv_path not in CONV_PATHS:
         raise ValueError(f"conv_path must be one of {list(CONV_PATHS)}, got {conv_path!r}.")
+    check_linear_path(linear_path)
     unet = getattr(model, "unet", model)
     if any(isinstance(m, DEPLOYED_TYPES) for m in unet.modules()):
         raise ValueError("this UNet is already deployed; deploy a fresh fake-quant copy instead.")
@@ -571,7 +633,7 @@ def deploy(
     reports = []
     for info in inventory:
         layer = layers.pop(info.name)
-        module = deploy_layer(layer, backend, pipeline_bos, conv_path)
+        module = deploy_layer(layer, backend, pipeline_bos, conv_path, linear_path)
         unet.set_submodule(info.name, module)
         if isinstance(module, DEPLOYED_TYPES):
             precision = module.precision

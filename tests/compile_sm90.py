@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-POINTERS = {"w_scale_ptr": "*fp32", "rowsum_ptr": "*i32", "bias_ptr": "*fp32", "out_ptr": "*fp16", "x_ptr": "*fp16"}
+POINTERS = {"a_params_ptr": "*fp32", "w_scale_ptr": "*fp32", "rowsum_ptr": "*i32", "bias_ptr": "*fp32", "out_ptr": "*fp16", "x_ptr": "*fp16"}
 
 
 def compile_for_hopper(kernel, config: triton.Config, pointer_types: dict, **constexprs) -> int:
@@ -62,10 +62,11 @@ def cases():
     a16 = {"a_ptr": "*fp16", "w_ptr": "*i8"}
     for bits in (8, 4, 2):
         for swap in (False, True):
-            flags = dict(W_BITS=bits, HAS_SPLIT=True, HAS_BIAS=True, RETURN_ACC=False, SWAP_AB=swap)
+            # the quantizers read from a tensor (compiled deployed layers) on the swapped cases
+            flags = dict(W_BITS=bits, HAS_SPLIT=True, HAS_BIAS=True, RETURN_ACC=False, SWAP_AB=swap, ACT_FROM_PTR=swap)
             yield f"gemm_a8 W{bits} swap={swap}", gemm_a8_kernel, small, a8, flags
         yield f"gemm_a16 W{bits}", gemm_a16_kernel, small, a16, dict(W_BITS=bits, HAS_SPLIT=True, HAS_BIAS=True)
-    flags = dict(W_BITS=8, HAS_SPLIT=True, HAS_BIAS=True, RETURN_ACC=False, SWAP_AB=False)
+    flags = dict(W_BITS=8, HAS_SPLIT=True, HAS_BIAS=True, RETURN_ACC=False, SWAP_AB=False, ACT_FROM_PTR=True)
     yield "gemm_a8 largest tile", gemm_a8_kernel, largest(gemm_a8_kernel.configs), a8, flags
     flags = dict(W_BITS=8, HAS_SPLIT=True, HAS_BIAS=True)
     yield "gemm_a16 largest tile", gemm_a16_kernel, largest(gemm_a16_kernel.configs), a16, flags

@@ -77,3 +77,21 @@ def test_kernel_categories_sort_profiler_names():
     conv = "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x192x64_warpgroupsize2x1x1"
     assert kernel_category(conv) == "convolution (cuDNN)"
     assert kernel_category("void at::native::elementwise_kernel<128, 2>") == "other"
+
+
+def test_variant_names_parse_into_config_options_and_compile_mode():
+    bench = load_bench()
+    spec = bench.parse_variant("w4a8_fp8_dqconv_dqlow_regional")
+    assert (spec.config, spec.options, spec.compile) == ("w4a8", {"fp8", "dqconv", "dqlow"}, "regional")
+    assert bench.parse_variant("w8a8") == bench.VariantSpec("w8a8", frozenset(), None)
+    assert bench.parse_variant("fp16_regional") is None  # a peer
+    assert "4/2-bit linears dequant" in bench.variant_label("w4a8_dqlow_compiled")
+    for bad in ("w3a8", "w8a8_fast", "w8a8_fp8_fp8", "w4a8_dqlow_dqlin", "w8a8_compiled_fp8"):
+        try:
+            bench.parse_variant(bad)
+        except ValueError as err:
+            assert "unknown variant" in str(err)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+    for name in bench.DEFAULT_VARIANTS:
+        bench.variant_label(name)  # every default parses

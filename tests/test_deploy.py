@@ -104,6 +104,47 @@ def test_dequant_conv_path_computes_the_fake_quant_numbers(weight_bits, act_bits
         torch.testing.assert_close(y, ref, rtol=0, atol=atol)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_bits,act_bits", [(8, 8), (4, 8), (2, 8), (4, None)])
+def test_dequant_linear_path_computes_the_fake_quant_numbers(weight_bits, act_bits, dtype):
+    """linear_path='dequant': the packed weight unpacked per call, the input rounded to its A8 grid, a float
+    matmul -- the fake-quant arithmetic, so only the accumulation order differs; BOS rows still come from the
+    precomputed full-precision cache, and the layer holds packed codes only (no float weight)."""
+    torch.manual_seed(8)
+    x = torch.randn(2, 7, 96)
+    for module, kwargs in ((nn.Linear(96, 80), {}), (nn.Linear(96, 48, bias=False), {"bos_aware": True})):
+        layer = fake_quant_layer(module.to(dtype), weight_bits, act_bits, x.to(dtype), **kwargs)
+        ref = layer(x.to(dtype))
+        deployed = deploy_layer(layer, linear_path={weight_bits: "dequant"})
+        assert isinstance(deployed, DeployedLinear) and deployed.linear_path == "dequant"
+        assert deployed.resolved_backend() == "dequant + matmul"
+        assert not [t for t in deployed.buffers() if t.is_floating_point() and t.shape == module.weight.shape]
+        y = deployed(x.to(dtype))
+        assert y.dtype == dtype and y.shape == ref.shape
+        atol = (1e-5 if dtype == torch.float32 else 2**-7) * float(ref.abs().max())  # accumulation order
+        torch.testing.assert_close(y, ref, rtol=0, atol=atol)
+        if kwargs:
+            torch.testing.assert_close(y[:, 0], module(x.to(dtype)[:, 0]), rtol=0, atol=atol)
+
+
+def test_linear_path_per_weight_bits_picks_each_layers_path():
+    torch.manual_seed(9)
+    x = torch.randn(2, 3, 32)
+    paths = {8: "gemm", 4: "dequant"}
+    for bits, expected in ((8, "gemm"), (4, "dequant"), (2, "gemm")):  # bits not in the mapping: the default
+        deployed = deploy_layer(fake_quant_layer(nn.Linear(32, 16), bits, 8, x), linear_path=paths)
+        assert deployed.linear_path == expected
+
+
+@pytest.mark.parametrize("linear_path", ["fast", {4: "cublas"}, {3: "dequant"}])
+def test_unknown_linear_path_is_refused_before_any_change(fresh_random_pipe, linear_path):
+    config = PrecisionConfig.uniform(layer_inventory(fresh_random_pipe.unet), 8, None)
+    with pytest.raises(ValueError, match="linear_path must be one of"):
+        deploy(fresh_random_pipe, config, linear_path=linear_path)
+    assert not quant_layers(fresh_random_pipe)
+
+
 def test_unknown_conv_path_is_refused_before_any_change(fresh_random_pipe):
     with pytest.raises(ValueError, match="conv_path must be one of"):
         deploy(
@@ -205,13 +246,15 @@ def test_deployed_layers_compile_without_graph_breaks(monkeypatch):
     """torch.compile(fullgraph=True) traces deployed A8, weight-only and 3x3-conv layers (the Triton GEMMs are
     custom ops with fake implementations, checked by aot_eager) and computes exactly what eager computes,
     though compiled, the A8 linear's input is quantized by graph ops (int8 into the GEMM op, fusable into its
-    producer) instead of by the launcher's quantization kernel (float into the GEMM op)."""
+    producer) instead of by the launcher's quantization kernel (float into the GEMM op), and the GEMM reads
+    its quantizers from a tensor (gemm_a8_codes), not from per-layer Python numbers."""
     import kernels.gemm_wxa8
 
     gemm_inputs = []
-    real = kernels.gemm_wxa8.gemm_a8
-    spy = lambda x, *a, **k: gemm_inputs.append(x.dtype) or real(x, *a, **k)  # noqa: E731
-    monkeypatch.setattr(kernels.gemm_wxa8, "gemm_a8", spy)
+    for name in ("gemm_a8", "gemm_a8_codes"):
+        real = getattr(kernels.gemm_wxa8, name)
+        spy = lambda x, *a, _real=real, _name=name, **k: gemm_inputs.append((_name, x.dtype)) or _real(x, *a, **k)  # noqa: E731
+        monkeypatch.setattr(kernels.gemm_wxa8, name, spy)
     torch.manual_seed(5)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, img = torch.randn(2, 5, 40), torch.randn(1, 8, 5, 5)
@@ -231,10 +274,10 @@ def test_deployed_layers_compile_without_graph_breaks(monkeypatch):
         layer.half().to(device)  # must not round the activation quantizers held for torch.compile
     eager = block(x, img, both)
     # linear and 1x1 conv: the launcher quantizes; 3x3 conv: quantized before im2col
-    assert gemm_inputs == [torch.float16, torch.int8, torch.float16]
+    assert gemm_inputs == [("gemm_a8", torch.float16), ("gemm_a8", torch.int8), ("gemm_a8", torch.float16)]
     gemm_inputs.clear()
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(x, img, both)
-    assert gemm_inputs == [torch.int8, torch.int8, torch.int8]
+    assert gemm_inputs == [("gemm_a8_codes", torch.int8)] * 3
     for e, c in zip(eager, compiled, strict=True):
         assert torch.equal(e, c)
 
