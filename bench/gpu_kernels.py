@@ -24,6 +24,9 @@ Ops:  fp16       F.linear on float16 (cuBLAS)                       baseline
                  w8a8_from_fp16: from fp16 (activation-quantization kernel + GEMM, the eager path)
       w4a8, w2a8 packed int4 / int2 weights, int8 codes in (weight as left operand);  w4a8_noswap: as right
       w8a16, w4a16, w2a16  our weight-only kernels on fp16 activations
+      w8_dq, w4_dq, w2_dq  kernels.linear_dequant under torch.compile: the packed weight unpacked to fp16 by one
+                 Inductor kernel, then cuBLAS (deploy's linear_path="dequant"; in a compiled UNet rounding x
+                 to its A8 grid fuses into x's producer, so it is left out here)
 Every our-op output is also checked against kernels.reference on the GPU (max |err| / max |ref|).
 """
 
@@ -113,7 +116,7 @@ def tile_sweep(fn, kernel, M: int, repeats: int) -> dict[str, float]:
 
 
 def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_tiles: tuple = ()) -> dict:
-    from kernels import gemm_weight_only, gemm_wxa8
+    from kernels import gemm_weight_only, gemm_wxa8, linear_dequant
     from kernels.act_quant import quantize_act
     from kernels.gemm_weight_only import gemm_a16
     from kernels.gemm_wxa8 import gemm_a8
@@ -158,6 +161,13 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
             lambda w=w: reference.gemm_a16(x16, w),
             gemm_weight_only.gemm_a16_kernel,
         )
+    for bits in (8, 4, 2):
+        dequant = torch.compile(lambda x, w=weights[bits]: linear_dequant(x, w), dynamic=False)
+        ours[f"w{bits}_dq"] = (
+            lambda dequant=dequant: dequant(x16),
+            lambda w=weights[bits]: reference.gemm_a16(x16, w),
+            None,
+        )
     row = {"M": M, "N": N, "K": K, "us": {}, "rel_err": {}, "errors": {}, "configs": {}}
     for name, fn in ops.items():
         try:
@@ -168,7 +178,8 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
         try:
             row["rel_err"][name] = rel_err(fn(), ref_fn())
             row["us"][name] = gpu_time_us(fn, repeats)
-            row["configs"][name] = str(chosen_config(kernel, M, N, x16))
+            if kernel is not None:
+                row["configs"][name] = str(chosen_config(kernel, M, N, x16))
         except Exception as e:  # noqa: BLE001 (a kernel failing on one shape must not lose the others)
             row["errors"][name] = f"{type(e).__name__}: {e}"[:300]
     if sweep_tiles:
@@ -187,7 +198,7 @@ def chosen_config(kernel, M: int, N: int, x: torch.Tensor):
 
 
 COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "actq", "w8a8", "w8a8_swap", "w8a8_from_fp16", "w4a8", "w4a8_noswap",
-           "w2a8", "w8a16", "w4a16", "w2a16"]  # fmt: skip
+           "w2a8", "w8a16", "w4a16", "w2a16", "w8_dq", "w4_dq", "w2_dq"]  # fmt: skip
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -245,6 +256,7 @@ def main() -> None:
         raise SystemExit("bench/gpu_kernels.py needs a CUDA GPU")
     import triton
 
+    torch._dynamo.config.recompile_limit = 64  # one small compiled dequant function per shape and bit-width
     if args.autotune:
         import os
 

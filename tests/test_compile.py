@@ -59,13 +59,12 @@ def test_copies_of_a_deployed_block_share_one_compiled_graph(backend):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6 * float(a.abs().max()))
 
 
-def test_compile_repeated_blocks_raises_the_recompile_limit_to_the_block_count(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 8)
+def test_compile_repeated_blocks_raises_the_recompile_limit_to_the_block_count():
     blocks = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4)) for _ in range(12)])
-    assert compile_repeated_blocks(blocks, ("Linear",)) == 12
-    assert torch._dynamo.config.recompile_limit == 12
-    assert torch._dynamo.config.accumulated_recompile_limit == 12
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=8):
+        assert compile_repeated_blocks(blocks, ("Linear",)) == 12
+        assert torch._dynamo.config.recompile_limit == 12
+        assert torch._dynamo.config.accumulated_recompile_limit == 12
 
 
 def test_a_model_without_the_blocks_is_refused():
