@@ -24,9 +24,10 @@ Ops:  fp16       F.linear on float16 (cuBLAS)                       baseline
                  w8a8_from_fp16: from fp16 (activation-quantization kernel + GEMM, the eager path)
       w4a8, w2a8 packed int4 / int2 weights, int8 codes in (weight as left operand);  w4a8_noswap: as right
       w8a16, w4a16, w2a16  our weight-only kernels on fp16 activations
-      w8_dq, w4_dq, w2_dq  kernels.linear_dequant under torch.compile: the packed weight unpacked to fp16 by one
-                 Inductor kernel, then cuBLAS (deploy's linear_path="dequant"; in a compiled UNet rounding x
-                 to its A8 grid fuses into x's producer, so it is left out here)
+      w8_dq, w4_dq, w2_dq  kernels.linear_dequant under torch.compile: the packed weight unpacked to fp16 (int8:
+                 an Inductor kernel; int4 / int2: kernels.unpack), then cuBLAS (deploy's linear_path="dequant";
+                 in a compiled UNet rounding x to its A8 grid fuses into x's producer, so it is left out here);
+                 w4_dq_inductor: the int4 unpacking as PyTorch ops that Inductor compiles instead
 Every our-op output is also checked against kernels.reference on the GPU (max |err| / max |ref|).
 """
 
@@ -161,9 +162,11 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
             lambda w=w: reference.gemm_a16(x16, w),
             gemm_weight_only.gemm_a16_kernel,
         )
-    for bits in (8, 4, 2):
-        dequant = torch.compile(lambda x, w=weights[bits]: linear_dequant(x, w), dynamic=False)
-        ours[f"w{bits}_dq"] = (
+    for name, bits, backend in (("w8_dq", 8, "auto"), ("w4_dq", 4, "auto"), ("w2_dq", 2, "auto"),
+                                ("w4_dq_inductor", 4, "torch")):  # fmt: skip
+        fn = lambda x, w=weights[bits], backend=backend: linear_dequant(x, w, backend=backend)  # noqa: E731
+        dequant = torch.compile(fn, dynamic=False)
+        ours[name] = (
             lambda dequant=dequant: dequant(x16),
             lambda w=weights[bits]: reference.gemm_a16(x16, w),
             None,
@@ -198,7 +201,7 @@ def chosen_config(kernel, M: int, N: int, x: torch.Tensor):
 
 
 COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "actq", "w8a8", "w8a8_swap", "w8a8_from_fp16", "w4a8", "w4a8_noswap",
-           "w2a8", "w8a16", "w4a16", "w2a16", "w8_dq", "w4_dq", "w2_dq"]  # fmt: skip
+           "w2a8", "w8a16", "w4a16", "w2a16", "w8_dq", "w4_dq", "w2_dq", "w4_dq_inductor"]  # fmt: skip
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:

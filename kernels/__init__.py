@@ -19,11 +19,10 @@ Importing this package imports neither triton nor any kernel module; they load o
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from kernels import reference
+from kernels.backend import BACKENDS, TRITON_INSTALLED, has_triton_gpu, resolve_backend
 from kernels.conv import conv2d_quant
 from kernels.dequant import conv2d_dequant, linear_dequant
 from kernels.pack import (
@@ -38,6 +37,8 @@ from kernels.pack import (
 )
 
 __all__ = [
+    "BACKENDS",
+    "TRITON_INSTALLED",
     "PackedWeight",
     "conv2d_dequant",
     "conv2d_quant",
@@ -56,27 +57,6 @@ __all__ = [
     "unpack_int2",
     "unpack_int4",
 ]
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-# read once at import: torch.compile traces resolve_backend, and a cached function call there breaks the graph
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def has_triton_gpu() -> bool:
-    """True when the Triton kernels can run on a CUDA device here."""
-    return TRITON_INSTALLED and torch.cuda.is_available()
-
-
-def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
-    """``"triton"`` or ``"torch"`` for a tensor on x's device."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda and TRITON_INSTALLED else "torch"
-    return backend
-
 
 def quantize_act(
     x: torch.Tensor, scale: float, zp: int, bits: int = 8, out: torch.Tensor | None = None, *, backend: str = "auto"

@@ -10,6 +10,8 @@ input rounding fuses into the op that produced the input, and the unpacking is o
 
 ``act_qparams`` ``(1 / s, zp, s)``: float32 tensors with one element per input part (``weight.k_split``
 splits the input features in two, each with its own quantizer); ``None`` for weight-only layers.
+``backend``: where 4- and 2-bit weights are unpacked (``"triton"``: :mod:`kernels.unpack`; ``"auto"``: Triton
+on CUDA).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference
+from kernels.backend import resolve_backend
 from kernels.conv import _pair
 from kernels.pack import PackedWeight, part_bounds
 
@@ -44,13 +47,15 @@ def linear_dequant(
     *,
     act_qparams: ActQParams | None = None,
     act_bits: int = 8,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``x [..., K]`` -> ``[..., N]`` by a float matmul with the dequantized weight (see the module docstring)."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.in_features}")
     if act_qparams is not None:
         x = fake_quantize_parts(x, act_qparams, weight.in_features, weight.k_split, -1, act_bits)
-    return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+    w = weight.dequantize(x.dtype, resolve_backend(x, backend))
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def conv2d_dequant(
@@ -63,6 +68,7 @@ def conv2d_dequant(
     *,
     act_qparams: ActQParams | None = None,
     act_bits: int = 8,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Conv by cuDNN (or the CPU's conv) on the dequantized weight: ``[B, C, H, W]`` -> ``[B, N, Ho, Wo]``.
 
@@ -73,7 +79,8 @@ def conv2d_dequant(
     n, c = weight.out_features, weight.in_features // (kh * kw)
     if x.shape[1] != c:
         raise ValueError(f"input has {x.shape[1]} channels, the weight expects {c}")
-    w = weight.dequantize(x.dtype).view(n, kh, kw, c).permute(0, 3, 1, 2)  # back to [N, C, kh, kw]
+    w = weight.dequantize(x.dtype, resolve_backend(x, backend))
+    w = w.view(n, kh, kw, c).permute(0, 3, 1, 2)  # back to [N, C, kh, kw]
     if act_qparams is not None:
         x = fake_quantize_parts(x, act_qparams, c, weight.k_split, 1, act_bits)
     return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding)

@@ -79,6 +79,21 @@ def _(x, qweight, weight_scale, weight_rowsum, bias, act_params, weight_bits, in
     return x.new_empty(x.shape[0], weight_scale.shape[0], dtype=out_dtype)
 
 
+@torch.library.custom_op("mixdq::unpack_dequant", mutates_args=())
+def unpack_dequant(
+    data: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int, k_split: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Packed 4- / 2-bit weight ``[N, bytes]`` -> ``codes * scale`` ``[N, in_features]`` in ``dtype`` (Triton)."""
+    from kernels.unpack import unpack_dequant as launch
+
+    return launch(data, scale, bits, in_features, None if k_split < 0 else k_split, dtype)
+
+
+@unpack_dequant.register_fake
+def _(data, scale, bits, in_features, k_split, dtype):
+    return data.new_empty(data.shape[0], in_features, dtype=dtype)
+
+
 @torch.library.custom_op("mixdq::gemm_a16", mutates_args=())
 def gemm_a16(
     x: torch.Tensor,

@@ -176,9 +176,18 @@ class PackedWeight:
         """Unpacked int8 codes ``[N, K]``."""
         return unpack_codes(self.data, self.bits, self.in_features, self.k_split)
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype, backend: str = "torch") -> torch.Tensor:
         """``codes * scale`` as a ``[N, K]`` float tensor of ``dtype`` (computed in float32, rounded once):
-        the fake-quant layer's weight, made per call by the dequantizing paths (:mod:`kernels.dequant`)."""
+        the fake-quant layer's weight, made per call by the dequantizing paths (:mod:`kernels.dequant`).
+
+        ``backend="triton"`` unpacks 4- and 2-bit codes with :mod:`kernels.unpack` (the same numbers, at the
+        memory's speed on a GPU); 8-bit codes and ``"torch"`` use PyTorch ops.
+        """
+        if backend == "triton" and self.bits != 8:
+            import kernels.ops  # noqa: F401 (registers torch.ops.mixdq.*)
+
+            split = -1 if self.k_split is None else self.k_split
+            return torch.ops.mixdq.unpack_dequant(self.data, self.scale, self.bits, self.in_features, split, dtype)
         return (self.codes().float() * self.scale.float()[:, None]).to(dtype)
 
     def part_byte_offsets(self) -> list[int]:

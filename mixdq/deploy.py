@@ -289,7 +289,12 @@ class DeployedLinear(BosAwareForward, PackedLayer):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear_path == "dequant":
             return kernels.linear_dequant(
-                x, self.packed_weight, self.bias, act_qparams=self._act_param_tensors(), act_bits=self.act_bits or 8
+                x,
+                self.packed_weight,
+                self.bias,
+                act_qparams=self._act_param_tensors(),
+                act_bits=self.act_bits or 8,
+                backend=self.backend,
             )
         params = self._compiled_act_params()
         if params is not None:  # compiled: quantize here with tensor parameters; the GEMM gets int8 codes
@@ -412,6 +417,7 @@ class DeployedConv2d(PackedLayer):
                 self.bias,
                 act_qparams=self._act_param_tensors(),
                 act_bits=self.act_bits or 8,
+                backend=self.backend,
             )
         y = kernels.conv2d_quant(
             x,

@@ -20,7 +20,7 @@ POINTERS = {"a_params_ptr": "*fp32", "w_scale_ptr": "*fp32", "rowsum_ptr": "*i32
 
 def compile_for_hopper(kernel, config: triton.Config, pointer_types: dict, **constexprs) -> int:
     """Shared memory bytes of ``kernel`` compiled for sm_90 with ``config`` and ``constexprs``."""
-    fn = kernel.fn
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     # the JIT turns integer arguments equal to 1 into constants: the unit strides along K and along N
     unit_strides = {n: 1 for n in fn.arg_names if n.endswith(("_ak", "_wk", "_on", "_xc", "_oc"))}
     constexprs = constexprs | config.kwargs | unit_strides
@@ -70,6 +70,11 @@ def cases():
     yield "gemm_a8 largest tile", gemm_a8_kernel, largest(gemm_a8_kernel.configs), a8, flags
     flags = dict(W_BITS=8, HAS_SPLIT=True, HAS_BIAS=True)
     yield "gemm_a16 largest tile", gemm_a16_kernel, largest(gemm_a16_kernel.configs), a16, flags
+    from kernels.unpack import unpack_dequant_kernel
+
+    one = triton.Config({}, num_warps=4, num_stages=1)
+    for bits in (4, 2):
+        yield f"unpack_dequant W{bits}", unpack_dequant_kernel, one, {"p_ptr": "*u8"}, dict(BITS=bits, BLOCK_N=64)
 
 
 def one_stage_bytes(config: triton.Config, x_bytes: int) -> int:

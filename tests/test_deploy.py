@@ -242,6 +242,34 @@ def test_triton_backend_runs_the_deployed_layers(monkeypatch):
     reason="no CUDA device and TRITON_INTERPRET!=1: Triton cannot launch here",
 )
 @torch.no_grad()
+def test_dequant_paths_unpack_with_the_triton_kernel_on_the_triton_backend(monkeypatch):
+    """backend='triton' (CUDA's 'auto'): the dequant linear and conv unpack their 4- / 2-bit weights with
+    kernels.unpack, once per call, compiled too (a custom op), and compute what the torch unpacking computes."""
+    import kernels.unpack
+
+    calls = []
+    real = kernels.unpack.unpack_dequant
+    monkeypatch.setattr(kernels.unpack, "unpack_dequant", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    torch.manual_seed(11)
+    x, img = torch.randn(2, 5, 40), torch.randn(1, 8, 5, 5)
+    linear = deploy_layer(fake_quant_layer(nn.Linear(40, 24), 4, 8, x), linear_path="dequant")
+    conv = deploy_layer(fake_quant_layer(nn.Conv2d(8, 12, 3, padding=1), 2, None, img), conv_path="dequant")
+    expected = linear(x), conv(img)
+    assert calls == []  # the CPU's torch backend unpacks with PyTorch ops
+    for layer in (linear, conv):
+        layer.backend = "triton"
+    assert torch.equal(linear(x), expected[0]) and torch.equal(conv(img), expected[1])
+    assert calls == [4, 2]
+    compiled = torch.compile(lambda x, img: (linear(x), conv(img)), backend="aot_eager", fullgraph=True)(x, img)
+    assert torch.equal(compiled[0], expected[0]) and torch.equal(compiled[1], expected[1])
+    assert calls == [4, 2, 4, 2]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no CUDA device and TRITON_INTERPRET!=1: Triton cannot launch here",
+)
+@torch.no_grad()
 def test_deployed_layers_compile_without_graph_breaks(monkeypatch):
     """torch.compile(fullgraph=True) traces deployed A8, weight-only and 3x3-conv layers (the Triton GEMMs are
     custom ops with fake implementations, checked by aot_eager) and computes exactly what eager computes,

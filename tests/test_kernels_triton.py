@@ -73,6 +73,45 @@ def test_gemm_a8_matches_reference(bits, M, N, K, k_split, prequantized, swap):
     assert_within_fp16_rounding(out, reference.gemm_a8(x, weight, scale, zp, bias))
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("M,N,K,k_split", SHAPES)
+def test_gemm_a8_codes_reads_the_quantizers_from_a_tensor(bits, M, N, K, k_split):
+    """The compiled deployed layers' GEMM: the same int32 accumulators and the same outputs, bit for bit, as
+    with the quantizers passed as launch arguments."""
+    from kernels.gemm_wxa8 import gemm_a8_codes
+
+    g = torch.Generator().manual_seed(M + bits)
+    weight = make_weight(N, K, bits, k_split, seed=bits)
+    bias = torch.randn(N, generator=g).to(DEVICE)
+    scale, zp = ((0.03, 0.05), (120, 7)) if k_split else (0.03, 120)
+    x = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8).to(DEVICE)
+    params = reference.act_params_tensor(weight, scale, zp, DEVICE)
+    acc = gemm_a8_codes(x, weight, params, return_acc=True)
+    assert torch.equal(acc, reference.gemm_a8(x, weight, scale, zp, return_acc=True))
+    assert torch.equal(gemm_a8_codes(x, weight, params, bias), gemm_a8(x, weight, scale, zp, bias))
+    torch.testing.assert_close(
+        reference.gemm_a8_codes(x, weight, params, bias), reference.gemm_a8(x, weight, scale, zp, bias), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,k_split", SHAPES)
+def test_unpack_dequant_kernel_equals_the_torch_unpacking(bits, dtype, M, N, K, k_split):
+    """kernels.unpack (the dequant paths' weight on a GPU) is bit-exact with PackedWeight.dequantize in
+    PyTorch: partial chunks, a split inside a chunk, row counts off the block size."""
+    weight = make_weight(N + M, K, bits, k_split, seed=bits)  # N + M: more row counts
+    out = weight.dequantize(dtype, backend="triton")
+    assert out.dtype == dtype and out.shape == (N + M, K)
+    ref = weight.dequantize(dtype, backend="torch")
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        # Triton's interpreter truncates float32 -> bfloat16 whatever the rounding asked for; the GPU rounds
+        # to nearest even like torch: here, within one bfloat16 step of it
+        torch.testing.assert_close(out, ref, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(out, ref)
+
+
 def test_gemm_a8_four_bit_activations():
     weight = make_weight(24, 48, 4)
     x = torch.randn(5, 48, device=DEVICE)
