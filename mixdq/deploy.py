@@ -6,10 +6,12 @@ memory and is slower than FP16. ``deploy`` makes the chosen precision real, in p
 * a layer with quantized weights becomes a :class:`DeployedLinear` / :class:`DeployedConv2d` holding the
   integer codes packed along K (int8, two int4 or four int2 per byte, :class:`kernels.PackedWeight`), one
   float32 scale and (for the A8 epilogue) one int32 row sum per output channel, the bias, and the static
-  activation scale / zero-point of each input part. Its ``forward`` is one call to ``kernels.quant_linear``
-  or ``kernels.conv2d_quant``: Triton on CUDA, the PyTorch integer reference elsewhere (``backend="auto"``).
-  Convs by default take the measured faster ``conv_path="dequant"`` (:func:`kernels.conv2d_dequant`: the
-  packed weight unpacked per call, a float conv on the A8-rounded input);
+  activation scale / zero-point of each input part. Its ``forward`` takes one of two paths, chosen per layer
+  by what measured faster on an H200 (``linear_path`` / ``conv_path``): the integer GEMM
+  (``kernels.quant_linear`` / ``kernels.conv2d_quant``: Triton on CUDA, the PyTorch integer reference
+  elsewhere), by default for W8A8 linears; or the dequant path (:mod:`kernels.dequant`: the packed weight
+  unpacked per call, a float matmul / conv on the A8-rounded input), by default for convs, packed int4 /
+  int2 linears and weight-only linears;
 * a W8A8 linear layer of the config's ``fp8`` list becomes a :class:`DeployedFP8Linear` (e4m3 codes, cuBLAS
   FP8 through ``torch._scaled_mm`` on GPUs of compute capability 8.9+);
 * a layer with FP weights but quantized activations (``W16A8``) stays a :class:`~mixdq.quant.QuantLayer`:
@@ -64,10 +66,17 @@ CONV_PATHS = ("gemm", "dequant")
 DEFAULT_CONV_PATH = "dequant"
 
 # how a deployed quantized linear computes: our Triton integer GEMM, or cuBLAS on the weight unpacked per call
-# (kernels.linear_dequant). Either one path for every linear, or one per weight bit-width, e.g.
-# {8: "gemm", 4: "dequant", 2: "dequant"}.
-LINEAR_PATHS = ("gemm", "dequant")
-DEFAULT_LINEAR_PATH = "gemm"
+# (kernels.linear_dequant): one path for every linear, or one per weight bit-width, e.g. {4: "dequant"}.
+# "auto" (the default) is what measured faster on an H200 (1024 px SDXL UNet, compiled; bench/results/
+# gpu_unet_h200_2026-11-28.md, session 5): the int8 GEMM for W8A8, the dequant path for packed int4 / int2
+# weights and for weight-only layers, whose Triton GEMMs ran 2-4x slower than FP16 cuBLAS at the UNet's shapes.
+LINEAR_PATHS = ("auto", "gemm", "dequant")
+DEFAULT_LINEAR_PATH = "auto"
+
+
+def auto_linear_path(weight_bits: int, act_bits: int | None) -> str:
+    """``"gemm"`` for W8A8 linears, ``"dequant"`` otherwise (see :data:`LINEAR_PATHS`)."""
+    return "gemm" if weight_bits == 8 and act_bits is not None else "dequant"
 
 
 class BosCacheMissError(RuntimeError):
@@ -86,11 +95,10 @@ def check_linear_path(linear_path: str | Mapping[int, str]) -> None:
         )
 
 
-def linear_path_for(linear_path: str | Mapping[int, str], weight_bits: int) -> str:
-    """The path of a linear layer with ``weight_bits``: a mapping without its bit-width means the default."""
-    if isinstance(linear_path, Mapping):
-        return linear_path.get(weight_bits, DEFAULT_LINEAR_PATH)
-    return linear_path
+def linear_path_for(linear_path: str | Mapping[int, str], weight_bits: int, act_bits: int | None) -> str:
+    """``"gemm"`` or ``"dequant"`` for one layer: a mapping without its bit-width, or "auto", means the rule."""
+    path = linear_path.get(weight_bits, "auto") if isinstance(linear_path, Mapping) else linear_path
+    return auto_linear_path(weight_bits, act_bits) if path == "auto" else path
 
 
 def _nbytes(module: nn.Module) -> int:
@@ -274,11 +282,11 @@ class DeployedLinear(BosAwareForward, PackedLayer):
         layer: QuantLayer,
         backend: str,
         extra_bos: torch.Tensor | None = None,
-        linear_path: str = DEFAULT_LINEAR_PATH,
+        linear_path: str = "gemm",
     ) -> None:
         super().__init__(layer, backend)
-        if linear_path not in LINEAR_PATHS:
-            raise ValueError(f"linear_path must be one of {list(LINEAR_PATHS)}, got {linear_path!r}.")
+        if linear_path not in ("gemm", "dequant"):
+            raise ValueError(f"linear_path must be 'gemm' or 'dequant', got {linear_path!r}.")
         self.linear_path = linear_path
         self._register_bos(layer, extra_bos)
 
@@ -487,7 +495,8 @@ def deploy_layer(
         return DeployedConv2d(layer, backend, conv_path)
     if layer.fp8:
         return DeployedFP8Linear(layer, backend, extra_bos)
-    return DeployedLinear(layer, backend, extra_bos, linear_path_for(linear_path, layer.weight_bits))
+    path = linear_path_for(linear_path, layer.weight_bits, layer.act_bits)
+    return DeployedLinear(layer, backend, extra_bos, path)
 
 
 # the modules deploy() puts in place of fake-quant layers that quantize weights
@@ -603,8 +612,9 @@ def deploy(
     On CUDA the UNet must be float16/bfloat16 (the Triton kernels' activation types). ``conv_path``:
     how quantized convs compute (:class:`DeployedConv2d`; both hold packed weights): ``"dequant"`` (default,
     measured faster, see :data:`DEFAULT_CONV_PATH`) or ``"gemm"`` (the integer GEMM on patches).
-    ``linear_path``: how integer linears compute (:class:`DeployedLinear`): ``"gemm"`` (default) or
-    ``"dequant"``, or a mapping from weight bits to one of them (see :data:`LINEAR_PATHS`).
+    ``linear_path``: how integer linears compute (:class:`DeployedLinear`): ``"auto"`` (default: the
+    measured faster path per layer kind), ``"gemm"`` or ``"dequant"``, or a mapping from weight bits to one of
+    them (see :data:`LINEAR_PATHS`).
     """
     if backend not in kernels.BACKENDS:
         raise ValueError(f"backend must be one of {list(kernels.BACKENDS)}, got {backend!r}.")

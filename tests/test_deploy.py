@@ -50,13 +50,14 @@ def assert_within_fp16_rounding(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("linear_path", ["gemm", "dequant"])
 @pytest.mark.parametrize("weight_bits,act_bits", WEIGHT_ACT_BITS)
-def test_linear_matches_fake_quant(weight_bits, act_bits):
+def test_linear_matches_fake_quant(weight_bits, act_bits, linear_path):
     torch.manual_seed(0)
     x = torch.randn(4, 10, 96)
     layer = fake_quant_layer(nn.Linear(96, 80), weight_bits, act_bits, x)
     ref = layer(x)
-    deployed = deploy_layer(layer)
+    deployed = deploy_layer(layer, linear_path=linear_path)
     assert isinstance(deployed, DeployedLinear) and not isinstance(deployed, nn.Linear)
     assert deployed.precision == f"W{weight_bits}A{act_bits or 16}"
     assert_within_fp16_rounding(deployed(x), ref)
@@ -128,13 +129,22 @@ def test_dequant_linear_path_computes_the_fake_quant_numbers(weight_bits, act_bi
             torch.testing.assert_close(y[:, 0], module(x.to(dtype)[:, 0]), rtol=0, atol=atol)
 
 
-def test_linear_path_per_weight_bits_picks_each_layers_path():
+def test_linear_path_auto_rule_and_per_weight_bits_override():
+    """auto (the default): our int8 GEMM for W8A8, the dequant path for packed int4 / int2 and weight-only
+    layers (measured faster on an H200); a {bits: path} mapping overrides it for the bit-widths it names."""
     torch.manual_seed(9)
     x = torch.randn(2, 3, 32)
-    paths = {8: "gemm", 4: "dequant"}
-    for bits, expected in ((8, "gemm"), (4, "dequant"), (2, "gemm")):  # bits not in the mapping: the default
-        deployed = deploy_layer(fake_quant_layer(nn.Linear(32, 16), bits, 8, x), linear_path=paths)
-        assert deployed.linear_path == expected
+    cases = [  # (weight bits, act bits, path under "auto", path under {4: "gemm", 8: "dequant"})
+        (8, 8, "gemm", "dequant"),
+        (8, None, "dequant", "dequant"),
+        (4, 8, "dequant", "gemm"),
+        (2, 8, "dequant", "dequant"),
+        (4, None, "dequant", "gemm"),
+    ]
+    for weight_bits, act_bits, auto, mapped in cases:
+        layer = fake_quant_layer(nn.Linear(32, 16), weight_bits, act_bits, x)
+        assert deploy_layer(layer).linear_path == auto
+        assert deploy_layer(layer, linear_path={4: "gemm", 8: "dequant"}).linear_path == mapped
 
 
 @pytest.mark.parametrize("linear_path", ["fast", {4: "cublas"}, {3: "dequant"}])
@@ -228,7 +238,7 @@ def test_triton_backend_runs_the_deployed_layers(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = [(nn.Linear(40, 24), torch.randn(2, 5, 40)), (nn.Conv2d(8, 12, 3, padding=1), torch.randn(1, 8, 5, 5))]
     for module, x in cases:
-        deployed = deploy_layer(fake_quant_layer(module, 4, 8, x), conv_path="gemm").to(device)
+        deployed = deploy_layer(fake_quant_layer(module, 4, 8, x), conv_path="gemm", linear_path="gemm").to(device)
         x = x.to(device)
         deployed.backend = "triton"
         y = deployed(x)
@@ -286,8 +296,8 @@ def test_deployed_layers_compile_without_graph_breaks(monkeypatch):
     torch.manual_seed(5)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, img = torch.randn(2, 5, 40), torch.randn(1, 8, 5, 5)
-    a8 = deploy_layer(fake_quant_layer(nn.Linear(40, 24), 4, 8, x))
-    a16 = deploy_layer(fake_quant_layer(nn.Linear(24, 16), 8, None, torch.randn(2, 5, 24)))
+    a8 = deploy_layer(fake_quant_layer(nn.Linear(40, 24), 4, 8, x), linear_path="gemm")
+    a16 = deploy_layer(fake_quant_layer(nn.Linear(24, 16), 8, None, torch.randn(2, 5, 24)), linear_path="gemm")
     conv = deploy_layer(fake_quant_layer(nn.Conv2d(8, 12, 3, padding=1), 2, 8, img), conv_path="gemm")
     both = torch.cat([img, 30 * torch.randn(1, 4, 5, 5)], dim=1)
     shortcut = deploy_layer(fake_quant_layer(nn.Conv2d(12, 8, 1), 4, 8, both, concat_split=8), conv_path="gemm")
@@ -432,7 +442,11 @@ def test_report_counts_backends_and_exact_bytes(deployed_pipe):
     convs = {name for name, m in packed.items() if m.kind == "conv"}
     assert convs and all(packed[name].conv_path == "dequant" for name in convs)  # the default
     assert {layer.name for layer in report.layers if layer.backend == "dequant + conv"} == convs
-    assert {layer.name for layer in report.layers if layer.backend == "torch reference"} == set(packed) - convs  # CPU
+    linears = set(packed) - convs  # the default linear_path="auto": int8 GEMM for W8A8, dequant otherwise
+    gemm = {name for name in linears if (packed[name].weight_bits, packed[name].act_bits) == (8, 8)}
+    assert gemm and gemm != linears and all(packed[name].linear_path == "gemm" for name in gemm)
+    assert {layer.name for layer in report.layers if layer.backend == "torch reference"} == gemm  # CPU
+    assert {layer.name for layer in report.layers if layer.backend == "dequant + matmul"} == linears - gemm
     assert len(report.layers) == len(packed) + len(PROTECTED) + 1  # + the activation-only layer
     for module in packed.values():
         packed_row = packed_row_bytes(module.in_features, module.weight_bits, module.k_split)  # chunk-padded
