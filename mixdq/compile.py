@@ -25,13 +25,17 @@ REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 def compile_repeated_blocks(
-    unet: nn.Module, block_types: tuple[str, ...] = REPEATED_BLOCKS, **compile_kwargs: Any
+    model: Any, block_types: tuple[str, ...] = REPEATED_BLOCKS, **compile_kwargs: Any
 ) -> int:
-    """Compile every submodule whose class name is in ``block_types`` in place; returns how many.
+    """Compile every submodule of ``model``'s UNet (a pipeline or the UNet) whose class name is in
+    ``block_types``, in place; returns how many. The first call at each shape compiles (lazily).
 
     ``compile_kwargs`` go to ``torch.compile`` (e.g. ``fullgraph=True``, ``dynamic=False``). Raises
     ``ValueError`` when no block matches, so a renamed class cannot silently leave the UNet uncompiled.
     """
+    unet = getattr(model, "unet", model)
+    if not isinstance(unet, nn.Module):
+        raise TypeError(f"expected a diffusers pipeline or a UNet (nn.Module), got {type(model).__name__}.")
     blocks = [m for m in unet.modules() if type(m).__name__ in block_types]
     if not blocks:
         raise ValueError(f"no {' / '.join(block_types)} in this model: nothing to compile regionally.")

@@ -70,3 +70,15 @@ def test_compile_repeated_blocks_raises_the_recompile_limit_to_the_block_count()
 def test_a_model_without_the_blocks_is_refused():
     with pytest.raises(ValueError, match="no BasicTransformerBlock / ResnetBlock2D in this model"):
         compile_repeated_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_a_pipeline_compiles_its_unets_blocks(random_pipe):
+    import copy
+    import types
+
+    unet = copy.deepcopy(random_pipe.unet)
+    n = compile_repeated_blocks(types.SimpleNamespace(unet=unet))
+    kinds = [type(m).__name__ for m in unet.modules()]
+    assert n == kinds.count("BasicTransformerBlock") + kinds.count("ResnetBlock2D") > 0
+    with pytest.raises(TypeError, match="pipeline or a UNet"):
+        compile_repeated_blocks("unet")
