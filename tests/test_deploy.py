@@ -508,3 +508,22 @@ def test_inventory_is_unchanged_by_deploy(fresh_random_pipe):
     deploy(pipe, PrecisionConfig.uniform(before, 4, 8), ranges)
     assert layer_inventory(pipe.unet) == before
     assert non_layer_param_count(pipe.unet) == other_before
+
+
+@torch.no_grad()
+def test_regionally_compiled_deployed_pipeline_makes_the_same_images(deployed_pipe):
+    """mixdq.compile.compile_repeated_blocks on a deployed pipeline (the GPU benchmark's fast-warm-up path): the
+    mixed config's blocks trace without graph breaks and generate what the eager deployed pipeline generates."""
+    from mixdq.compile import compile_repeated_blocks
+
+    unet = deployed_pipe.pipe.unet
+    torch._dynamo.reset()
+    try:
+        n = compile_repeated_blocks(deployed_pipe.pipe, backend="aot_eager", fullgraph=True, dynamic=False)
+        assert n > 0
+        images = generate(deployed_pipe.pipe)
+    finally:
+        for module in unet.modules():
+            module._compiled_call_impl = None  # the other tests of this module run the eager layers
+        torch._dynamo.reset()
+    torch.testing.assert_close(images, deployed_pipe.images, rtol=0, atol=1e-5)
