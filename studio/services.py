@@ -210,19 +210,60 @@ def infeasible_message(err: InfeasibleBudgetError) -> str:
     return f"Infeasible budget: {err}"
 
 
+# ---- how the chosen bits run ---------------------------------------------------------------------------
+# label -> PrecisionConfig.weight_clip
+WEIGHT_SCALES = {"min-max (MixDQ)": "minmax", "MSE-clipped per row (ours)": "mse"}
+
+
+def with_run_options(
+    config: PrecisionConfig, layers_inventory: UNetInventory, weight_scales: str, fp8: bool
+) -> PrecisionConfig:
+    """A copy of ``config`` whose bits run with the chosen weight scales (a :data:`WEIGHT_SCALES` label) and,
+    with ``fp8``, its W8A8 linear layers in FP8 e4m3 (cuBLAS FP8 on Hopper / Ada GPUs once deployed)."""
+    if weight_scales not in WEIGHT_SCALES:
+        raise ValueError(f"weight scales must be one of {list(WEIGHT_SCALES)}, got {weight_scales!r}")
+    config = PrecisionConfig.from_dict(config.to_dict())
+    config.weight_clip = WEIGHT_SCALES[weight_scales]
+    config.fp8 = []
+    return config.with_fp8_linears(list(layers_inventory.layers)) if fp8 else config
+
+
+def run_options_text(config: PrecisionConfig) -> str:
+    """What the options change, for the compare report and the export status ('' for MixDQ's defaults)."""
+    parts = []
+    if config.weight_clip == "mse":
+        parts.append("MSE-clipped weight scales")
+    if config.fp8:
+        parts.append(f"{len(config.fp8)} W8A8 linear layers in FP8 e4m3")
+    return ", ".join(parts)
+
+
 # ---- export / import --------------------------------------------------------------------------------
 def export_config(
     config: PrecisionConfig, layers_inventory: UNetInventory, directory: str | Path | None = None
-) -> tuple[Path, Path, Path]:
-    """Write the config as JSON and as MixDQ yaml (weights, activations); return the three paths."""
+) -> list[Path]:
+    """Write the config as JSON and, where MixDQ's format can say it, as MixDQ yaml (weights, activations);
+    return the paths. MixDQ's yaml has min-max scales and int8 only: a config with MSE-clipped scales or FP8
+    layers is written as JSON alone (:func:`yaml_refusal` says why)."""
     directory = Path(directory or tempfile.mkdtemp(prefix="mixdq-config-"))
     directory.mkdir(parents=True, exist_ok=True)
     stem = _config_stem(config)
-    json_path = config.save(directory / f"{stem}.json")
-    weight_yaml, act_yaml = config.to_mixdq_yaml(list(layers_inventory.layers))
-    (directory / f"{stem}.weight.yaml").write_text(weight_yaml)
-    (directory / f"{stem}.act.yaml").write_text(act_yaml)
-    return json_path, directory / f"{stem}.weight.yaml", directory / f"{stem}.act.yaml"
+    paths = [config.save(directory / f"{stem}.json")]
+    if yaml_refusal(config, layers_inventory) is None:
+        weight_yaml, act_yaml = config.to_mixdq_yaml(list(layers_inventory.layers))
+        paths += [directory / f"{stem}.weight.yaml", directory / f"{stem}.act.yaml"]
+        paths[1].write_text(weight_yaml)
+        paths[2].write_text(act_yaml)
+    return paths
+
+
+def yaml_refusal(config: PrecisionConfig, layers_inventory: UNetInventory) -> str | None:
+    """Why the config cannot be written as MixDQ yaml, or None when it can."""
+    try:
+        config.to_mixdq_yaml(list(layers_inventory.layers))
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def import_config(path: str | Path, layers_inventory: UNetInventory) -> PrecisionConfig:
@@ -454,6 +495,9 @@ __all__ = [
     "allocate",
     "config_summary",
     "export_config",
+    "run_options_text",
+    "with_run_options",
+    "yaml_refusal",
     "image_metrics",
     "import_config",
     "infeasible_message",

@@ -113,13 +113,18 @@ def build_demo(
         finally:
             on_first_view()
 
-    def export(config_dict, label):
+    def export(config_dict, label, weight_scales, fp8):
         if not config_dict:
             return None, "Nothing to export yet: release the budget slider (or import a config) first."
         config = PrecisionConfig.from_dict(config_dict)
         inventory = sources_by_model(config.model_id, label).inventory
+        config = services.with_run_options(config, inventory, weight_scales, fp8)
         paths = services.export_config(config, inventory)
-        return [str(p) for p in paths], services.config_summary(config, inventory)
+        status = services.config_summary(config, inventory)
+        refusal = services.yaml_refusal(config, inventory)
+        if refusal:
+            status += f"  \nJSON only: {refusal}"
+        return [str(p) for p in paths], status
 
     def sources_by_model(model_id, label):
         """The source whose model made a config (a config carries its model id)."""
@@ -139,7 +144,9 @@ def build_demo(
             return gr.update(), f"Not loaded: {err}"
         return config.to_dict(), "Loaded. " + services.config_summary(config, source.inventory)
 
-    def compare(config_dict, preset, prompt, seed, steps, size, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+    def compare(
+        config_dict, preset, prompt, seed, steps, size, weight_scales, fp8, progress=gr.Progress(track_tqdm=True)  # noqa: B008
+    ):
         if not prompt.strip():
             raise gr.Error("Type a prompt first.")
         if not workspace.loaded:
@@ -155,6 +162,7 @@ def build_demo(
         else:
             weight, act = {PRESETS[1]: (8, 8), PRESETS[2]: (4, 8), PRESETS[3]: (8, None)}[preset]
             config = PrecisionConfig.uniform(workspace.layers, weight, act, model_id=workspace.model_id)
+        config = services.with_run_options(config, workspace.inventory, weight_scales, fp8)
         try:
             out = workspace.compare(config, prompt, int(seed), int(steps), int(size))
         except ConfigError as err:
@@ -185,6 +193,9 @@ def build_demo(
             f"({out['fp_mb'] / out['quant_mb']:.2f}x smaller)  \n"
             f"quantized image computed on: **{backend}**"
         )
+        options = services.run_options_text(config)
+        if options:
+            report += f" with {options}"
         return (out["fp"], out["quant"]), out["diff"], report
 
     # ---- layout --------------------------------------------------------------------------------------
@@ -236,6 +247,18 @@ def build_demo(
                 )
                 k_auto = gr.Checkbox(value=True, label="auto K (best content/quality ratio)")
                 k_value = gr.Slider(0.2, 2.0, value=0.6, step=0.01, label="K = content bits / quality bits")
+            with gr.Row():
+                weight_scales = gr.Radio(
+                    list(services.WEIGHT_SCALES),
+                    value=next(iter(services.WEIGHT_SCALES)),
+                    label="weight scales (compare and export)",
+                    info="MSE-clipped: per row, the clip of the min-max scale with the least error; same memory",
+                )
+                fp8 = gr.Checkbox(
+                    value=False,
+                    label="W8A8 linears in FP8 e4m3 (compare and export)",
+                    info="cuBLAS FP8 on Hopper / Ada GPUs once deployed; another 8-bit grid, simulated here",
+                )
             status = gr.Markdown(elem_id="allocation-status")
             allocation_plot = gr.Plot(label="allocation")
             with gr.Row():
@@ -264,7 +287,7 @@ def build_demo(
             report = gr.Markdown(elem_id="compare-report")
         with gr.Tab("Export / Import"):
             export_button = gr.Button("Export current config", elem_id="export")
-            files = gr.File(label="config JSON and MixDQ yaml", file_count="multiple")
+            files = gr.File(label="config JSON and MixDQ yaml (JSON only with MSE scales or FP8)", file_count="multiple")
             export_status = gr.Markdown()
             upload = gr.File(label="load a config JSON", file_types=[".json"], type="filepath")
             import_status = gr.Markdown()
@@ -305,13 +328,15 @@ def build_demo(
         )
         generate.click(
             compare,
-            [config_state, preset, prompt, seed, steps, size],
+            [config_state, preset, prompt, seed, steps, size, weight_scales, fp8],
             [slider, diff, report],
             api_name="compare",
             concurrency_id="gpu",
             concurrency_limit=1,
         )
-        export_button.click(export, [config_state, source], [files, export_status], api_name="export")
+        export_button.click(
+            export, [config_state, source, weight_scales, fp8], [files, export_status], api_name="export"
+        )
         upload.upload(import_file, [upload, source], [config_state, import_status], api_name="import_config")
         demo.load(show_sensitivity, view_inputs, view_outputs, queue=False, api_name=False).then(
             first_allocation, alloc_inputs, alloc_outputs, api_name=False

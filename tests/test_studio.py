@@ -122,6 +122,22 @@ def test_allocate_then_export_round_trip(client, tmp_path):
     assert "3.9" in summary or "x smaller" in summary
 
 
+def test_export_with_mse_scales_and_fp8_writes_json_only(client):
+    """The run options reach the exported config; MixDQ's yaml cannot say them, so it is left out, with why."""
+    client.predict(PUBLISHED_LABEL, "average bits", 6.0, 1300.0, True, 8, True, 0.6, api_name="/allocate")
+    files, summary = client.predict(PUBLISHED_LABEL, "MSE-clipped per row (ours)", True, api_name="/export")
+    assert len(files) == 1 and files[0].endswith(".json")
+    config = PrecisionConfig.load(files[0])
+    layers = list(sdxl_turbo_inventory().layers)
+    config.validate(layers)
+    linears = {i.name for i in layers if i.kind == "linear"}
+    w8a8 = {n for n in linears if (config.layer_weight_bits(n), config.layer_act_bits(n)) == (8, 8)}
+    assert config.weight_clip == "mse" and set(config.fp8) == w8a8 and w8a8
+    assert "JSON only" in summary and "yaml" in summary
+    files, summary = client.predict(PUBLISHED_LABEL, "min-max (MixDQ)", False, api_name="/export")
+    assert len(files) == 3 and "JSON only" not in summary  # the defaults: MixDQ's own format too
+
+
 def test_concurrent_users_keep_their_own_configs(studio):
     """Two sessions allocating different budgets at the same time each export their own config."""
     from concurrent.futures import ThreadPoolExecutor
@@ -169,7 +185,11 @@ def test_compare_uniform_w8a8(client):
     assert Image.open(fp_path).size == (64, 64) and Image.open(quant_path).size == (64, 64)
     ssim = float(re.search(r"\*\*SSIM\*\* (\d\.\d+)", report).group(1))
     assert 0.5 < ssim <= 1.0
-    assert "CPU reference path" in report and "x smaller" in report
+    assert "CPU reference path" in report and "x smaller" in report and "FP8" not in report
+    _, _, report = client.predict(
+        "uniform W8A8", "a red circle", 0, 1, 64, "MSE-clipped per row (ours)", True, api_name="/compare"
+    )
+    assert "with MSE-clipped weight scales" in report and "linear layers in FP8 e4m3" in report
 
 
 def test_browser_slider_compare_and_download(studio, tmp_path):

@@ -145,3 +145,22 @@ def test_background_solver_follows_the_dragged_slider(monkeypatch):
     assert solved[:3] == [4.0, 3.95, 4.05]
     assert solved[3:6] == [6.0, 5.95, 6.05]
     assert len(solved) == len(set(solved))  # every position once
+
+
+def test_run_options_copy_the_config_with_scales_and_fp8():
+    import pytest
+
+    from mixdq.sensitivity.published import sdxl_turbo_inventory
+    from studio.services import run_options_text, with_run_options, yaml_refusal
+
+    inventory = sdxl_turbo_inventory()
+    config = PrecisionConfig.uniform(list(inventory.layers), 8, 8)
+    assert run_options_text(config) == "" and yaml_refusal(config, inventory) is None
+    both = with_run_options(config, inventory, "MSE-clipped per row (ours)", fp8=True)
+    assert config.weight_clip == "minmax" and config.fp8 == []  # the allocation itself is untouched
+    assert both.weight_clip == "mse" and len(both.fp8) == sum(i.kind == "linear" for i in inventory.layers)
+    assert run_options_text(both) == f"MSE-clipped weight scales, {len(both.fp8)} W8A8 linear layers in FP8 e4m3"
+    assert "yaml" in yaml_refusal(both, inventory)
+    assert with_run_options(both, inventory, "min-max (MixDQ)", fp8=False).to_dict() == config.to_dict()
+    with pytest.raises(ValueError, match="weight scales must be one of"):
+        with_run_options(config, inventory, "percentile", fp8=False)
