@@ -86,7 +86,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixdq.compile import compile_repeated_blocks  # noqa: E402
+from mixdq.compile import STAGES, compile_repeated_blocks  # noqa: E402
 from mixdq.config import PrecisionConfig  # noqa: E402
 from mixdq.deploy import DeployReport, deploy  # noqa: E402
 from mixdq.inventory import layer_inventory  # noqa: E402
@@ -116,10 +116,15 @@ OPTIONS = {
     "dqlow": "4/2-bit linears dequant + cuBLAS",
     "dqlin": "all integer linears dequant + cuBLAS",
 }
-COMPILE_MODES = {"compiled": "torch.compile", "regional": "torch.compile per repeated block"}
+COMPILE_MODES = {
+    "compiled": "torch.compile",
+    "regional": "torch.compile per repeated block",
+    "stages": "torch.compile per transformer / resnet / sampler",
+}
 PEERS = {
     "fp16_compiled": "FP16 torch.compile (mode default)",
     "fp16_regional": "FP16 torch.compile per repeated block",
+    "fp16_stages": "FP16 torch.compile per transformer / resnet / sampler",
     "fp16_eager": "FP16 eager",
     "torchao": "torchao int8 dyn-act/int8-weight, compiled",
 }
@@ -339,6 +344,8 @@ def compiled(built: Built, mode: str = "compiled") -> Built:
     or (``mode="regional"``) each repeated block (:func:`mixdq.compile.compile_repeated_blocks`)."""
     if mode == "regional":
         compile_repeated_blocks(built.module, dynamic=False)
+    elif mode == "stages":
+        compile_repeated_blocks(built.module, STAGES, dynamic=False)
     else:
         built.module = torch.compile(built.module, dynamic=False)
     return built
@@ -382,6 +389,7 @@ def build_variant(name: str, setup: Setup) -> Built:
     builders: dict[str, Callable[[], Built]] = {
         "fp16_compiled": lambda: compiled(Built(build_unet(setup))),
         "fp16_regional": lambda: compiled(Built(build_unet(setup)), "regional"),
+        "fp16_stages": lambda: compiled(Built(build_unet(setup)), "stages"),
         "fp16_eager": lambda: Built(build_unet(setup)),
         "torchao": lambda: build_torchao(setup),
     }
@@ -545,7 +553,9 @@ def bench_variant(name: str, setup: Setup, warmup: int, repeats: int, on_row: Ca
         row = common | {"px": px}
         try:
             timer = time_cuda if setup.device.type == "cuda" else time_cpu
+            compile_before = compile_seconds()
             timing = timer(lambda: step(built.module, inputs), warmup, repeats)
+            row["compile_s"] = compile_breakdown(compile_before, compile_seconds())
         except Exception as err:  # noqa: BLE001 (e.g. a compile crash at one resolution)
             on_row(row | {"status": "error", "error": failure(err)})
             continue
@@ -576,6 +586,20 @@ def bench_variant(name: str, setup: Setup, warmup: int, repeats: int, on_row: Ca
     if name.endswith(tuple(COMPILE_MODES)) or name == "torchao":
         torch._dynamo.reset()  # compiled code and guards hold on to the module
     free_device_memory(setup.device)
+
+
+def compile_seconds() -> dict[str, float]:
+    """torch.compile's own timers so far (Dynamo tracing, AOT, Inductor codegen, kernel compiles), summed."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {name: sum(times) for name, times in compilation_time_metrics.items()}
+
+
+def compile_breakdown(before: dict[str, float], after: dict[str, float], top: int = 12) -> dict[str, float]:
+    """The ``top`` compile timers that grew between two :func:`compile_seconds` snapshots: where a warm-up went
+    (nested timers overlap, so they do not add up)."""
+    grown = {name: after[name] - before.get(name, 0.0) for name in after}
+    return {name: round(t, 2) for name, t in sorted(grown.items(), key=lambda kv: -kv[1])[:top] if t > 0.01}
 
 
 def failure(err: Exception) -> str:
@@ -632,6 +656,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         if "by_category_ms" in r.get("profile", {}):
             parts = ", ".join(f"{name} {ms:.2f}" for name, ms in r["profile"]["by_category_ms"].items())
             lines += ["", f"GPU ms by kernel category, {r['label']} {r['px']} px (uncaptured, profiler): {parts}"]
+    for r in rows:
+        if r.get("compile_s"):
+            parts = ", ".join(f"{name} {t:.1f}" for name, t in list(r["compile_s"].items())[:6])
+            lines += ["", f"warm-up: torch.compile timers (s, nested), {r['label']} {r['px']} px: {parts}"]
     return "\n".join(lines) + "\n"
 
 

@@ -95,3 +95,11 @@ def test_variant_names_parse_into_config_options_and_compile_mode():
             raise AssertionError(f"{bad} was accepted")
     for name in bench.DEFAULT_VARIANTS:
         bench.variant_label(name)  # every default parses
+
+
+def test_compile_breakdown_keeps_the_timers_that_grew_largest_first():
+    bench = load_bench()
+    before = {"bytecode_tracing": 1.0, "inductor": 2.0, "idle": 5.0}
+    after = {"bytecode_tracing": 31.0, "inductor": 142.5, "idle": 5.0, "new_timer": 0.5}
+    assert bench.compile_breakdown(before, after) == {"inductor": 140.5, "bytecode_tracing": 30.0, "new_timer": 0.5}
+    assert list(bench.compile_breakdown(before, after, top=1)) == ["inductor"]

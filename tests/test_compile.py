@@ -82,3 +82,9 @@ def test_a_pipeline_compiles_its_unets_blocks(random_pipe):
     assert n == kinds.count("BasicTransformerBlock") + kinds.count("ResnetBlock2D") > 0
     with pytest.raises(TypeError, match="pipeline or a UNet"):
         compile_repeated_blocks("unet")
+
+
+def test_a_block_inside_a_chosen_block_is_compiled_with_it():
+    outer = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2))
+    compiled = compile_repeated_blocks(nn.Sequential(outer, nn.Linear(2, 2)), ("Sequential",))
+    assert compiled == 1  # `outer` only: the model itself is no region, and what is inside outer compiles with it

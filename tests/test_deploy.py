@@ -514,13 +514,19 @@ def test_inventory_is_unchanged_by_deploy(fresh_random_pipe):
 def test_regionally_compiled_deployed_pipeline_makes_the_same_images(deployed_pipe):
     """mixdq.compile.compile_repeated_blocks on a deployed pipeline (the GPU benchmark's fast-warm-up path): the
     mixed config's blocks trace without graph breaks and generate what the eager deployed pipeline generates."""
-    from mixdq.compile import compile_repeated_blocks
+    from mixdq.compile import REPEATED_BLOCKS, STAGES, compile_repeated_blocks
 
     unet = deployed_pipe.pipe.unet
+    kinds = [type(m).__name__ for m in unet.modules()]
     torch._dynamo.reset()
     try:
+        # the coarser regions: every transformer whole (its blocks inside it are not regions of their own)
+        n = compile_repeated_blocks(deployed_pipe.pipe, STAGES)
+        assert n == sum(kinds.count(kind) for kind in STAGES) and kinds.count("BasicTransformerBlock") > 0
+        for module in unet.modules():
+            module._compiled_call_impl = None
         n = compile_repeated_blocks(deployed_pipe.pipe, backend="aot_eager", fullgraph=True, dynamic=False)
-        assert n > 0
+        assert n == sum(kinds.count(kind) for kind in REPEATED_BLOCKS)
         images = generate(deployed_pipe.pipe)
     finally:
         for module in unet.modules():
