@@ -89,6 +89,7 @@ sys.path.insert(0, str(ROOT))
 from mixdq.compile import STAGES, compile_repeated_blocks  # noqa: E402
 from mixdq.config import PrecisionConfig  # noqa: E402
 from mixdq.deploy import DeployReport, deploy  # noqa: E402
+from mixdq.fuse import fuse_qkv_projections  # noqa: E402
 from mixdq.inventory import layer_inventory  # noqa: E402
 from mixdq.memory import MB  # noqa: E402
 from mixdq.quant import QuantMode, collect_act_ranges, quant_layers, quantize_, set_mode  # noqa: E402
@@ -115,6 +116,7 @@ OPTIONS = {
     "dqconv": "convs dequant + cuDNN",
     "dqlow": "4/2-bit linears dequant + cuBLAS",
     "dqlin": "all integer linears dequant + cuBLAS",
+    "qkv": "q/k/v (cross-attention k/v) fused",
 }
 COMPILE_MODES = {
     "compiled": "torch.compile",
@@ -379,6 +381,8 @@ def build_spec(spec: VariantSpec, setup: Setup) -> Built:
     elif "dqlow" in spec.options:
         linear_path = {4: "dequant", 2: "dequant"}
     built = build_ours(setup, make_config, conv_path, linear_path)
+    if "qkv" in spec.options:
+        fuse_qkv_projections(built.module)
     return compiled(built, spec.compile) if spec.compile else built
 
 
