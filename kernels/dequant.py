@@ -6,7 +6,8 @@ only packed codes (the memory saving is real; the speed is FP16's plus one small
 exists: on an H200 a 3x3 conv as int8 im2col + our GEMM cost more than cuDNN's FP16 conv, and our packed
 int4 / int2 GEMMs are slower than FP16 cuBLAS at the SDXL UNet's shapes, while unpacking a weight is one
 elementwise kernel (measured: ``bench/gpu_unet.py``, ``bench/gpu_kernels.py``). Under torch.compile the
-input rounding fuses into the op that produced the input, and the unpacking is one Inductor kernel per shape.
+input rounding fuses into the op that produced the input; 4- and 2-bit weights are unpacked by
+:mod:`kernels.unpack` on the Triton backend, 8-bit ones by one Inductor kernel.
 
 ``act_qparams`` ``(1 / s, zp, s)``: float32 tensors with one element per input part (``weight.k_split``
 splits the input features in two, each with its own quantizer); ``None`` for weight-only layers.

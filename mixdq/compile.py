@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+
+from mixdq.quant.api import unet_of
 
 # diffusers' classes whose instances make up most of an SDXL-style UNet
 REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
@@ -28,9 +29,7 @@ REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 STAGES = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
-def compile_repeated_blocks(
-    model: Any, block_types: tuple[str, ...] = REPEATED_BLOCKS, **compile_kwargs: Any
-) -> int:
+def compile_repeated_blocks(model: Any, block_types: tuple[str, ...] = REPEATED_BLOCKS, **compile_kwargs: Any) -> int:
     """Compile every submodule of ``model``'s UNet (a pipeline or the UNet) whose class name is in
     ``block_types``, in place; returns how many. The first call at each shape compiles (lazily).
 
@@ -38,9 +37,7 @@ def compile_repeated_blocks(
     transformers). ``compile_kwargs`` go to ``torch.compile`` (e.g. ``fullgraph=True``, ``dynamic=False``). Raises
     ``ValueError`` when no block matches, so a renamed class cannot silently leave the UNet uncompiled.
     """
-    unet = getattr(model, "unet", model)
-    if not isinstance(unet, nn.Module):
-        raise TypeError(f"expected a diffusers pipeline or a UNet (nn.Module), got {type(model).__name__}.")
+    unet = unet_of(model)
     blocks, chosen = [], []
     for name, module in list(unet.named_modules())[1:]:  # submodules: the UNet itself is not a region
         inside = any(name.startswith(f"{outer}.") for outer in chosen)  # compiled with the region around it

@@ -48,7 +48,7 @@ from kernels import fp8
 from mixdq.config import PrecisionConfig
 from mixdq.inventory import layer_inventory, non_layer_param_count
 from mixdq.memory import MB, layer_weight_bytes, weight_memory
-from mixdq.quant.api import quant_layers, quantize_
+from mixdq.quant.api import quant_layers, quantize_, unet_of
 from mixdq.quant.layers import CalibrationRequiredError, QuantLayer
 from mixdq.quant.primitives import act_qparams, fp8_act_qparams, quantize_weight
 
@@ -510,8 +510,7 @@ class DeployedLayerReport:
     name: str
     precision: str  # "W4A8", "W4A16" (weight-only), "W16A8" (activation-only), "FP16"
     # "triton", "cuBLAS FP8", "dequant + conv" / "dequant + matmul" (packed weight unpacked per call, float
-    # conv / matmul), "torch reference"
-    # (integer kernels' PyTorch path), "fake-quant", "torch" (float)
+    # conv / matmul), "torch reference" (integer kernels' PyTorch path), "fake-quant", "torch" (float)
     backend: str
     nbytes: int  # every tensor the layer's module holds, exact
     accounted_bytes: int  # mixdq.memory.layer_weight_bytes at its weight bits
@@ -621,7 +620,7 @@ def deploy(
     if conv_path not in CONV_PATHS:
         raise ValueError(f"conv_path must be one of {list(CONV_PATHS)}, got {conv_path!r}.")
     check_linear_path(linear_path)
-    unet = getattr(model, "unet", model)
+    unet = unet_of(model)
     if any(isinstance(m, DEPLOYED_TYPES) for m in unet.modules()):
         raise ValueError("this UNet is already deployed; deploy a fresh fake-quant copy instead.")
     if config is not None:

@@ -19,13 +19,13 @@ import copy
 from typing import Any
 
 import torch
-from torch import nn
 
 from mixdq.deploy import DeployedLinear
+from mixdq.quant.api import unet_of
 
 # what fused layers must share (everything but their weights, biases and BOS outputs)
-SHARED = ("weight_bits", "act_bits", "linear_path", "backend", "in_features", "k_split", "act_kwargs",
-          "act_qparams_t", "bos_inputs")  # fmt: skip
+# (act_qparams_t is made from act_kwargs, in_features and k_split: equal when they are)
+SHARED = ("weight_bits", "act_bits", "linear_path", "backend", "in_features", "k_split", "act_kwargs", "bos_inputs")
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -73,9 +73,7 @@ def fuse_qkv_projections(model: Any) -> int:
     """
     from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 
-    unet = getattr(model, "unet", model)
-    if not isinstance(unet, nn.Module):
-        raise TypeError(f"expected a diffusers pipeline or a UNet (nn.Module), got {type(model).__name__}.")
+    unet = unet_of(model)
     fused = 0
     for attn_name, attn in unet.named_modules():
         if not isinstance(attn, Attention) or getattr(attn, "fused_projections", False):

@@ -25,14 +25,17 @@ if TYPE_CHECKING:
 RangeMap = Mapping[int, Mapping[str, torch.Tensor]]
 
 
-def _unet_of(model: Any) -> nn.Module:
-    """Accept a pipeline (anything with ``.unet``) or the UNet itself."""
-    return getattr(model, "unet", model)
+def unet_of(model: Any) -> nn.Module:
+    """Accept a pipeline (anything with ``.unet``) or the UNet itself; ``TypeError`` for anything else."""
+    unet = getattr(model, "unet", model)
+    if not isinstance(unet, nn.Module):
+        raise TypeError(f"expected a diffusers pipeline or a UNet (nn.Module), got {type(model).__name__}.")
+    return unet
 
 
 def quant_layers(model: Any) -> dict[str, QuantLayer]:
     """``{layer name: QuantLayer}`` of a quantized UNet (or pipeline), in module order; empty if not quantized."""
-    return {name: m for name, m in _unet_of(model).named_modules() if isinstance(m, QuantLayer)}
+    return {name: m for name, m in unet_of(model).named_modules() if isinstance(m, QuantLayer)}
 
 
 def quantize_(
@@ -52,7 +55,7 @@ def quantize_(
     into the next one; ranges calibrated under the other setting are rejected (their ``to_k`` / ``to_v``
     ranges include or exclude the BOS outlier).
     """
-    unet = _unet_of(model)
+    unet = unet_of(model)
     layers = layer_inventory(unet)
     if config is not None:
         config.validate(layers)
@@ -152,7 +155,7 @@ def quantization_off(model: Any) -> Iterator[None]:
 
 def dequantize_(model: Any):
     """Put the original ``nn.Linear`` / ``nn.Conv2d`` modules back (dropping scales and ranges); return ``model``."""
-    unet = _unet_of(model)
+    unet = unet_of(model)
     for name, layer in quant_layers(unet).items():
         unet.set_submodule(name, layer.fp_module)
     return model
