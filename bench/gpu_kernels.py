@@ -28,6 +28,9 @@ Ops:  fp16       F.linear on float16 (cuBLAS)                       baseline
                  an Inductor kernel; int4 / int2: kernels.unpack), then cuBLAS (deploy's linear_path="dequant";
                  in a compiled UNet rounding x to its A8 grid fuses into x's producer, so it is left out here);
                  w4_dq_inductor: the int4 unpacking as PyTorch ops that Inductor compiles instead
+      fp8_rowwise  torch._scaled_mm e4m3 x e4m3 -> fp16 with row-wise scales (M, 1) x (1, N)
+      w4_fp8, w2_fp8  kernels.fp8.fp8_codes_linear under torch.compile (deploy's W4A8 / W2A8 FP8 layers): x to
+                 e4m3, the packed codes unpacked to e4m3 (kernels.unpack), row-wise cuBLAS FP8
 Every our-op output is also checked against kernels.reference on the GPU (max |err| / max |ref|).
 """
 
@@ -117,7 +120,7 @@ def tile_sweep(fn, kernel, M: int, repeats: int) -> dict[str, float]:
 
 
 def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_tiles: tuple = ()) -> dict:
-    from kernels import gemm_weight_only, gemm_wxa8, linear_dequant
+    from kernels import fp8, gemm_weight_only, gemm_wxa8, linear_dequant
     from kernels.act_quant import quantize_act
     from kernels.gemm_weight_only import gemm_a16
     from kernels.gemm_wxa8 import gemm_a8
@@ -141,6 +144,8 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
     one = torch.ones((), device=dev)
     ops["fp8"] = lambda: torch._scaled_mm(x_f8, w_f8_t, one, one, out_dtype=torch.float16)
     ops["fp8_fast"] = lambda: torch._scaled_mm(x_f8, w_f8_t, one, one, out_dtype=torch.float16, use_fast_accum=True)
+    row_a, row_b = torch.ones(M, 1, device=dev), torch.ones(1, N, device=dev)
+    ops["fp8_rowwise"] = lambda: torch._scaled_mm(x_f8, w_f8_t, row_a, row_b, out_dtype=torch.float16)
     # name -> (run ours, run the reference, autotuned kernel); "_swap" / "_noswap" force the MMA orientation
     # (kernels.gemm_wxa8.swap_ab picks it otherwise), "_from_fp16" includes quantizing x (the eager path)
     ours = {}
@@ -169,6 +174,20 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
         ours[name] = (
             lambda dequant=dequant: dequant(x16),
             lambda w=weights[bits]: reference.gemm_a16(x16, w),
+            None,
+        )
+    act_scale = (x16.float().abs().amax() / fp8.FP8_MAX).reshape(())
+    for bits in (4, 2):
+        w = weights[bits]
+        fn = lambda x, w=w: fp8.fp8_codes_linear(  # noqa: E731
+            x, w.codes_fp8("triton"), w.scale, 1 / act_scale, act_scale, use_scaled_mm=True
+        )
+        codes_fp8 = torch.compile(fn, dynamic=False)
+        ours[f"w{bits}_fp8"] = (
+            lambda codes_fp8=codes_fp8: codes_fp8(x16),
+            lambda w=w: fp8.fp8_codes_linear(
+                x16, w.codes_fp8("torch"), w.scale, 1 / act_scale, act_scale, use_scaled_mm=False
+            ),
             None,
         )
     row = {"M": M, "N": N, "K": K, "us": {}, "rel_err": {}, "errors": {}, "configs": {}}
@@ -200,8 +219,9 @@ def chosen_config(kernel, M: int, N: int, x: torch.Tensor):
     return rule_config(kernel, M, N, device_sms(x))
 
 
-COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "actq", "w8a8", "w8a8_swap", "w8a8_from_fp16", "w4a8", "w4a8_noswap",
-           "w2a8", "w8a16", "w4a16", "w2a16", "w8_dq", "w4_dq", "w2_dq", "w4_dq_inductor"]  # fmt: skip
+COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "fp8_rowwise", "actq", "w8a8", "w8a8_swap", "w8a8_from_fp16",
+           "w4a8", "w4a8_noswap", "w2a8", "w8a16", "w4a16", "w2a16", "w8_dq", "w4_dq", "w2_dq", "w4_dq_inductor",
+           "w4_fp8", "w2_fp8"]  # fmt: skip
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:

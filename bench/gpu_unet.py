@@ -113,11 +113,13 @@ BACK_TO_BACK = 5  # calls per CUDA-event sample when a step cannot be captured i
 OUR_CONFIGS = {"w8a8": "W8A8 (uniform)", "w4a8": "MixDQ mixed ~W4A8", "w4a16": "W4A16 (uniform, weight-only)"}
 OPTIONS = {
     "fp8": "8-bit linears FP8 e4m3 (cuBLAS)",
+    "fp8all": "every A8 linear FP8 e4m3 (4/2-bit codes unpacked to e4m3, row-wise cuBLAS)",
     "dqconv": "convs dequant + cuDNN",
     "dqlow": "4/2-bit linears dequant + cuBLAS",
     "dqlin": "all integer linears dequant + cuBLAS",
     "qkv": "q/k/v (cross-attention k/v) fused",
 }
+EXCLUSIVE = ({"fp8", "fp8all"}, {"dqlow", "dqlin"})  # option pairs that contradict each other
 COMPILE_MODES = {
     "compiled": "torch.compile",
     "regional": "torch.compile per repeated block",
@@ -153,10 +155,12 @@ def parse_variant(name: str) -> VariantSpec | None:
     config, *rest = name.split("_")
     compile_mode = rest.pop() if rest and rest[-1] in COMPILE_MODES else None
     unknown = [o for o in rest if o not in OPTIONS]
-    if config not in OUR_CONFIGS or unknown or len(set(rest)) != len(rest) or {"dqlow", "dqlin"} <= set(rest):
+    contradictory = any(pair <= set(rest) for pair in EXCLUSIVE)
+    if config not in OUR_CONFIGS or unknown or len(set(rest)) != len(rest) or contradictory:
         raise ValueError(
             f"unknown variant {name!r}: one of {list(PEERS)}, or <config>[_<option>...][_<compile>] with config "
-            f"in {list(OUR_CONFIGS)}, options in {list(OPTIONS)} (dqlow or dqlin), compile in {list(COMPILE_MODES)}"
+            f"in {list(OUR_CONFIGS)}, options in {list(OPTIONS)} (fp8 or fp8all, dqlow or dqlin), compile in "
+            f"{list(COMPILE_MODES)}"
         )
     return VariantSpec(config, frozenset(rest), compile_mode)
 
@@ -330,9 +334,11 @@ def uniform(weight_bits: int, act_bits: int | None) -> Callable[[nn.Module], Pre
     return lambda unet: PrecisionConfig.uniform(layer_inventory(unet), weight_bits, act_bits)
 
 
-def fp8(make_config: Callable[[nn.Module], PrecisionConfig]) -> Callable[[nn.Module], PrecisionConfig]:
-    """The same config with its W8A8 linear layers in FP8 e4m3."""
-    return lambda unet: make_config(unet).with_fp8_linears(layer_inventory(unet))
+def fp8(
+    make_config: Callable[[nn.Module], PrecisionConfig], low_bit: bool = False
+) -> Callable[[nn.Module], PrecisionConfig]:
+    """The same config with its W8A8 linear layers (``low_bit``: every A8 linear layer) in FP8 e4m3."""
+    return lambda unet: make_config(unet).with_fp8_linears(layer_inventory(unet), low_bit=low_bit)
 
 
 def mixed(setup: Setup) -> Callable[[nn.Module], PrecisionConfig]:
@@ -372,8 +378,8 @@ def build_spec(spec: VariantSpec, setup: Setup) -> Built:
     """One of ours: the config, its options (FP8 linears, dequant paths), then the compile mode."""
     configs = {"w8a8": lambda: uniform(8, 8), "w4a8": lambda: mixed(setup), "w4a16": lambda: uniform(4, None)}
     make_config = configs[spec.config]()
-    if "fp8" in spec.options:
-        make_config = fp8(make_config)
+    if "fp8" in spec.options or "fp8all" in spec.options:
+        make_config = fp8(make_config, low_bit="fp8all" in spec.options)
     conv_path = "dequant" if "dqconv" in spec.options else "gemm"
     linear_path: str | dict[int, str] = "gemm"
     if "dqlin" in spec.options:

@@ -233,6 +233,9 @@ def ablation_configs(
         "uniform W4A8 (BOS-aware)": lambda: PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id),
         "BOS-aware W8A8 (FP8 linears)": lambda: uniform_w8a8().with_fp8_linears(layers),
         "MixDQ W4A8 (FP8 8-bit linears)": lambda: allocated(mixdq, 4.0, ACT_BUDGET).with_fp8_linears(layers),
+        "MixDQ W4A8 (FP8 A8 linears)": lambda: allocated(mixdq, 4.0, ACT_BUDGET).with_fp8_linears(
+            layers, low_bit=True
+        ),
         "MixDQ W8A8 + MSE clip": lambda: allocated(mixdq, 8.0, ACT_BUDGET, "mse"),
         "MixDQ W4A8 + MSE clip": lambda: allocated(mixdq, 4.0, ACT_BUDGET, "mse"),
         "uniform W4A8 + MSE clip": lambda: mse_clipped(PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id)),
@@ -258,6 +261,8 @@ def ablation_configs(
         "BOS-aware W8A8 (FP8 linears)": "+ BOS-aware W8A8 with every linear layer in FP8 e4m3 (per-tensor scales), "
         "convs int8: what the FP8 deploy backend runs on Hopper/Ada GPUs",
         "MixDQ W4A8 (FP8 8-bit linears)": "MixDQ W4A8 with its W8A8 linear layers in FP8 e4m3",
+        "MixDQ W4A8 (FP8 A8 linears)": "MixDQ W4A8 with every A8 linear layer's activations in FP8 e4m3 (its 8-bit "
+        "weights too; 4- and 2-bit weights keep their integer grid): what deploy's W4A8 FP8 path runs",
         "MixDQ W4A8 + MSE clip": "MixDQ W4A8's allocation (same sensitivities) with per-row MSE-clipped weight "
         "scales instead of min-max (ours, not the paper's); K chosen as for MixDQ W4A8, with these scales",
         "MixDQ W8A8 + MSE clip": "MixDQ W8A8's allocation with per-row MSE-clipped weight scales",

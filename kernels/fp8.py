@@ -88,3 +88,41 @@ def fp8_linear(
         w = (weight.to(torch.float32) * weight_scale).to(compute)
         y = torch.nn.functional.linear(a, w, None if bias is None else bias.to(compute)).to(x.dtype)
     return y.view(*lead, -1)
+
+
+def fp8_codes_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    act_inv_scale: torch.Tensor,
+    act_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    use_scaled_mm: bool,
+) -> torch.Tensor:
+    """``y = dequant(e4m3(x)) @ (codes * weight_scale[:, None]).T + bias`` for float ``x [..., K]``, in x's dtype.
+
+    The FP8 path of a 4- or 2-bit layer: ``codes`` e4m3 ``(N, K)`` hold its integer weight codes exactly, and
+    ``weight_scale`` float32 ``(N,)`` is its per-output-channel scale, so the weight is the layer's own integer
+    grid; only the activations change grid (e4m3 with one scale, as :func:`fp8_linear`). ``use_scaled_mm``: one
+    cuBLAS call with row-wise scales (``scale_a (M, 1)``, ``scale_b (1, N)``), products exact and accumulated
+    in float32; otherwise the same codes dequantized and multiplied (the fake-quant layer's arithmetic).
+    """
+    lead, K = x.shape[:-1], x.shape[-1]
+    q = quantize_fp8(x.reshape(-1, K), act_inv_scale).contiguous()
+    if use_scaled_mm:
+        scale_a = act_scale.reshape(1, 1).expand(q.shape[0], 1).contiguous()
+        y = torch._scaled_mm(
+            q,
+            codes.t(),
+            scale_a,
+            weight_scale.reshape(1, -1),
+            bias=None if bias is None else bias.to(x.dtype),
+            out_dtype=x.dtype,
+        )
+    else:
+        compute = torch.float32 if x.device.type == "cpu" else x.dtype
+        a = (q.to(torch.float32) * act_scale).to(compute)
+        w = (codes.to(torch.float32) * weight_scale.float()[:, None]).to(compute)
+        y = torch.nn.functional.linear(a, w, None if bias is None else bias.to(compute)).to(x.dtype)
+    return y.view(*lead, -1)

@@ -94,6 +94,19 @@ def _(data, scale, bits, in_features, k_split, dtype):
     return data.new_empty(data.shape[0], in_features, dtype=dtype)
 
 
+@torch.library.custom_op("mixdq::unpack_codes_fp8", mutates_args=())
+def unpack_codes_fp8(data: torch.Tensor, bits: int, in_features: int, k_split: int) -> torch.Tensor:
+    """Packed 4- / 2-bit weight ``[N, bytes]`` -> its integer codes ``[N, in_features]`` in FP8 e4m3 (Triton)."""
+    from kernels.unpack import unpack_dequant as launch
+
+    return launch(data, None, bits, in_features, None if k_split < 0 else k_split, torch.float8_e4m3fn)
+
+
+@unpack_codes_fp8.register_fake
+def _(data, bits, in_features, k_split):
+    return data.new_empty(data.shape[0], in_features, dtype=torch.float8_e4m3fn)
+
+
 @torch.library.custom_op("mixdq::gemm_a16", mutates_args=())
 def gemm_a16(
     x: torch.Tensor,

@@ -190,6 +190,21 @@ class PackedWeight:
             return torch.ops.mixdq.unpack_dequant(self.data, self.scale, self.bits, self.in_features, split, dtype)
         return (self.codes().float() * self.scale.float()[:, None]).to(dtype)
 
+    def codes_fp8(self, backend: str = "torch") -> torch.Tensor:
+        """The integer codes ``[N, K]`` as FP8 e4m3, exact for 4- and 2-bit weights (every integer up to 16 is an
+        e4m3 value): the FP8 paths multiply them on FP8 tensor cores and apply ``scale`` per output channel.
+
+        ``backend="triton"``: one :mod:`kernels.unpack` kernel (1 byte written per code); ``"torch"``: PyTorch ops.
+        """
+        if self.bits == 8:
+            raise ValueError("8-bit codes are not exact in e4m3; FP8 8-bit layers re-quantize their weights instead")
+        if backend == "triton":
+            import kernels.ops  # noqa: F401 (registers torch.ops.mixdq.*)
+
+            split = -1 if self.k_split is None else self.k_split
+            return torch.ops.mixdq.unpack_codes_fp8(self.data, self.bits, self.in_features, split)
+        return self.codes().to(torch.float8_e4m3fn)
+
     def part_byte_offsets(self) -> list[int]:
         """Where each K part's packed bytes start in a row (see :func:`part_byte_offsets`)."""
         return part_byte_offsets(self.in_features, self.bits, self.k_split)

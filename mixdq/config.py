@@ -37,10 +37,11 @@ class PrecisionConfig:
 
     A layer missing from ``weight_bits`` keeps FP16 weights; one missing from ``act_bits`` keeps
     FP16 inputs. ``protected`` layers stay entirely in FP16 whatever the two maps say (MixDQ keeps
-    the ~1% most activation-sensitive layers this way). ``fp8`` lists W8A8 linear layers whose 8-bit
-    weights and activations use the FP8 e4m3 format (:mod:`kernels.fp8`) instead of int8: cuBLAS FP8 is the
-    fastest 8-bit GEMM on Hopper/Ada GPUs, and fake quantization simulates the same grid, so quality is
-    measured for what runs (see :meth:`with_fp8_linears`). ``fingerprint`` identifies the architecture the
+    the ~1% most activation-sensitive layers this way). ``fp8`` lists A8 linear layers whose 8-bit sides use
+    the FP8 e4m3 format (:mod:`kernels.fp8`) instead of int8: a W8A8 layer's weights and activations, a W4A8 /
+    W2A8 layer's activations (its integer weight codes are exact in e4m3, so they run on FP8 tensor cores as
+    they are). cuBLAS FP8 is the fastest 8-bit GEMM on Hopper/Ada GPUs, and fake quantization simulates the
+    same grid, so quality is measured for what runs (see :meth:`with_fp8_linears`). ``fingerprint`` identifies the architecture the
     config was made for (see :func:`mixdq.inventory.inventory_fingerprint`). ``weight_clip`` chooses how
     weight scales are set: ``"minmax"`` (MixDQ: each row's largest weight exact) or ``"mse"`` (each row's
     scale clipped to the least squared rounding error; much better at 2 bits, same kernels and memory).
@@ -86,15 +87,20 @@ class PrecisionConfig:
         return None if name in self.protected else self.act_bits.get(name)
 
     def layer_fp8(self, name: str) -> bool:
-        """True when this layer's 8-bit weights and activations are FP8 e4m3 rather than int8."""
+        """True when this layer's 8-bit sides are FP8 e4m3 rather than int8."""
         return name in self.fp8 and name not in self.protected
 
-    def with_fp8_linears(self, layers: list[LayerInfo]) -> PrecisionConfig:
-        """A copy in which every W8A8 linear layer runs FP8 e4m3 (convs and other bits keep their format)."""
+    def with_fp8_linears(self, layers: list[LayerInfo], low_bit: bool = False) -> PrecisionConfig:
+        """A copy in which every W8A8 linear layer runs FP8 e4m3 (convs and other bits keep their format).
+
+        ``low_bit``: the W4A8 / W2A8 linear layers too (e4m3 activations, their integer weights unchanged).
+        """
         fp8 = [
             i.name
             for i in layers
-            if i.kind == "linear" and self.layer_weight_bits(i.name) == 8 and self.layer_act_bits(i.name) == 8
+            if i.kind == "linear"
+            and self.layer_act_bits(i.name) == 8
+            and self.layer_weight_bits(i.name) in ((8, 4, 2) if low_bit else (8,))
         ]
         config = PrecisionConfig.from_dict(self.to_dict())
         config.fp8 = fp8
@@ -133,10 +139,11 @@ class PrecisionConfig:
                     f"fp8: layer {name!r} is a {kinds[name]}; FP8 e4m3 is offered for linear layers only."
                 )
             bits = (self.layer_weight_bits(name), self.layer_act_bits(name))
-            if name not in self.protected and bits != (8, 8):
+            if name not in self.protected and (bits[0] is None or bits[1] != 8):
                 raise ConfigError(
-                    f"fp8: layer {name!r} is at W{bits[0] or 16}A{bits[1] or 16}; FP8 e4m3 replaces int8 in W8A8 "
-                    "layers only. Remove it from 'fp8' or give it 8-bit weights and activations."
+                    f"fp8: layer {name!r} is at W{bits[0] or 16}A{bits[1] or 16}; FP8 e4m3 replaces int8 in layers "
+                    "with quantized weights and 8-bit activations only. Remove it from 'fp8' or give it 8-bit "
+                    "activations."
                 )
 
     # ---- JSON -----------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ memory and is slower than FP16. ``deploy`` makes the chosen precision real, in p
   unpacked per call, a float matmul / conv on the A8-rounded input), by default for convs, packed int4 /
   int2 linears and weight-only linears;
 * a W8A8 linear layer of the config's ``fp8`` list becomes a :class:`DeployedFP8Linear` (e4m3 codes, cuBLAS
-  FP8 through ``torch._scaled_mm`` on GPUs of compute capability 8.9+);
+  FP8 through ``torch._scaled_mm`` on GPUs of compute capability 8.9+); a W4A8 / W2A8 one a
+  :class:`DeployedFP8CodesLinear` (packed integer codes unpacked to e4m3 per call, row-wise scaled cuBLAS FP8);
 * a layer with FP weights but quantized activations (``W16A8``) stays a :class:`~mixdq.quant.QuantLayer`:
   there is no integer kernel for a float weight, and int8-activation x FP16-weight is exactly what the fake
   path computes (quantize, dequantize, FP16 matmul); it keeps its FP weights, as the accounting assumes;
@@ -316,17 +317,30 @@ class DeployedLinear(BosAwareForward, PackedLayer):
         return y.to(x.dtype)
 
 
-class DeployedFP8Linear(BosAwareForward, nn.Module):
+class Float32Scales:
+    """Keeps the ``SCALES`` buffers float32 through ``.half()`` / ``.to(dtype)``: cuBLAS FP8 takes float32 scales,
+    and rounding them would change every output. Each is its own tensor: Inductor's CUDA lowering of
+    ``_scaled_mm`` reshapes its scale arguments and failed (torch 2.11, H200) on bit-cast views of one buffer."""
+
+    SCALES: tuple[str, ...]
+
+    def _apply(self, fn, recurse: bool = True):
+        scales = {name: self._buffers.pop(name) for name in self.SCALES}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, scale in scales.items():
+                self.register_buffer(name, scale.to(self.qweight.device))
+        return self
+
+
+class DeployedFP8Linear(Float32Scales, BosAwareForward, nn.Module):
     """A W8A8 ``nn.Linear`` of a config's ``fp8`` list: e4m3 weight and activations, one scale each.
 
     On a CUDA GPU with FP8 tensor cores the product is one cuBLAS call (``torch._scaled_mm``, bias and FP16
     output fused); elsewhere, and for shapes cuBLAS FP8 rejects, the same codes are dequantized and multiplied
-    (:func:`kernels.fp8.fp8_linear`). The codes are held as uint8, so ``module.half()`` cannot convert them.
-
-    The three scales are plain float32 0-d buffers, each its own tensor: Inductor's CUDA lowering of
-    ``_scaled_mm`` reshapes its scale arguments and failed (torch 2.11, H200) on scales that were bit-cast
-    views of one int32 buffer. They keep float32 through ``.half()`` / ``.to(dtype)`` (:meth:`_apply`), since
-    cuBLAS FP8 takes float32 scales and rounding them would change every output.
+    (:func:`kernels.fp8.fp8_linear`). The codes are held as uint8, so ``module.half()`` cannot convert them;
+    the three scales are float32 0-d buffers (:class:`Float32Scales`).
     """
 
     kind = "linear"
@@ -355,16 +369,6 @@ class DeployedFP8Linear(BosAwareForward, nn.Module):
             self.in_features, self.out_features
         )
 
-    def _apply(self, fn, recurse: bool = True):
-        """Move the scales with the module, never change their dtype (see the class docstring)."""
-        scales = {name: self._buffers.pop(name) for name in self.SCALES}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, scale in scales.items():
-                self.register_buffer(name, scale.to(self.qweight.device))
-        return self
-
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return fp8.fp8_linear(
             x,
@@ -386,6 +390,58 @@ class DeployedFP8Linear(BosAwareForward, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.precision}, out={self.out_features}, in={self.in_features}, backend={self.backend}"
+
+
+class DeployedFP8CodesLinear(Float32Scales, BosAwareForward, PackedLayer):
+    """A W4A8 / W2A8 ``nn.Linear`` of a config's ``fp8`` list: its packed integer weight, e4m3 activations.
+
+    The weight stays on its own grid (per-channel scales, codes packed two or four per byte, as in
+    :class:`DeployedLinear`); per call the codes are unpacked to e4m3, which holds every 4- and 2-bit code
+    exactly, and multiplied on FP8 tensor cores with row-wise scales (:func:`kernels.fp8.fp8_codes_linear`):
+    half the bytes an FP16 unpacking writes, and cuBLAS FP8's speed. Only the activations change grid, to e4m3
+    with one scale, as in :class:`DeployedFP8Linear`. On a CPU, or for shapes cuBLAS FP8 rejects, the same
+    codes are dequantized and multiplied.
+    """
+
+    kind = "linear"
+    SCALES = ("weight_scale", "act_scale", "act_inv_scale")
+
+    def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
+        super().__init__(layer, backend)
+        act_scale, act_inv_scale = fp8_act_qparams(layer.act_range(8))
+        self.register_buffer("act_scale", act_scale[0].detach().to(torch.float32).clone())
+        self.register_buffer("act_inv_scale", act_inv_scale[0].detach().to(torch.float32).clone())
+        self._register_bos(layer, extra_bos)
+
+    @staticmethod
+    def _static_act_kwargs(layer: QuantLayer) -> dict[str, Any]:
+        return {}  # no int8 quantizer: the activations are e4m3 (act_scale / act_inv_scale)
+
+    def _use_scaled_mm(self, x: torch.Tensor) -> bool:
+        return kernels.resolve_backend(x, self.backend) == "triton" and fp8.fp8_shape_ok(
+            self.in_features, self.out_features
+        )
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        use_scaled_mm = self._use_scaled_mm(x)
+        codes = self.packed_weight.codes_fp8("triton" if use_scaled_mm else "torch")
+        return fp8.fp8_codes_linear(
+            x,
+            codes,
+            self.weight_scale,
+            self.act_inv_scale,
+            self.act_scale,
+            self.bias,
+            use_scaled_mm=use_scaled_mm,
+        )
+
+    @property
+    def precision(self) -> str:
+        return f"W{self.weight_bits}A8 FP8"
+
+    def resolved_backend(self) -> str:
+        """``"unpack + cuBLAS FP8"`` where ``torch._scaled_mm`` runs for this layer on its device now, else ``"torch"``."""
+        return "unpack + cuBLAS FP8" if self._use_scaled_mm(self.qweight) else "torch"
 
 
 class DeployedConv2d(PackedLayer):
@@ -452,9 +508,10 @@ def check_deployable(layer: QuantLayer, extra_bos: torch.Tensor | None = None) -
         )
     if layer.act_bits is not None and layer.act_range(layer.act_bits) is None:
         raise CalibrationRequiredError(layer.layer_name, layer.act_bits)
-    if layer.fp8 and (layer.weight_bits, layer.act_bits) != (8, 8):
+    if layer.fp8 and (layer.act_bits != 8 or not isinstance(layer.fp_module, nn.Linear)):
         raise ValueError(
-            f"{layer.layer_name}: FP8 e4m3 deploys W8A8 layers only; it is W{layer.weight_bits}A{layer.act_bits or 16}."
+            f"{layer.layer_name}: FP8 e4m3 deploys A8 linear layers only; it is a {type(layer.fp_module).__name__} "
+            f"at W{layer.weight_bits}A{layer.act_bits or 16}."
         )
     conv = layer.fp_module
     if not isinstance(conv, nn.Conv2d):
@@ -494,13 +551,15 @@ def deploy_layer(
     if isinstance(layer.fp_module, nn.Conv2d):
         return DeployedConv2d(layer, backend, conv_path)
     if layer.fp8:
-        return DeployedFP8Linear(layer, backend, extra_bos)
+        if layer.weight_bits == 8:
+            return DeployedFP8Linear(layer, backend, extra_bos)
+        return DeployedFP8CodesLinear(layer, backend, extra_bos)
     path = linear_path_for(linear_path, layer.weight_bits, layer.act_bits)
     return DeployedLinear(layer, backend, extra_bos, path)
 
 
 # the modules deploy() puts in place of fake-quant layers that quantize weights
-DEPLOYED_TYPES = (PackedLayer, DeployedFP8Linear)
+DEPLOYED_TYPES = (PackedLayer, DeployedFP8Linear)  # DeployedFP8CodesLinear is a PackedLayer
 
 
 @dataclass(frozen=True)
@@ -509,7 +568,7 @@ class DeployedLayerReport:
 
     name: str
     precision: str  # "W4A8", "W4A16" (weight-only), "W16A8" (activation-only), "FP16"
-    # "triton", "cuBLAS FP8", "dequant + conv" / "dequant + matmul" (packed weight unpacked per call, float
+    # "triton", "cuBLAS FP8", "unpack + cuBLAS FP8", "dequant + conv" / "dequant + matmul" (packed weight unpacked per call, float
     # conv / matmul), "torch reference" (integer kernels' PyTorch path), "fake-quant", "torch" (float)
     backend: str
     nbytes: int  # every tensor the layer's module holds, exact

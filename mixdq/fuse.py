@@ -9,7 +9,8 @@ splits the result, as diffusers' own ``fuse_qkv_projections`` does for float lay
 
 Fused only where the layers agree on everything but their weights: weight and activation bits, path,
 backend, activation quantizer and input width. In the MixDQ ~W4A8 SDXL config every attention qualifies (its
-allocation gives a block's q / k / v the same bits). FP8 layers are left alone: each has its own per-tensor
+allocation gives a block's q / k / v the same bits). W4A8 / W2A8 FP8 layers (:class:`DeployedFP8CodesLinear`)
+fuse too: their weights keep per-channel scales. W8A8 FP8 layers are left alone: each has its own per-tensor
 weight scale, so their concatenation would change their numbers.
 """
 
@@ -20,12 +21,19 @@ from typing import Any
 
 import torch
 
-from mixdq.deploy import DeployedLinear
+from mixdq.deploy import DeployedFP8CodesLinear, DeployedLinear
 from mixdq.quant.api import unet_of
 
-# what fused layers must share (everything but their weights, biases and BOS outputs)
+# per fusable type, what fused layers must share (everything but their weights, biases and BOS outputs)
 # (act_qparams_t is made from act_kwargs, in_features and k_split: equal when they are)
-SHARED = ("weight_bits", "act_bits", "linear_path", "backend", "in_features", "k_split", "act_kwargs", "bos_inputs")
+SHARED = {
+    DeployedLinear: (
+        "weight_bits", "act_bits", "linear_path", "backend", "in_features", "k_split", "act_kwargs", "bos_inputs",
+    ),
+    DeployedFP8CodesLinear: (
+        "weight_bits", "act_bits", "backend", "in_features", "k_split", "act_scale", "act_inv_scale", "bos_inputs",
+    ),
+}  # fmt: skip
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -35,17 +43,19 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def _fusable(layers: list[Any]) -> bool:
-    """True when ``layers`` are DeployedLinears that differ only in their weights (see the module docstring)."""
-    if not all(type(layer) is DeployedLinear for layer in layers):
-        return False
+    """True when ``layers`` are deployed linears of one fusable type that differ only in their weights (see the
+    module docstring)."""
     first = layers[0]
-    return all(_equal(getattr(layer, key), getattr(first, key)) for layer in layers for key in SHARED) and (
+    if type(first) not in SHARED or not all(type(layer) is type(first) for layer in layers):
+        return False
+    shared = SHARED[type(first)]
+    return all(_equal(getattr(layer, key), getattr(first, key)) for layer in layers for key in shared) and (
         len({layer.bias is None for layer in layers}) == 1
     )
 
 
 def fuse_linears(layers: list[DeployedLinear], name: str) -> DeployedLinear:
-    """One :class:`DeployedLinear` whose output is the concatenation of the ``layers``' outputs (they must be
+    """One deployed linear (of the ``layers``' type) whose output is the concatenation of the ``layers``' outputs (they must be
     fusable): packed rows, scales, row sums, bias and BOS outputs concatenated along the output dimension."""
     fused = copy.copy(layers[0])
     fused._buffers = dict(layers[0]._buffers)  # copy.copy shares the dict: the originals must not change

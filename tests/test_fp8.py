@@ -11,7 +11,7 @@ from torch import nn
 from kernels import fp8
 from mixdq.calibrate import calibrate
 from mixdq.config import ConfigError, PrecisionConfig
-from mixdq.deploy import DeployedFP8Linear, deploy, deploy_layer
+from mixdq.deploy import DeployedFP8CodesLinear, DeployedFP8Linear, deploy, deploy_layer
 from mixdq.inventory import layer_inventory
 from mixdq.quant import quant_layers, quantize_
 from mixdq.quant.primitives import fake_quantize_act_fp8, fake_quantize_weight_fp8, fp8_act_qparams
@@ -126,6 +126,51 @@ def test_deployed_fp8_linear_matches_its_fake_quant_layer(backend, bos_aware):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_deployed_low_bit_fp8_linear_keeps_its_integer_weight_and_matches_fake_quant(bits, backend):
+    """A W4A8 / W2A8 layer in the fp8 list: the weight keeps its per-channel integer grid (packed, same bytes
+    as int8-activation W4A8), only the activations move to e4m3. backend='triton' runs the Triton unpacking to
+    e4m3 and torch._scaled_mm with row-wise scales (the cuBLAS FP8 call; torch implements it on the CPU too)."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 10, 256)
+    x[..., 7] *= 30  # an outlier channel: e4m3 and int8 activations differ visibly
+    layer = fake_quant_layer(nn.Linear(256, 48), bits, 8, x)
+    int8_ref = layer(x)
+    layer.fp8 = True
+    ref = layer(x)
+    assert not torch.allclose(ref, int8_ref, rtol=1e-3, atol=1e-3)  # the activation grid did change
+    # the fake-quant weight is still the integer grid: FP8 does not touch a 4- / 2-bit weight
+    layer.fp8 = False
+    weight_int = layer._fake_quant_weight().clone()
+    layer.fp8 = True
+    assert torch.equal(layer._fake_quant_weight(), weight_int)
+    deployed = deploy_layer(layer, backend=backend)
+    assert isinstance(deployed, DeployedFP8CodesLinear) and deployed.precision == f"W{bits}A8 FP8"
+    assert deployed.qweight.dtype == torch.uint8 and deployed.qweight.shape[1] == 256 * bits // 8
+    assert deployed.resolved_backend() == ("unpack + cuBLAS FP8" if backend == "triton" else "torch")
+    y = deployed(x)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    deployed.half()  # scales stay float32 (cuBLAS FP8 takes nothing else), bias goes FP16
+    for name in DeployedFP8CodesLinear.SCALES:
+        assert getattr(deployed, name).dtype == torch.float32
+    assert deployed.bias.dtype == torch.float16 and deployed(x.half()).dtype == torch.float16
+
+
+def test_rowwise_scaled_mm_reads_one_scale_per_row_and_column():
+    """The call the low-bit FP8 path makes: a (M, 1) and a (1, N) float32 scale, FP16 output with bias."""
+    torch.manual_seed(6)
+    a = torch.randn(5, 32).to(fp8.FP8_DTYPE)
+    codes = torch.randint(-8, 8, (16, 32)).float().to(fp8.FP8_DTYPE)
+    sa, sb = torch.rand(5, 1) + 0.5, torch.rand(1, 16) + 0.5
+    bias = torch.randn(16).half()
+    y = torch._scaled_mm(a, codes.t(), sa, sb, bias=bias, out_dtype=torch.float16)
+    ref = (a.float() * sa) @ (codes.float() * sb.t()).t() + bias.float()
+    torch.testing.assert_close(y.float(), ref, rtol=2e-3, atol=2e-3)
+
+
+@torch.no_grad()
 def test_scaled_mm_gets_the_operand_layouts_cublas_requires(monkeypatch):
     """On CUDA, _scaled_mm wants a row-major left and a column-major right operand (the CPU accepts any), and
     diffusers' proj_in input is an NCHW tensor permuted to tokens-last: a column-major view (an H200 run
@@ -163,9 +208,13 @@ def test_config_fp8_list_is_validated_round_trips_and_blocks_yaml(random_pipe):
     with pytest.raises(ConfigError, match="linear layers only"):
         PrecisionConfig(weight_bits=config.weight_bits, act_bits=config.act_bits, fp8=[conv]).validate(layers)
     w4 = PrecisionConfig.uniform(layers, 4, 8)
-    with pytest.raises(ConfigError, match="W4A8"):
-        PrecisionConfig(weight_bits=w4.weight_bits, act_bits=w4.act_bits, fp8=linears[:1]).validate(layers)
+    PrecisionConfig(weight_bits=w4.weight_bits, act_bits=w4.act_bits, fp8=linears[:1]).validate(layers)  # W4A8 ok
     assert w4.with_fp8_linears(layers).fp8 == []  # nothing at W8A8
+    assert w4.with_fp8_linears(layers, low_bit=True).fp8 == linears  # e4m3 activations, int4 weights
+    w4a16 = PrecisionConfig.uniform(layers, 4, None)
+    with pytest.raises(ConfigError, match="W4A16"):
+        PrecisionConfig(weight_bits=w4a16.weight_bits, fp8=linears[:1]).validate(layers)
+    assert w4a16.with_fp8_linears(layers, low_bit=True).fp8 == []  # no 8-bit side to change
     with pytest.raises(ConfigError, match="no FP8"):
         with_fp8.to_mixdq_yaml(layers)
 
@@ -200,9 +249,32 @@ def test_deployed_fp8_pipeline_matches_its_fake_quant_pipeline(fresh_random_pipe
 
 
 @torch.no_grad()
+def test_deployed_low_bit_fp8_pipeline_matches_its_fake_quant_pipeline(fresh_random_pipe):
+    """W4A8 with low_bit FP8: every linear deploys as packed int4 codes with e4m3 activations."""
+    pipe = fresh_random_pipe
+    pipe.set_progress_bar_config(disable=True)
+    ranges = calibrate(
+        pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
+    )
+    layers = layer_inventory(pipe.unet)
+    config = PrecisionConfig.uniform(layers, 4, 8).with_fp8_linears(layers, low_bit=True)
+    assert config.fp8 == [i.name for i in layers if i.kind == "linear"]
+    quantize_(pipe, config, ranges)
+    fake_images = generate(pipe)
+    report = deploy(pipe)
+    precisions = {r.name: r.precision for r in report.layers}
+    assert {precisions[n] for n in config.fp8} == {"W4A8 FP8"}
+    assert {p for n, p in precisions.items() if n not in config.fp8} == {"W4A8"}  # the convs stay int8
+    images = generate(pipe)
+    psnr = 10 * torch.log10(1.0 / (images - fake_images).pow(2).mean()).item()
+    print(f"deployed W4A8 FP8 vs its fake-quant: {psnr:.1f} dB")
+    assert psnr > 50.0
+
+
+@torch.no_grad()
 def test_fp8_linear_and_dequant_conv_trace_as_one_graph():
-    """torch.compile(fullgraph=True) traces a deployed FP8 linear (on its _scaled_mm path) and a dequantizing
-    conv without graph breaks, and the traced graph computes what eager computes."""
+    """torch.compile(fullgraph=True) traces deployed FP8 linears (W8A8 and W4A8, on their _scaled_mm paths) and
+    a dequantizing conv without graph breaks, and the traced graph computes what eager computes."""
     from tests.test_deploy import fake_quant_layer as make
 
     torch.manual_seed(6)
@@ -210,10 +282,14 @@ def test_fp8_linear_and_dequant_conv_trace_as_one_graph():
     fp8_layer = make(nn.Linear(64, 32), 8, 8, tokens)
     fp8_layer.fp8 = True
     linear = deploy_layer(fp8_layer, backend="triton")
+    low_bit_layer = make(nn.Linear(32, 48), 4, 8, torch.randn(2, 12, 32))
+    low_bit_layer.fp8 = True
+    low_bit = deploy_layer(low_bit_layer, backend="triton")  # Triton unpacking to e4m3 + row-wise _scaled_mm
+    assert isinstance(low_bit, DeployedFP8CodesLinear)
     conv = deploy_layer(make(nn.Conv2d(8, 16, 3, padding=1), 4, 8, img), conv_path="dequant")
 
     def block(tokens, img):
-        return linear(torch.nn.functional.gelu(tokens)), conv(torch.nn.functional.silu(img))
+        return low_bit(linear(torch.nn.functional.gelu(tokens))), conv(torch.nn.functional.silu(img))
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(tokens, img), block(tokens, img)):

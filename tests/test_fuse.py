@@ -6,7 +6,7 @@ import torch
 
 from mixdq.calibrate import calibrate
 from mixdq.config import PrecisionConfig
-from mixdq.deploy import DeployedLinear, deploy
+from mixdq.deploy import DeployedFP8CodesLinear, DeployedLinear, deploy
 from mixdq.fuse import fuse_qkv_projections
 from mixdq.inventory import layer_inventory
 from tests.test_deploy import CALIBRATION_PROMPTS, generate
@@ -69,3 +69,30 @@ def test_fused_projections_make_the_same_images_and_hold_the_same_bytes(random_p
     torch._dynamo.reset()
     compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(compiled, attn(x), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_low_bit_fp8_projections_fuse_with_the_same_images(random_pipe):
+    """W4A8 FP8 layers (per-channel integer weights, e4m3 activations) fuse like integer ones; with the W8A8
+    FP8 layers of the same config (per-tensor weight scales) left as they are."""
+    pipe = type(random_pipe)(**{**random_pipe.components, "unet": copy.deepcopy(random_pipe.unet)})
+    pipe.set_progress_bar_config(disable=True)
+    ranges = calibrate(
+        pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
+    )
+    layers = layer_inventory(pipe.unet)
+    config = PrecisionConfig.uniform(layers, 4, 8)
+    cross_kv = [i.name for i in layers if ".attn2.to_k" in i.name or ".attn2.to_v" in i.name]
+    for name in cross_kv:
+        config.weight_bits[name] = 8  # the cross-attentions at W8A8 FP8: not fusable
+    deploy(pipe, config.with_fp8_linears(layers, low_bit=True), ranges)
+    unfused = generate(pipe)
+    attentions = [m for m in pipe.unet.modules() if type(m).__name__ == "Attention"]
+
+    fused = fuse_qkv_projections(pipe)
+
+    assert fused == sum(not m.is_cross_attention for m in attentions) > 0
+    qkv = [m.to_qkv for m in attentions if not m.is_cross_attention]
+    assert all(isinstance(layer, DeployedFP8CodesLinear) and layer.precision == "W4A8 FP8" for layer in qkv)
+    assert all(getattr(m, "to_kv", None) is None for m in attentions if m.is_cross_attention)
+    torch.testing.assert_close(generate(pipe), unfused, rtol=0, atol=1e-5)

@@ -112,6 +112,20 @@ def test_unpack_dequant_kernel_equals_the_torch_unpacking(bits, dtype, M, N, K, 
         assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("N,K,k_split", [(40, 75, None), (33, 300, 140)])
+def test_unpack_codes_fp8_kernel_is_exact(bits, N, K, k_split):
+    """The FP8 paths' unpacking writes each integer code itself in e4m3 (exact: |code| <= 8), bit for bit
+    what PyTorch's unpacking gives, and refuses 8-bit codes (not exact in e4m3)."""
+    weight = make_weight(N, K, bits, k_split, seed=bits)
+    out = weight.codes_fp8(backend="triton")
+    assert out.dtype == torch.float8_e4m3fn and out.shape == (N, K)
+    assert torch.equal(out.view(torch.uint8), weight.codes_fp8(backend="torch").view(torch.uint8))
+    assert torch.equal(out.float(), weight.codes().float())
+    with pytest.raises(ValueError, match="not exact"):
+        make_weight(N, K, 8).codes_fp8()
+
+
 def test_gemm_a8_four_bit_activations():
     weight = make_weight(24, 48, 4)
     x = torch.randn(5, 48, device=DEVICE)
