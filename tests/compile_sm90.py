@@ -74,7 +74,11 @@ def cases():
 
     one = triton.Config({}, num_warps=4, num_stages=1)
     for bits in (4, 2):
-        yield f"unpack_dequant W{bits}", unpack_dequant_kernel, one, {"p_ptr": "*u8"}, dict(BITS=bits, BLOCK_N=64)
+        flags = dict(BITS=bits, BLOCK_N=64, SCALED=True)
+        yield f"unpack_dequant W{bits}", unpack_dequant_kernel, one, {"p_ptr": "*u8"}, flags
+        # the FP8 paths: bare codes written as e4m3 (fp8e4nv, which needs sm_89+)
+        pointers = {"p_ptr": "*u8", "out_ptr": "*fp8e4nv"}
+        yield f"unpack codes e4m3 W{bits}", unpack_dequant_kernel, one, pointers, dict(flags, SCALED=False)
 
 
 def one_stage_bytes(config: triton.Config, x_bytes: int) -> int:
