@@ -29,7 +29,7 @@ Ops:  fp16       F.linear on float16 (cuBLAS)                       baseline
                  in a compiled UNet rounding x to its A8 grid fuses into x's producer, so it is left out here);
                  w4_dq_inductor: the int4 unpacking as PyTorch ops that Inductor compiles instead
       fp8_rowwise  torch._scaled_mm e4m3 x e4m3 -> fp16 with row-wise scales (M, 1) x (1, N)
-      w4_fp8, w2_fp8  kernels.fp8.fp8_codes_linear under torch.compile (deploy's W4A8 / W2A8 FP8 layers): x to
+      w4_fp8, w2_fp8  kernels.fp8.fp8_linear under torch.compile (deploy's W4A8 / W2A8 FP8 layers): x to
                  e4m3, the packed codes unpacked to e4m3 (kernels.unpack), row-wise cuBLAS FP8
 Every our-op output is also checked against kernels.reference on the GPU (max |err| / max |ref|).
 """
@@ -179,13 +179,13 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
     act_scale = (x16.float().abs().amax() / fp8.FP8_MAX).reshape(())
     for bits in (4, 2):
         w = weights[bits]
-        fn = lambda x, w=w: fp8.fp8_codes_linear(  # noqa: E731
+        fn = lambda x, w=w: fp8.fp8_linear(  # noqa: E731
             x, w.codes_fp8("triton"), w.scale, 1 / act_scale, act_scale, use_scaled_mm=True
         )
         codes_fp8 = torch.compile(fn, dynamic=False)
         ours[f"w{bits}_fp8"] = (
             lambda codes_fp8=codes_fp8: codes_fp8(x16),
-            lambda w=w: fp8.fp8_codes_linear(
+            lambda w=w: fp8.fp8_linear(
                 x16, w.codes_fp8("torch"), w.scale, 1 / act_scale, act_scale, use_scaled_mm=False
             ),
             None,

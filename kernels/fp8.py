@@ -67,62 +67,32 @@ def fp8_linear(
     *,
     use_scaled_mm: bool,
 ) -> torch.Tensor:
-    """``y = dequant(e4m3(x)) @ dequant(weight).T + bias`` for float ``x [..., K]``, in x's dtype.
+    """``y = dequant(e4m3(x)) @ (weight * weight_scale).T + bias`` for float ``x [..., K]``, in x's dtype.
 
-    ``weight`` e4m3 ``(N, K)``; the scales are float32 scalar tensors (``act_inv_scale = 1 / act_scale``).
-    ``use_scaled_mm``: cuBLAS FP8 through ``torch._scaled_mm`` (CUDA, capability >= 8.9, K and N multiples of
-    16), products exact and accumulated in float32; otherwise the reference: the same codes dequantized and
-    multiplied in float32 (CPU) or x's dtype (GPU), which is what the fake-quant layer computes.
+    ``weight`` e4m3 ``(N, K)``; the scales are float32, ``act_inv_scale = 1 / act_scale`` 0-d, ``weight_scale``
+    0-d (one per tensor: an FP8 W8A8 layer) or ``(N,)`` (one per output channel: 4- / 2-bit integer codes,
+    which e4m3 holds exactly, or FP8 layers fused along N). ``use_scaled_mm``: cuBLAS FP8 through
+    ``torch._scaled_mm`` (CUDA, capability >= 8.9, K and N multiples of 16; per-channel scales as its
+    row-wise recipe, ``scale_a (M, 1)`` and ``scale_b (1, N)``), products exact and accumulated in float32;
+    otherwise the reference: the same codes dequantized and multiplied in float32 (CPU) or x's dtype (GPU),
+    which is what the fake-quant layer computes.
     """
     lead, K = x.shape[:-1], x.shape[-1]
     # contiguous: cuBLAS FP8 takes a row-major left operand, and x is often a transposed view (diffusers'
     # proj_in gets NCHW permuted to tokens-last); under torch.compile the quantizing kernel writes it so
     q = quantize_fp8(x.reshape(-1, K), act_inv_scale).contiguous()
+    per_channel = weight_scale.dim() == 1
     if use_scaled_mm:
-        y = torch._scaled_mm(
-            q, weight.t(), act_scale, weight_scale, bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype
-        )
+        scale_a, scale_b = act_scale, weight_scale
+        if per_channel:
+            scale_a = act_scale.reshape(1, 1).expand(q.shape[0], 1).contiguous()
+            scale_b = weight_scale.reshape(1, -1)
+        bias = None if bias is None else bias.to(x.dtype)
+        y = torch._scaled_mm(q, weight.t(), scale_a, scale_b, bias=bias, out_dtype=x.dtype)
     else:
         compute = torch.float32 if x.device.type == "cpu" else x.dtype
         a = (q.to(torch.float32) * act_scale).to(compute)
-        w = (weight.to(torch.float32) * weight_scale).to(compute)
-        y = torch.nn.functional.linear(a, w, None if bias is None else bias.to(compute)).to(x.dtype)
-    return y.view(*lead, -1)
-
-
-def fp8_codes_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    weight_scale: torch.Tensor,
-    act_inv_scale: torch.Tensor,
-    act_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    use_scaled_mm: bool,
-) -> torch.Tensor:
-    """``y = dequant(e4m3(x)) @ (codes * weight_scale[:, None]).T + bias`` for float ``x [..., K]``, in x's dtype.
-
-    The FP8 path of a 4- or 2-bit layer: ``codes`` e4m3 ``(N, K)`` hold its integer weight codes exactly, and
-    ``weight_scale`` float32 ``(N,)`` is its per-output-channel scale, so the weight is the layer's own integer
-    grid; only the activations change grid (e4m3 with one scale, as :func:`fp8_linear`). ``use_scaled_mm``: one
-    cuBLAS call with row-wise scales (``scale_a (M, 1)``, ``scale_b (1, N)``), products exact and accumulated
-    in float32; otherwise the same codes dequantized and multiplied (the fake-quant layer's arithmetic).
-    """
-    lead, K = x.shape[:-1], x.shape[-1]
-    q = quantize_fp8(x.reshape(-1, K), act_inv_scale).contiguous()
-    if use_scaled_mm:
-        scale_a = act_scale.reshape(1, 1).expand(q.shape[0], 1).contiguous()
-        y = torch._scaled_mm(
-            q,
-            codes.t(),
-            scale_a,
-            weight_scale.reshape(1, -1),
-            bias=None if bias is None else bias.to(x.dtype),
-            out_dtype=x.dtype,
-        )
-    else:
-        compute = torch.float32 if x.device.type == "cpu" else x.dtype
-        a = (q.to(torch.float32) * act_scale).to(compute)
-        w = (codes.to(torch.float32) * weight_scale.float()[:, None]).to(compute)
+        w_scale = weight_scale.float()[:, None] if per_channel else weight_scale
+        w = (weight.to(torch.float32) * w_scale).to(compute)
         y = torch.nn.functional.linear(a, w, None if bias is None else bias.to(compute)).to(x.dtype)
     return y.view(*lead, -1)

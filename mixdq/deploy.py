@@ -335,7 +335,8 @@ class Float32Scales:
 
 
 class DeployedFP8Linear(Float32Scales, BosAwareForward, nn.Module):
-    """A W8A8 ``nn.Linear`` of a config's ``fp8`` list: e4m3 weight and activations, one scale each.
+    """A W8A8 ``nn.Linear`` of a config's ``fp8`` list: e4m3 weight and activations, one scale each (a layer
+    fused along N by :mod:`mixdq.fuse` holds its parts' weight scales row by row, ``(N,)``).
 
     On a CUDA GPU with FP8 tensor cores the product is one cuBLAS call (``torch._scaled_mm``, bias and FP16
     output fused); elsewhere, and for shapes cuBLAS FP8 rejects, the same codes are dequantized and multiplied
@@ -397,7 +398,7 @@ class DeployedFP8CodesLinear(Float32Scales, BosAwareForward, PackedLayer):
 
     The weight stays on its own grid (per-channel scales, codes packed two or four per byte, as in
     :class:`DeployedLinear`); per call the codes are unpacked to e4m3, which holds every 4- and 2-bit code
-    exactly, and multiplied on FP8 tensor cores with row-wise scales (:func:`kernels.fp8.fp8_codes_linear`):
+    exactly, and multiplied on FP8 tensor cores with row-wise scales (:func:`kernels.fp8.fp8_linear`):
     half the bytes an FP16 unpacking writes, and cuBLAS FP8's speed. Only the activations change grid, to e4m3
     with one scale, as in :class:`DeployedFP8Linear`. On a CPU, or for shapes cuBLAS FP8 rejects, the same
     codes are dequantized and multiplied.
@@ -425,7 +426,7 @@ class DeployedFP8CodesLinear(Float32Scales, BosAwareForward, PackedLayer):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         use_scaled_mm = self._use_scaled_mm(x)
         codes = self.packed_weight.codes_fp8("triton" if use_scaled_mm else "torch")
-        return fp8.fp8_codes_linear(
+        return fp8.fp8_linear(
             x,
             codes,
             self.weight_scale,

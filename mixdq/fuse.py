@@ -9,9 +9,9 @@ splits the result, as diffusers' own ``fuse_qkv_projections`` does for float lay
 
 Fused only where the layers agree on everything but their weights: weight and activation bits, path,
 backend, activation quantizer and input width. In the MixDQ ~W4A8 SDXL config every attention qualifies (its
-allocation gives a block's q / k / v the same bits). W4A8 / W2A8 FP8 layers (:class:`DeployedFP8CodesLinear`)
-fuse too: their weights keep per-channel scales. W8A8 FP8 layers are left alone: each has its own per-tensor
-weight scale, so their concatenation would change their numbers.
+allocation gives a block's q / k / v the same bits). FP8 layers fuse too, and their product becomes cuBLAS
+FP8's row-wise recipe: W4A8 / W2A8 ones (:class:`DeployedFP8CodesLinear`) have per-channel scales already, and
+W8A8 ones (:class:`DeployedFP8Linear`), one weight scale per layer, get it repeated over that layer's rows.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mixdq.deploy import DeployedFP8CodesLinear, DeployedLinear
+from mixdq.deploy import DeployedFP8CodesLinear, DeployedFP8Linear, DeployedLinear
 from mixdq.quant.api import unet_of
 
 # per fusable type, what fused layers must share (everything but their weights, biases and BOS outputs)
@@ -33,6 +33,7 @@ SHARED = {
     DeployedFP8CodesLinear: (
         "weight_bits", "act_bits", "backend", "in_features", "k_split", "act_scale", "act_inv_scale", "bos_inputs",
     ),
+    DeployedFP8Linear: ("backend", "in_features", "act_scale", "act_inv_scale", "bos_inputs"),
 }  # fmt: skip
 
 
@@ -61,8 +62,10 @@ def fuse_linears(layers: list[DeployedLinear], name: str) -> DeployedLinear:
     fused._buffers = dict(layers[0]._buffers)  # copy.copy shares the dict: the originals must not change
     fused._parameters, fused._modules = dict(layers[0]._parameters), dict(layers[0]._modules)
     fused.qweight = torch.cat([layer.qweight for layer in layers])
-    fused.weight_scale = torch.cat([layer.weight_scale for layer in layers])
-    fused.weight_rowsum = torch.cat([layer.weight_rowsum for layer in layers], dim=1)
+    # one scale per row (an FP8 W8A8 layer's per-tensor scale repeated over its rows)
+    fused.weight_scale = torch.cat([layer.weight_scale.expand(layer.out_features) for layer in layers])
+    if hasattr(layers[0], "weight_rowsum"):  # the integer A8 epilogue's zero-point correction
+        fused.weight_rowsum = torch.cat([layer.weight_rowsum for layer in layers], dim=1)
     fused.bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     if layers[0].bos_outputs is not None:
         fused.bos_outputs = torch.cat([layer.bos_outputs for layer in layers], dim=-1)
