@@ -57,8 +57,12 @@ def test_fused_projections_make_the_same_images_and_hold_the_same_bytes(random_p
         for m in attentions
         if getattr(m, "to_qkv", None) is not None or getattr(m, "to_kv", None) is not None
         for layer in projections[id(m)][1:]
-        for t in (getattr(layer, "act_qparams_t", None), layer.bos_inputs, getattr(layer, "act_scale", None),
-                  getattr(layer, "act_inv_scale", None))
+        for t in (
+            getattr(layer, "act_qparams_t", None),
+            layer.bos_inputs,
+            getattr(layer, "act_scale", None),
+            getattr(layer, "act_inv_scale", None),
+        )
         if t is not None
     )
     held = sum(t.numel() * t.element_size() for t in [*pipe.unet.parameters(), *pipe.unet.buffers()])
