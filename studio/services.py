@@ -219,13 +219,15 @@ def with_run_options(
     config: PrecisionConfig, layers_inventory: UNetInventory, weight_scales: str, fp8: bool
 ) -> PrecisionConfig:
     """A copy of ``config`` whose bits run with the chosen weight scales (a :data:`WEIGHT_SCALES` label) and,
-    with ``fp8``, its W8A8 linear layers in FP8 e4m3 (cuBLAS FP8 on Hopper / Ada GPUs once deployed)."""
+    with ``fp8``, every A8 linear layer in FP8 e4m3: activations, and 8-bit weights (4- and 2-bit weights keep
+    their integer grid). cuBLAS FP8 on Hopper / Ada GPUs once deployed: the fastest measured paths, at the
+    quality of FP8 for the 8-bit layers alone (README, Quality and Measured)."""
     if weight_scales not in WEIGHT_SCALES:
         raise ValueError(f"weight scales must be one of {list(WEIGHT_SCALES)}, got {weight_scales!r}")
     config = PrecisionConfig.from_dict(config.to_dict())
     config.weight_clip = WEIGHT_SCALES[weight_scales]
     config.fp8 = []
-    return config.with_fp8_linears(list(layers_inventory.layers)) if fp8 else config
+    return config.with_fp8_linears(list(layers_inventory.layers), low_bit=True) if fp8 else config
 
 
 def run_options_text(config: PrecisionConfig) -> str:
@@ -234,7 +236,7 @@ def run_options_text(config: PrecisionConfig) -> str:
     if config.weight_clip == "mse":
         parts.append("MSE-clipped weight scales")
     if config.fp8:
-        parts.append(f"{len(config.fp8)} W8A8 linear layers in FP8 e4m3")
+        parts.append(f"{len(config.fp8)} A8 linear layers in FP8 e4m3")
     return ", ".join(parts)
 
 

@@ -256,8 +256,9 @@ def build_demo(
                 )
                 fp8 = gr.Checkbox(
                     value=False,
-                    label="W8A8 linears in FP8 e4m3 (compare and export)",
-                    info="cuBLAS FP8 on Hopper / Ada GPUs once deployed; another 8-bit grid, simulated here",
+                    label="A8 linears in FP8 e4m3 (compare and export)",
+                    info="activations and 8-bit weights; 4/2-bit weights keep their grid. cuBLAS FP8 on Hopper / "
+                    "Ada GPUs once deployed; another 8-bit grid, simulated here",
                 )
             status = gr.Markdown(elem_id="allocation-status")
             allocation_plot = gr.Plot(label="allocation")

@@ -159,7 +159,7 @@ def test_run_options_copy_the_config_with_scales_and_fp8():
     both = with_run_options(config, inventory, "MSE-clipped per row (ours)", fp8=True)
     assert config.weight_clip == "minmax" and config.fp8 == []  # the allocation itself is untouched
     assert both.weight_clip == "mse" and len(both.fp8) == sum(i.kind == "linear" for i in inventory.layers)
-    assert run_options_text(both) == f"MSE-clipped weight scales, {len(both.fp8)} W8A8 linear layers in FP8 e4m3"
+    assert run_options_text(both) == f"MSE-clipped weight scales, {len(both.fp8)} A8 linear layers in FP8 e4m3"
     assert "yaml" in yaml_refusal(both, inventory)
     assert with_run_options(both, inventory, "min-max (MixDQ)", fp8=False).to_dict() == config.to_dict()
     with pytest.raises(ValueError, match="weight scales must be one of"):
