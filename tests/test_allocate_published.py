@@ -230,3 +230,24 @@ def test_act_budget_averages_over_non_protected_layers_only(allocator):
     assert {4, 8} == set(a6.bits.values())
     with pytest.raises(InfeasibleBudgetError, match="not counted in the activation average"):
         allocator.allocate_side("act", 8.5)
+
+
+def test_cli_fp8_lists_the_chosen_linears_and_is_refused_for_yaml(tmp_path, capsys):
+    base = ["allocate", "--budget-bits", "4.0", "--k", str(K), "--solver", "approx"]
+    layers = list(sdxl_turbo_inventory().layers)
+    kinds = {i.name: i.kind for i in layers}
+    for choice, weight_bits in (("w8a8", {8}), ("a8", {8, 4, 2})):
+        out = tmp_path / f"{choice}.json"
+        assert run_cli([*base, "--fp8", choice, "--out", str(out)]) == 0
+        config = PrecisionConfig.load(out)
+        config.validate(layers)
+        expected = {
+            n
+            for n, kind in kinds.items()
+            if kind == "linear" and config.layer_act_bits(n) == 8 and config.layer_weight_bits(n) in weight_bits
+        }
+        assert set(config.fp8) == expected and expected
+        assert config.metadata["allocation"]["weight"]["k"] == pytest.approx(K)  # the allocation is kept
+    assert len(PrecisionConfig.load(tmp_path / "a8.json").fp8) > len(PrecisionConfig.load(tmp_path / "w8a8.json").fp8)
+    assert run_cli([*base, "--fp8", "a8", "--out", str(tmp_path / "x.json"), "--yaml-out", str(tmp_path / "x")]) == 2
+    assert "no FP8" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
