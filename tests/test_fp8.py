@@ -220,55 +220,37 @@ def test_config_fp8_list_is_validated_round_trips_and_blocks_yaml(random_pipe):
 
 
 @torch.no_grad()
-def test_deployed_fp8_pipeline_matches_its_fake_quant_pipeline(fresh_random_pipe):
-    """quantize_ carries the fp8 list into the layers; deploy builds FP8 linears and int8 convs from it."""
+@pytest.mark.parametrize("weight_bits,low_bit", [(8, False), (4, True)])
+def test_deployed_fp8_pipeline_matches_its_fake_quant_pipeline(fresh_random_pipe, weight_bits, low_bit):
+    """quantize_ carries the fp8 list into the layers; deploy builds FP8 linears (W8A8: e4m3 weights; W4A8 with
+    low_bit: packed int4 codes, e4m3 activations) and int8 convs from it, and runs what was simulated."""
     pipe = fresh_random_pipe
     pipe.set_progress_bar_config(disable=True)
     ranges = calibrate(
         pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
     )
     layers = layer_inventory(pipe.unet)
-    config = PrecisionConfig.uniform(layers, 8, 8).with_fp8_linears(layers)
+    int8_config = PrecisionConfig.uniform(layers, weight_bits, 8)
+    config = int8_config.with_fp8_linears(layers, low_bit=low_bit)
+    assert config.fp8 == [i.name for i in layers if i.kind == "linear"]
     quantize_(pipe, config, ranges)
     fake = quant_layers(pipe)
     assert {n for n, q in fake.items() if q.fp8} == set(config.fp8)
     fake_images = generate(pipe)
-    quantize_(pipe, PrecisionConfig.uniform(layers, 8, 8), ranges)
+    quantize_(pipe, int8_config, ranges)
     int8_images = generate(pipe)
     quantize_(pipe, config, ranges)
     report = deploy(pipe)
     precisions = {r.name: r.precision for r in report.layers}
-    assert all(precisions[n] == "W8A8 FP8" for n in config.fp8)
-    assert {p for n, p in precisions.items() if n not in config.fp8} == {"W8A8"}  # the convs stay int8
-    assert isinstance(pipe.unet.get_submodule(config.fp8[0]), DeployedFP8Linear)
+    assert {precisions[n] for n in config.fp8} == {f"W{weight_bits}A8 FP8"}
+    assert {p for n, p in precisions.items() if n not in config.fp8} == {f"W{weight_bits}A8"}  # convs stay int8
+    deployed_type = DeployedFP8Linear if weight_bits == 8 else DeployedFP8CodesLinear
+    assert isinstance(pipe.unet.get_submodule(config.fp8[0]), deployed_type)
     images = generate(pipe)
     psnr = 10 * torch.log10(1.0 / (images - fake_images).pow(2).mean()).item()
     psnr_int8 = 10 * torch.log10(1.0 / (int8_images - fake_images).pow(2).mean()).item()
-    print(f"deployed FP8 vs its fake-quant: {psnr:.1f} dB; int8 fake-quant vs FP8 fake-quant: {psnr_int8:.1f} dB")
+    print(f"deployed W{weight_bits}A8 FP8 vs its fake-quant: {psnr:.1f} dB; vs int8 activations: {psnr_int8:.1f} dB")
     assert psnr > 50.0 and psnr > psnr_int8 + 10  # it runs what was simulated, not int8
-
-
-@torch.no_grad()
-def test_deployed_low_bit_fp8_pipeline_matches_its_fake_quant_pipeline(fresh_random_pipe):
-    """W4A8 with low_bit FP8: every linear deploys as packed int4 codes with e4m3 activations."""
-    pipe = fresh_random_pipe
-    pipe.set_progress_bar_config(disable=True)
-    ranges = calibrate(
-        pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
-    )
-    layers = layer_inventory(pipe.unet)
-    config = PrecisionConfig.uniform(layers, 4, 8).with_fp8_linears(layers, low_bit=True)
-    assert config.fp8 == [i.name for i in layers if i.kind == "linear"]
-    quantize_(pipe, config, ranges)
-    fake_images = generate(pipe)
-    report = deploy(pipe)
-    precisions = {r.name: r.precision for r in report.layers}
-    assert {precisions[n] for n in config.fp8} == {"W4A8 FP8"}
-    assert {p for n, p in precisions.items() if n not in config.fp8} == {"W4A8"}  # the convs stay int8
-    images = generate(pipe)
-    psnr = 10 * torch.log10(1.0 / (images - fake_images).pow(2).mean()).item()
-    print(f"deployed W4A8 FP8 vs its fake-quant: {psnr:.1f} dB")
-    assert psnr > 50.0
 
 
 @torch.no_grad()
