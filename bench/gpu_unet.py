@@ -193,6 +193,7 @@ class Setup:
     act_ranges: dict[int, dict[str, torch.Tensor]] | None = None
     reference: dict[int, torch.Tensor] | None = None  # px -> FP16 eager output (float32, host)
     profile: bool = False  # add a per-kernel-category GPU time breakdown to every CUDA row
+    rewarm: bool = False  # compiled rows: also time a second warm-up after torch._dynamo.reset() (warm caches)
 
 
 @dataclass
@@ -570,6 +571,8 @@ def bench_variant(name: str, setup: Setup, warmup: int, repeats: int, on_row: Ca
         except Exception as err:  # noqa: BLE001 (e.g. a compile crash at one resolution)
             on_row(row | {"status": "error", "error": failure(err)})
             continue
+        if setup.rewarm and (spec_compile(name) is not None):
+            row["rewarm_s"] = rewarm_seconds(lambda: step(built.module, inputs), setup.device)
         fake_quant = None if built.fake_quant is None else rel_err(timing.output, built.fake_quant[px])
         if setup.profile and setup.device.type == "cuda":
             try:
@@ -597,6 +600,24 @@ def bench_variant(name: str, setup: Setup, warmup: int, repeats: int, on_row: Ca
     if name.endswith(tuple(COMPILE_MODES)) or name == "torchao":
         torch._dynamo.reset()  # compiled code and guards hold on to the module
     free_device_memory(setup.device)
+
+
+def spec_compile(name: str) -> str | None:
+    """The compile mode of a variant name (ours or an FP16 peer), None for an eager one or torchao."""
+    suffix = name.rsplit("_", 1)[-1]
+    return suffix if suffix in COMPILE_MODES else None
+
+
+def rewarm_seconds(call: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Seconds to be ready again after ``torch._dynamo.reset()``: a new process on the same machine, whose
+    compiles hit Inductor's on-disk FX graph / autotune caches and Triton's kernel cache (what a user's second
+    start costs; the first is ``warmup_s``)."""
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def compile_seconds() -> dict[str, float]:
@@ -668,6 +689,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             parts = ", ".join(f"{name} {ms:.2f}" for name, ms in r["profile"]["by_category_ms"].items())
             lines += ["", f"GPU ms by kernel category, {r['label']} {r['px']} px (uncaptured, profiler): {parts}"]
     for r in rows:
+        if r.get("rewarm_s") is not None:
+            lines += ["", f"warm-up again after torch._dynamo.reset() (warm caches), {r['label']} {r['px']} px: "
+                      f"{r['rewarm_s']:.1f} s"]  # fmt: skip
+    for r in rows:
         if r.get("compile_s"):
             parts = ", ".join(f"{name} {t:.1f}" for name, t in list(r["compile_s"].items())[:6])
             lines += ["", f"warm-up: torch.compile timers (s, nested), {r['label']} {r['px']} px: {parts}"]
@@ -709,6 +734,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="add GPU time by kernel category (torch.profiler) to each CUDA row"
     )
+    parser.add_argument(
+        "--rewarm",
+        action="store_true",
+        help="compiled rows: also time a second warm-up after torch._dynamo.reset(), with the compile caches warm",
+    )
     parser.add_argument("--tiny", action="store_true", help="the embedded model's small UNet config (smoke runs)")
     parser.add_argument("--mixed-config", type=Path, help="PrecisionConfig JSON for the w4a8 variants")
     args = parser.parse_args(argv)
@@ -748,6 +778,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         px=args.px,
         mixed_config=PrecisionConfig.load(mixed_path) if wants_mixed else None,
         profile=args.profile,
+        rewarm=args.rewarm,
     )
     calibrate_and_reference(setup, act_bits_needed(args.variants, setup.mixed_config))
     params = sum(t.numel() for t in state.values())

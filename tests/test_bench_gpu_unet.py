@@ -104,3 +104,24 @@ def test_compile_breakdown_keeps_the_timers_that_grew_largest_first():
     after = {"bytecode_tracing": 31.0, "inductor": 142.5, "idle": 5.0, "new_timer": 0.5}
     assert bench.compile_breakdown(before, after) == {"inductor": 140.5, "bytecode_tracing": 30.0, "new_timer": 0.5}
     assert list(bench.compile_breakdown(before, after, top=1)) == ["inductor"]
+
+
+def test_rewarm_recompiles_after_a_dynamo_reset_and_reads_compile_modes():
+    """--rewarm times a second warm-up: the compiled step must really compile again (not reuse the graph)."""
+    from torch._dynamo.testing import CompileCounter
+
+    bench = load_bench()
+    assert [bench.spec_compile(n) for n in ("fp16_compiled", "w4a8_fp8all_qkv_regional", "w8a8", "torchao")] == [
+        "compiled",
+        "regional",
+        None,
+        None,
+    ]
+    counter = CompileCounter()
+    step = torch.compile(lambda x: torch.relu(x) + 1, backend=counter)
+    x = torch.randn(4)
+    step(x)
+    step(x)
+    assert counter.frame_count == 1
+    seconds = bench.rewarm_seconds(lambda: step(x), torch.device("cpu"))
+    assert counter.frame_count == 2 and 0 <= seconds < 60
