@@ -46,7 +46,11 @@ What is measured
   and A8 inputs are quantized by graph ops that Inductor fuses into the producing op. Convs in the plain
   names run our integer GEMM (``deploy(conv_path="gemm")``, as measured in sessions 2-3); ``_dqconv``: the
   convs unpack their packed weight per call for cuDNN (``conv_path="dequant"``, deploy's default since it
-  measured faster); ``_fp8``: the config's W8A8 linears in FP8 e4m3 on cuBLAS (``with_fp8_linears``).
+  measured faster); ``_fp8``: the config's W8A8 linears in FP8 e4m3 on cuBLAS (``with_fp8_linears``);
+  ``_fp8all``: every A8 linear in FP8 (``with_fp8_linears(low_bit=True)``: 4/2-bit codes unpacked to e4m3);
+  ``_dqlow`` / ``_dqlin``: 4/2-bit (all) integer linears dequantized per call for cuBLAS; ``_qkv``: q / k / v
+  fused (``mixdq.fuse``); ``_regional`` / ``_stages``: ``mixdq.compile.compile_repeated_blocks`` regions.
+  ``--rewarm``: compiled rows also time a second warm-up after ``torch._dynamo.reset()`` (warm caches).
 * Ours = ``mixdq.deploy``: ``quantize_`` with activation ranges from a short ``QuantMode.CALIBRATE`` pass on
   random inputs, one fake-quant forward per resolution (fills the BOS token-0 cache of the cross-attention
   ``to_k`` / ``to_v``, which a bare UNet needs before deploy, and gives the fake-quant output the deployed
