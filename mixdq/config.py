@@ -41,10 +41,11 @@ class PrecisionConfig:
     the FP8 e4m3 format (:mod:`kernels.fp8`) instead of int8: a W8A8 layer's weights and activations, a W4A8 /
     W2A8 layer's activations (its integer weight codes are exact in e4m3, so they run on FP8 tensor cores as
     they are). cuBLAS FP8 is the fastest 8-bit GEMM on Hopper/Ada GPUs, and fake quantization simulates the
-    same grid, so quality is measured for what runs (see :meth:`with_fp8_linears`). ``fingerprint`` identifies the architecture the
-    config was made for (see :func:`mixdq.inventory.inventory_fingerprint`). ``weight_clip`` chooses how
-    weight scales are set: ``"minmax"`` (MixDQ: each row's largest weight exact) or ``"mse"`` (each row's
-    scale clipped to the least squared rounding error; much better at 2 bits, same kernels and memory).
+    same grid, so quality is measured for what runs (see :meth:`with_fp8_linears`). ``fingerprint`` identifies
+    the architecture the config was made for (see :func:`mixdq.inventory.inventory_fingerprint`).
+    ``weight_clip`` chooses how weight scales are set: ``"minmax"`` (MixDQ: each row's largest weight exact)
+    or ``"mse"`` (each row's scale clipped to the least squared rounding error; much better at 2 bits, same
+    kernels and memory).
     """
 
     weight_bits: dict[str, int] = field(default_factory=dict)
@@ -100,7 +101,7 @@ class PrecisionConfig:
             for i in layers
             if i.kind == "linear"
             and self.layer_act_bits(i.name) == 8
-            and self.layer_weight_bits(i.name) in ((8, 4, 2) if low_bit else (8,))
+            and self.layer_weight_bits(i.name) in (WEIGHT_BITS if low_bit else (8,))
         ]
         config = PrecisionConfig.from_dict(self.to_dict())
         config.fp8 = fp8

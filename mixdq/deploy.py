@@ -317,12 +317,23 @@ class DeployedLinear(BosAwareForward, PackedLayer):
         return y.to(x.dtype)
 
 
-class Float32Scales:
-    """Keeps the ``SCALES`` buffers float32 through ``.half()`` / ``.to(dtype)``: cuBLAS FP8 takes float32 scales,
+class FP8Matmul:
+    """What the two FP8 linears share: when cuBLAS FP8 runs, and float32 scales.
+
+    The ``SCALES`` buffers stay float32 through ``.half()`` / ``.to(dtype)``: cuBLAS FP8 takes float32 scales,
     and rounding them would change every output. Each is its own tensor: Inductor's CUDA lowering of
     ``_scaled_mm`` reshapes its scale arguments and failed (torch 2.11, H200) on bit-cast views of one buffer."""
 
     SCALES: tuple[str, ...]
+    backend: str
+    in_features: int
+    out_features: int
+
+    def _use_scaled_mm(self, x: torch.Tensor) -> bool:
+        """cuBLAS FP8 (``torch._scaled_mm``) for x's device and this layer's shape, else the reference path."""
+        return kernels.resolve_backend(x, self.backend) == "triton" and fp8.fp8_shape_ok(
+            self.in_features, self.out_features
+        )
 
     def _apply(self, fn, recurse: bool = True):
         scales = {name: self._buffers.pop(name) for name in self.SCALES}
@@ -334,14 +345,14 @@ class Float32Scales:
         return self
 
 
-class DeployedFP8Linear(Float32Scales, BosAwareForward, nn.Module):
+class DeployedFP8Linear(FP8Matmul, BosAwareForward, nn.Module):
     """A W8A8 ``nn.Linear`` of a config's ``fp8`` list: e4m3 weight and activations, one scale each (a layer
     fused along N by :mod:`mixdq.fuse` holds its parts' weight scales row by row, ``(N,)``).
 
     On a CUDA GPU with FP8 tensor cores the product is one cuBLAS call (``torch._scaled_mm``, bias and FP16
     output fused); elsewhere, and for shapes cuBLAS FP8 rejects, the same codes are dequantized and multiplied
     (:func:`kernels.fp8.fp8_linear`). The codes are held as uint8, so ``module.half()`` cannot convert them;
-    the three scales are float32 0-d buffers (:class:`Float32Scales`).
+    the three scales are float32 0-d buffers (:class:`FP8Matmul`).
     """
 
     kind = "linear"
@@ -364,11 +375,6 @@ class DeployedFP8Linear(Float32Scales, BosAwareForward, nn.Module):
         self.weight_shape = tuple(fp.weight.shape)
         self.backend = backend
         self._register_bos(layer, extra_bos)
-
-    def _use_scaled_mm(self, x: torch.Tensor) -> bool:
-        return kernels.resolve_backend(x, self.backend) == "triton" and fp8.fp8_shape_ok(
-            self.in_features, self.out_features
-        )
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return fp8.fp8_linear(
@@ -393,7 +399,7 @@ class DeployedFP8Linear(Float32Scales, BosAwareForward, nn.Module):
         return f"{self.precision}, out={self.out_features}, in={self.in_features}, backend={self.backend}"
 
 
-class DeployedFP8CodesLinear(Float32Scales, BosAwareForward, PackedLayer):
+class DeployedFP8CodesLinear(FP8Matmul, BosAwareForward, PackedLayer):
     """A W4A8 / W2A8 ``nn.Linear`` of a config's ``fp8`` list: its packed integer weight, e4m3 activations.
 
     The weight stays on its own grid (per-channel scales, codes packed two or four per byte, as in
@@ -418,11 +424,6 @@ class DeployedFP8CodesLinear(Float32Scales, BosAwareForward, PackedLayer):
     def _static_act_kwargs(layer: QuantLayer) -> dict[str, Any]:
         return {}  # no int8 quantizer: the activations are e4m3 (act_scale / act_inv_scale)
 
-    def _use_scaled_mm(self, x: torch.Tensor) -> bool:
-        return kernels.resolve_backend(x, self.backend) == "triton" and fp8.fp8_shape_ok(
-            self.in_features, self.out_features
-        )
-
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         use_scaled_mm = self._use_scaled_mm(x)
         codes = self.packed_weight.codes_fp8("triton" if use_scaled_mm else "torch")
@@ -441,7 +442,8 @@ class DeployedFP8CodesLinear(Float32Scales, BosAwareForward, PackedLayer):
         return f"W{self.weight_bits}A8 FP8"
 
     def resolved_backend(self) -> str:
-        """``"unpack + cuBLAS FP8"`` where ``torch._scaled_mm`` runs for this layer on its device now, else ``"torch"``."""
+        """``"unpack + cuBLAS FP8"`` where ``torch._scaled_mm`` runs for this layer on its device now, else
+        ``"torch"``."""
         return "unpack + cuBLAS FP8" if self._use_scaled_mm(self.qweight) else "torch"
 
 
@@ -569,8 +571,9 @@ class DeployedLayerReport:
 
     name: str
     precision: str  # "W4A8", "W4A16" (weight-only), "W16A8" (activation-only), "FP16"
-    # "triton", "cuBLAS FP8", "unpack + cuBLAS FP8", "dequant + conv" / "dequant + matmul" (packed weight unpacked per call, float
-    # conv / matmul), "torch reference" (integer kernels' PyTorch path), "fake-quant", "torch" (float)
+    # "triton", "cuBLAS FP8", "unpack + cuBLAS FP8", "dequant + conv" / "dequant + matmul" (packed weight
+    # unpacked per call, float conv / matmul), "torch reference" (integer kernels' PyTorch path), "fake-quant",
+    # "torch" (float)
     backend: str
     nbytes: int  # every tensor the layer's module holds, exact
     accounted_bytes: int  # mixdq.memory.layer_weight_bytes at its weight bits

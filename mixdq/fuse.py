@@ -20,6 +20,7 @@ import copy
 from typing import Any
 
 import torch
+from torch import nn
 
 from mixdq.deploy import DeployedFP8CodesLinear, DeployedFP8Linear, DeployedLinear
 from mixdq.quant.api import unet_of
@@ -55,9 +56,10 @@ def _fusable(layers: list[Any]) -> bool:
     )
 
 
-def fuse_linears(layers: list[DeployedLinear], name: str) -> DeployedLinear:
-    """One deployed linear (of the ``layers``' type) whose output is the concatenation of the ``layers``' outputs (they must be
-    fusable): packed rows, scales, row sums, bias and BOS outputs concatenated along the output dimension."""
+def fuse_linears(layers: list[nn.Module], name: str) -> nn.Module:
+    """One deployed linear, of the ``layers``' type, whose output is the concatenation of their outputs (they
+    must be fusable): packed rows, scales, row sums, bias and BOS outputs concatenated along the output
+    dimension."""
     fused = copy.copy(layers[0])
     fused._buffers = dict(layers[0]._buffers)  # copy.copy shares the dict: the originals must not change
     fused._parameters, fused._modules = dict(layers[0]._parameters), dict(layers[0]._modules)
