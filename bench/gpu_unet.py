@@ -49,7 +49,8 @@ What is measured
   measured faster); ``_fp8``: the config's W8A8 linears in FP8 e4m3 on cuBLAS (``with_fp8_linears``);
   ``_fp8all``: every A8 linear in FP8 (``with_fp8_linears(low_bit=True)``: 4/2-bit codes unpacked to e4m3);
   ``_dqlow`` / ``_dqlin``: 4/2-bit (all) integer linears dequantized per call for cuBLAS; ``_qkv``: q / k / v
-  fused (``mixdq.fuse``); ``_regional`` / ``_stages``: ``mixdq.compile.compile_repeated_blocks`` regions.
+  fused (``mixdq.fuse``); ``_grp`` (with ``_fp8all``): each transformer block's 4/2-bit FP8 linears unpacked
+  in one launch (``mixdq.unpack_groups``); ``_regional`` / ``_stages``: ``mixdq.compile.compile_repeated_blocks`` regions.
   ``--rewarm``: compiled rows also time a second warm-up after ``torch._dynamo.reset()`` (warm caches).
 * Ours = ``mixdq.deploy``: ``quantize_`` with activation ranges from a short ``QuantMode.CALIBRATE`` pass on
   random inputs, one fake-quant forward per resolution (fills the BOS token-0 cache of the cross-attention
@@ -97,6 +98,7 @@ from mixdq.fuse import fuse_qkv_projections  # noqa: E402
 from mixdq.inventory import layer_inventory  # noqa: E402
 from mixdq.memory import MB  # noqa: E402
 from mixdq.quant import QuantMode, collect_act_ranges, quant_layers, quantize_, set_mode  # noqa: E402
+from mixdq.unpack_groups import group_unpacking  # noqa: E402
 
 FULL_UNET_CONFIG = ROOT / "assets" / "sdxl-turbo" / "unet_config.json"
 TINY_UNET_CONFIG = ROOT / "assets" / "tiny-sdxl" / "unet" / "config.json"
@@ -122,8 +124,10 @@ OPTIONS = {
     "dqlow": "4/2-bit linears dequant + cuBLAS",
     "dqlin": "all integer linears dequant + cuBLAS",
     "qkv": "q/k/v (cross-attention k/v) fused",
+    "grp": "a block's 4/2-bit FP8 linears unpacked in one launch",
 }
 EXCLUSIVE = ({"fp8", "fp8all"}, {"dqlow", "dqlin"})  # option pairs that contradict each other
+REQUIRES = {"grp": "fp8all"}  # an option that means nothing without another
 COMPILE_MODES = {
     "compiled": "torch.compile",
     "regional": "torch.compile per repeated block",
@@ -160,11 +164,12 @@ def parse_variant(name: str) -> VariantSpec | None:
     compile_mode = rest.pop() if rest and rest[-1] in COMPILE_MODES else None
     unknown = [o for o in rest if o not in OPTIONS]
     contradictory = any(pair <= set(rest) for pair in EXCLUSIVE)
-    if config not in OUR_CONFIGS or unknown or len(set(rest)) != len(rest) or contradictory:
+    incomplete = any(option in rest and needed not in rest for option, needed in REQUIRES.items())
+    if config not in OUR_CONFIGS or unknown or len(set(rest)) != len(rest) or contradictory or incomplete:
         raise ValueError(
             f"unknown variant {name!r}: one of {list(PEERS)}, or <config>[_<option>...][_<compile>] with config "
-            f"in {list(OUR_CONFIGS)}, options in {list(OPTIONS)} (fp8 or fp8all, dqlow or dqlin), compile in "
-            f"{list(COMPILE_MODES)}"
+            f"in {list(OUR_CONFIGS)}, options in {list(OPTIONS)} (fp8 or fp8all, dqlow or dqlin; grp needs "
+            f"fp8all), compile in {list(COMPILE_MODES)}"
         )
     return VariantSpec(config, frozenset(rest), compile_mode)
 
@@ -395,6 +400,8 @@ def build_spec(spec: VariantSpec, setup: Setup) -> Built:
     built = build_ours(setup, make_config, conv_path, linear_path)
     if "qkv" in spec.options:
         fuse_qkv_projections(built.module)
+    if "grp" in spec.options:
+        group_unpacking(built.module)
     return compiled(built, spec.compile) if spec.compile else built
 
 

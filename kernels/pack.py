@@ -205,6 +205,25 @@ class PackedWeight:
             return torch.ops.mixdq.unpack_codes_fp8(self.data, self.bits, self.in_features, split)
         return self.codes().to(torch.float8_e4m3fn)
 
+    @staticmethod
+    def codes_fp8_group(weights: list[PackedWeight], backend: str = "torch") -> torch.Tensor:
+        """:meth:`codes_fp8` of several 4- / 2-bit weights, each flattened, concatenated in order into one 1-D
+        tensor: weight i's codes are the ``[N_i, K_i]`` view of its slice.
+
+        ``backend="triton"``: one launch of :mod:`kernels.unpack`'s grouped kernel for all of them (a small
+        unpacking launch per layer costs more than its memory traffic on a GPU); weights with a ``k_split``
+        are refused there (one K part each)."""
+        if backend == "triton":
+            import kernels.ops  # noqa: F401 (registers torch.ops.mixdq.*)
+
+            if any(w.k_split is not None or w.bits == 8 for w in weights):
+                raise ValueError("the grouped unpacking takes 4- and 2-bit weights without a k_split")
+            data = [w.data for w in weights]
+            return torch.ops.mixdq.unpack_group_fp8(data, [w.bits for w in weights], [w.in_features for w in weights])
+        if any(w.bits == 8 for w in weights):
+            raise ValueError("8-bit codes are not exact in e4m3; FP8 8-bit layers re-quantize their weights instead")
+        return torch.cat([w.codes().flatten() for w in weights]).to(torch.float8_e4m3fn)
+
     def part_byte_offsets(self) -> list[int]:
         """Where each K part's packed bytes start in a row (see :func:`part_byte_offsets`)."""
         return part_byte_offsets(self.in_features, self.bits, self.k_split)

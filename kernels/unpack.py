@@ -28,18 +28,17 @@ BLOCK_N = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
 
 
 @triton.jit
-def unpack_dequant_kernel(
-    p_ptr, scale_ptr, out_ptr,
+def _unpack_tile(
+    p_ptr, scale_ptr, out_ptr, row_tile, chunk,
     N, K_PART, byte0, col0, stride_pn, stride_on,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_N rows x one 128-code chunk of one K part (bytes from ``byte0``, columns from ``col0``).
-
-    ``SCALED`` False: the codes themselves are written (``scale_ptr`` unused)."""
+    """BLOCK_N rows (from ``row_tile * BLOCK_N``) x 128-code chunk ``chunk`` of one K part (bytes from
+    ``byte0``, columns from ``col0``). ``SCALED`` False: the codes themselves are written (``scale_ptr``
+    unused)."""
     PER_BYTE: tl.constexpr = 8 // BITS
     SLICE: tl.constexpr = CHUNK // PER_BYTE  # codes per slice = bytes per chunk
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    chunk = tl.program_id(1)
+    rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, SLICE)
     row_mask = rows < N
     p = tl.load(p_ptr + rows[:, None] * stride_pn + (byte0 + chunk * SLICE + offs_j)[None, :], mask=row_mask[:, None])
@@ -55,6 +54,38 @@ def unpack_dequant_kernel(
         mask = row_mask[:, None] & (k < K_PART)[None, :]
         w = w.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(out_ptr + rows[:, None] * stride_on + (col0 + k)[None, :], w, mask=mask)
+
+
+@triton.jit
+def unpack_dequant_kernel(
+    p_ptr, scale_ptr, out_ptr,
+    N, K_PART, byte0, col0, stride_pn, stride_on,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_N rows x one 128-code chunk of one K part (see :func:`_unpack_tile`)."""
+    _unpack_tile(
+        p_ptr, scale_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
+        N, K_PART, byte0, col0, stride_pn, stride_on, BITS, BLOCK_N, SCALED,
+    )  # fmt: skip
+
+
+@triton.jit
+def unpack_group_fp8_kernel(
+    out_ptr, data, n, k, stride_pn, out_start, tile_start,
+    BITS: tl.constexpr, NSEG: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Several packed weights (tuples of NSEG pointers / sizes) -> their e4m3 codes, one after the other in
+    one flat output: weight j's ``[n[j], k[j]]`` codes from element ``out_start[j]``. Program ids
+    ``[tile_start[j], tile_start[j + 1])`` are weight j's tiles, row tile-major (see :func:`_unpack_tile`)."""
+    pid = tl.program_id(0)
+    for j in tl.static_range(NSEG):
+        if (pid >= tile_start[j]) & (pid < tile_start[j + 1]):
+            local = pid - tile_start[j]
+            chunks = tl.cdiv(k[j], CHUNK)
+            _unpack_tile(
+                data[j], data[j], out_ptr + out_start[j], local // chunks, local % chunks,
+                n[j], k[j], 0, 0, stride_pn[j], k[j], BITS[j], BLOCK_N, False,
+            )  # fmt: skip
 
 
 def unpack_dequant(
@@ -83,5 +114,46 @@ def unpack_dequant(
             BITS=bits,
             BLOCK_N=BLOCK_N,
             SCALED=scale is not None,
+        )
+    return out
+
+
+# weights per launch of the grouped kernel: each is a tuple slot (pointer, sizes) of the compiled kernel; a
+# BasicTransformerBlock has up to 7 low-bit linears after q / k / v fusion
+GROUP_SLOTS = 8
+
+
+def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[int]) -> torch.Tensor:
+    """The e4m3 codes of several packed 4- / 2-bit weights (single K part each), flattened and concatenated in
+    order into one 1-D tensor, by one kernel launch per :data:`GROUP_SLOTS` weights: a block's weights in one
+    launch instead of one small launch each (see :func:`mixdq.unpack_groups.group_unpacking`)."""
+    if not (len(datas) == len(bits) == len(ks)) or not datas:
+        raise ValueError("unpack_codes_fp8_group needs one bit width and one K per packed weight, at least one")
+    for data, b, k in zip(datas, bits, ks):
+        if b not in (4, 2):
+            raise ValueError(f"unpack_codes_fp8_group takes 4- or 2-bit packed weights, got {b} bits")
+        if data.shape[1] != -(-k // PACK_CHUNK) * PACK_CHUNK * b // 8:
+            raise ValueError(f"a packed [{data.shape[0]}, {data.shape[1]}] weight is not one K part of {k} codes")
+    sizes = [data.shape[0] * k for data, k in zip(datas, ks)]
+    out = torch.empty(sum(sizes), dtype=torch.float8_e4m3fn, device=datas[0].device)
+    start = 0
+    for first in range(0, len(datas), GROUP_SLOTS):
+        group = range(first, min(first + GROUP_SLOTS, len(datas)))
+        tiles, out_start = [0], []
+        for j in group:
+            tiles.append(tiles[-1] + triton.cdiv(datas[j].shape[0], BLOCK_N) * triton.cdiv(ks[j], PACK_CHUNK))
+            out_start.append(start)
+            start += sizes[j]
+        unpack_group_fp8_kernel[(tiles[-1],)](
+            out,
+            tuple(datas[j] for j in group),
+            tuple(datas[j].shape[0] for j in group),
+            tuple(ks[j] for j in group),
+            tuple(datas[j].stride(0) for j in group),
+            tuple(out_start),
+            tuple(tiles),
+            BITS=tuple(bits[j] for j in group),
+            NSEG=len(group),
+            BLOCK_N=BLOCK_N,
         )
     return out

@@ -412,6 +412,9 @@ class DeployedFP8CodesLinear(FP8Matmul, BosAwareForward, PackedLayer):
 
     kind = "linear"
     SCALES = ("weight_scale", "act_scale", "act_inv_scale")
+    # this layer's e4m3 codes, unpacked with the rest of its block during the block's forward
+    # (:mod:`mixdq.unpack_groups`), else None: the layer unpacks its own
+    prefetched_codes: torch.Tensor | None = None
 
     def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
         super().__init__(layer, backend)
@@ -426,7 +429,9 @@ class DeployedFP8CodesLinear(FP8Matmul, BosAwareForward, PackedLayer):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         use_scaled_mm = self._use_scaled_mm(x)
-        codes = self.packed_weight.codes_fp8("triton" if use_scaled_mm else "torch")
+        codes = self.prefetched_codes
+        if codes is None:
+            codes = self.packed_weight.codes_fp8("triton" if use_scaled_mm else "torch")
         return fp8.fp8_linear(
             x,
             codes,

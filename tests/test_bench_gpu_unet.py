@@ -87,7 +87,9 @@ def test_variant_names_parse_into_config_options_and_compile_mode():
     assert bench.parse_variant("fp16_regional") is None  # a peer
     assert "4/2-bit linears dequant" in bench.variant_label("w4a8_dqlow_compiled")
     assert bench.parse_variant("w4a16_dqconv_dqlin_qkv_stages").options == {"dqconv", "dqlin", "qkv"}
-    for bad in ("w3a8", "w8a8_fast", "w8a8_fp8_fp8", "w4a8_dqlow_dqlin", "w4a8_fp8_fp8all", "w8a8_compiled_fp8"):
+    assert bench.parse_variant("w4a8_fp8all_dqconv_qkv_grp_compiled").options == {"fp8all", "dqconv", "qkv", "grp"}
+    bad_names = ("w3a8", "w8a8_fast", "w8a8_fp8_fp8", "w4a8_dqlow_dqlin", "w4a8_fp8_fp8all", "w8a8_compiled_fp8")
+    for bad in (*bad_names, "w4a8_fp8_grp"):  # grp: a block's FP8 *low-bit* linears, so only with fp8all
         try:
             bench.parse_variant(bad)
         except ValueError as err:
