@@ -477,6 +477,7 @@ KERNEL_CATEGORIES = (  # first match wins; names as the CUDA profiler reports th
     ("ours: A8 GEMM", ("gemm_a8_kernel",)),
     ("ours: weight-only GEMM", ("gemm_a16_kernel",)),
     ("ours: activation quantization", ("act_quant_kernel",)),
+    ("ours: weight unpacking", ("unpack_",)),
     ("attention", ("flash", "fmha", "attention", "softmax")),
     ("cuBLAS FP8 GEMM", ("e4m3", "fp8", "f8f8", "nvjet_qq")),
     # Inductor names a fused kernel after its ops: these produce our GEMMs' int8 inputs (quantize, im2col)

@@ -121,6 +121,9 @@ def unpack_dequant(
 # weights per launch of the grouped kernel: each is a tuple slot (pointer, sizes) of the compiled kernel; a
 # BasicTransformerBlock has up to 7 low-bit linears after q / k / v fusion
 GROUP_SLOTS = 8
+# rows per program and warps of the grouped kernel (bench/unpack_group_probe.py sweeps them on a GPU)
+GROUP_BLOCK_N = BLOCK_N
+GROUP_WARPS = 4
 
 
 def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[int]) -> torch.Tensor:
@@ -141,7 +144,7 @@ def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[
         group = range(first, min(first + GROUP_SLOTS, len(datas)))
         tiles, out_start = [0], []
         for j in group:
-            tiles.append(tiles[-1] + triton.cdiv(datas[j].shape[0], BLOCK_N) * triton.cdiv(ks[j], PACK_CHUNK))
+            tiles.append(tiles[-1] + triton.cdiv(datas[j].shape[0], GROUP_BLOCK_N) * triton.cdiv(ks[j], PACK_CHUNK))
             out_start.append(start)
             start += sizes[j]
         unpack_group_fp8_kernel[(tiles[-1],)](
@@ -154,6 +157,7 @@ def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[
             tuple(tiles),
             BITS=tuple(bits[j] for j in group),
             NSEG=len(group),
-            BLOCK_N=BLOCK_N,
+            BLOCK_N=GROUP_BLOCK_N,
+            num_warps=GROUP_WARPS,
         )
     return out

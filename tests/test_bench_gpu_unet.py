@@ -67,6 +67,8 @@ def test_kernel_categories_sort_profiler_names():
 
     assert kernel_category("gemm_a8_kernel") == "ours: A8 GEMM"
     assert kernel_category("act_quant_kernel") == "ours: activation quantization"
+    assert kernel_category("unpack_group_fp8_kernel") == "ours: weight unpacking"  # not an FP8 GEMM
+    assert kernel_category("unpack_dequant_kernel") == "ours: weight unpacking"
     assert kernel_category("pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kernel_category("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "cuBLAS / CUTLASS GEMM"
     assert kernel_category("triton_per_fused_native_group_norm_silu_3") == "Inductor fused kernels"
