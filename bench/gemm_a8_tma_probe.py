@@ -56,7 +56,7 @@ def gemm_a8_tma_kernel(
         for ki in range(k_tiles):
             a = a_desc.load([off_m, ki * BLOCK_K])
             w = w_desc.load([off_n, ki * BLOCK_K])
-            acc = tl.dot(a, w.T, acc)
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         tot = acc + a_corr * tl.load(rowsum_ptr + offs_n, mask=n_mask, other=0)[None, :]
