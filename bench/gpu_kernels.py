@@ -20,7 +20,9 @@ Ops:  fp16       F.linear on float16 (cuBLAS)                       baseline
       int8_mm    torch._int_mm int8 x int8 -> int32 (cuBLAS, M > 16)   no dequant epilogue
       fp8        torch._scaled_mm e4m3 x e4m3 -> fp16, per-tensor scales (fp8_fast: use_fast_accum=True)
       actq       our activation quantization alone (fp16 [M, K] -> int8)
-      w8a8       our W8A8 from int8 codes;  w8a8_swap: weight as the MMA's left operand;
+      w8a8       our W8A8 from int8 codes (the launch rule: TMA kernel for large shapes, see
+                 kernels.gemm_a8_tma);  w8a8_swap: weight as the MMA's left operand;  w8a8_tma: the TMA kernel
+                 forced at every shape;
                  w8a8_from_fp16: from fp16 (activation-quantization kernel + GEMM, the eager path)
       w4a8, w2a8 packed int4 / int2 weights, int8 codes in (weight as left operand);  w4a8_noswap: as right
       w8a16, w4a16, w2a16  our weight-only kernels on fp16 activations
@@ -151,14 +153,14 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
     ours = {}
     for bits in (8, 4, 2):
         w = weights[bits]
-        variants = [("", x8, None)]
+        variants = [("", x8, None, None)]
         if bits == 8:
-            variants += [("_swap", x8, True), ("_from_fp16", x16, None)]
+            variants += [("_swap", x8, True, False), ("_tma", x8, None, True), ("_from_fp16", x16, None, None)]
         if bits == 4:
-            variants += [("_noswap", x8, False)]
-        for suffix, x, swap in variants:
+            variants += [("_noswap", x8, False, None)]
+        for suffix, x, swap, tma in variants:
             ours[f"w{bits}a8{suffix}"] = (
-                lambda x=x, w=w, swap=swap: gemm_a8(x, w, ACT_SCALE, ACT_ZP, swap=swap),
+                lambda x=x, w=w, swap=swap, tma=tma: gemm_a8(x, w, ACT_SCALE, ACT_ZP, swap=swap, tma=tma),
                 lambda x=x, w=w: reference.gemm_a8(x, w, ACT_SCALE, ACT_ZP),
                 gemm_wxa8.gemm_a8_kernel,
             )
@@ -219,7 +221,7 @@ def chosen_config(kernel, M: int, N: int, x: torch.Tensor):
     return rule_config(kernel, M, N, device_sms(x))
 
 
-COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "fp8_rowwise", "actq", "w8a8", "w8a8_swap", "w8a8_from_fp16",
+COLUMNS = ["fp16", "int8_mm", "fp8", "fp8_fast", "fp8_rowwise", "actq", "w8a8", "w8a8_swap", "w8a8_tma", "w8a8_from_fp16",
            "w4a8", "w4a8_noswap", "w2a8", "w8a16", "w4a16", "w2a16", "w8_dq", "w4_dq", "w2_dq", "w4_dq_inductor",
            "w4_fp8", "w2_fp8"]  # fmt: skip
 

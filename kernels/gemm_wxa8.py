@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import gemm_a8_tma
 from kernels.act_quant import quantize_act
 from kernels.pack import PACK_CHUNK, PackedWeight, part_bounds
 from kernels.reference import ACT_OFFSET, act_parts, check_act_params
@@ -211,10 +212,12 @@ def gemm_a8(
     out_dtype: torch.dtype = torch.float16,
     return_acc: bool = False,
     swap: bool | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """``x [M, K]`` int8 codes or float -> ``[M, N]``; same contract as :func:`kernels.reference.gemm_a8`.
 
-    ``swap`` overrides :func:`swap_ab` (the GEMM benchmark measures both orientations).
+    ``swap`` overrides :func:`swap_ab` (the GEMM benchmark measures both orientations); ``tma`` overrides
+    :func:`kernels.gemm_a8_tma.use_tma` (True: the TMA kernel, for shapes it can take).
     """
     parts = act_parts(weight, act_scale, act_zp)
     for _, _, s, z in parts:
@@ -227,7 +230,7 @@ def gemm_a8(
         x = codes
     (_, _, s1, z1), (_, _, s2, z2) = parts[0], parts[-1]
     act = dict(a_scale1=s1, a_corr1=ACT_OFFSET - z1, a_scale2=s2, a_corr2=ACT_OFFSET - z2, a_params_ptr=weight.scale)
-    return _launch(x, weight, bias, out_dtype, return_acc, swap, act, act_from_ptr=False)
+    return _launch(x, weight, bias, out_dtype, return_acc, swap, act, act_from_ptr=False, tma=tma)
 
 
 def gemm_a8_codes(
@@ -238,6 +241,7 @@ def gemm_a8_codes(
     out_dtype: torch.dtype = torch.float16,
     return_acc: bool = False,
     swap: bool | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """:func:`gemm_a8` of int8 codes with the quantizers read from ``act_params``, a float32 ``[3, P]`` tensor
     of rows ``(1 / s, zp, s)`` (:func:`kernels.reference.act_params_tensor`) on x's device.
@@ -253,7 +257,7 @@ def gemm_a8_codes(
         raise ValueError(f"act_params must be a contiguous float32 [3, {parts}] tensor, got {act_params.dtype} "
                          f"{tuple(act_params.shape)}")  # fmt: skip
     act = dict(a_scale1=1.0, a_corr1=0, a_scale2=1.0, a_corr2=0, a_params_ptr=act_params)
-    return _launch(x, weight, bias, out_dtype, return_acc, swap, act, act_from_ptr=True)
+    return _launch(x, weight, bias, out_dtype, return_acc, swap, act, act_from_ptr=True, tma=tma)
 
 
 def _check(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> None:
@@ -266,10 +270,18 @@ def _check(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> 
         raise ValueError(f"bias must have shape ({weight.out_features},), got {tuple(bias.shape)}")
 
 
-def _launch(x, weight: PackedWeight, bias, out_dtype, return_acc: bool, swap, act: dict, act_from_ptr: bool):
-    """Allocate the output and launch :func:`gemm_a8_kernel` on int8 codes ``x``."""
+def _launch(x, weight: PackedWeight, bias, out_dtype, return_acc: bool, swap, act: dict, act_from_ptr: bool, tma=None):
+    """Allocate the output and launch :func:`gemm_a8_kernel` on int8 codes ``x`` (or, for large 8-bit GEMMs on
+    Hopper, :func:`kernels.gemm_a8_tma.gemm_a8_tma`)."""
     M, K = x.shape
     N = weight.out_features
+    if tma is None:
+        tma = not return_acc and not swap and gemm_a8_tma.use_tma(x, weight, device_sms(x))
+    if tma:
+        a_params = act["a_params_ptr"] if act_from_ptr else None
+        return gemm_a8_tma.gemm_a8_tma(
+            x, weight, bias, out_dtype, act["a_scale1"], act["a_corr1"], a_params, device_sms(x)
+        )
     out = torch.empty(M, N, dtype=torch.int32 if return_acc else out_dtype, device=x.device)
     k_split = weight.k_split if weight.k_split is not None else K
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)

@@ -28,6 +28,8 @@ def compile_for_hopper(kernel, config: triton.Config, pointer_types: dict, **con
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in pointer_types and not name.endswith("_ptr"):  # e.g. TMA tensor descriptors
+            signature[name] = pointer_types[name]
         elif name.endswith("_ptr"):
             signature[name] = (pointer_types | POINTERS).get(name, "*i8")
         elif "scale" in name or name in ("inv_scale", "zp"):
@@ -39,9 +41,14 @@ def compile_for_hopper(kernel, config: triton.Config, pointer_types: dict, **con
     # by 16 (without it loads are byte-wise, cannot use cp.async, and the K loop is not pipelined)
     # ... except what the kernel marks do_not_specialize (names, or indices in some Triton versions)
     unspecialized = {fn.arg_names[a] if isinstance(a, int) else a for a in getattr(fn, "do_not_specialize", ()) or ()}
-    aligned = [i for i, n in enumerate(fn.arg_names)
-               if n not in constexprs and signature[n] != "fp32" and n not in unspecialized]  # fmt: skip
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    attrs = {}
+    for i, n in enumerate(fn.arg_names):
+        if n in constexprs or n in unspecialized:
+            continue
+        if isinstance(signature[n], tuple):  # a tuple argument: each element is specialized on its own
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j, t in enumerate(signature[n]) if t != "fp32"})
+        elif signature[n] != "fp32" and not signature[n].startswith("tensordesc"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     source = ASTSource(fn=fn, signature=signature, constexprs=indices, attrs=attrs)
     return triton.compile(source, target=HOPPER, options=options)
@@ -70,6 +77,14 @@ def cases():
     yield "gemm_a8 largest tile", gemm_a8_kernel, largest(gemm_a8_kernel.configs), a8, flags
     flags = dict(W_BITS=8, HAS_SPLIT=True, HAS_BIAS=True)
     yield "gemm_a16 largest tile", gemm_a16_kernel, largest(gemm_a16_kernel.configs), a16, flags
+    from kernels import gemm_a8_tma
+
+    tma = gemm_a8_tma.GPU_CONFIG
+    bm, bn, bk = tma["BLOCK_M"], tma["BLOCK_N"], tma["BLOCK_K"]
+    descriptors = {"a_desc": f"tensordesc<i8[{bm}, {bk}]>", "w_desc": f"tensordesc<i8[{bn}, {bk}]>"}
+    flags = dict(HAS_BIAS=True, ACT_FROM_PTR=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_PROGRAMS=132)
+    config = triton.Config({}, num_warps=tma["num_warps"], num_stages=tma["num_stages"])
+    yield "gemm_a8 TMA persistent", gemm_a8_tma.gemm_a8_tma_kernel, config, descriptors, flags
     from kernels.unpack import unpack_dequant_kernel
 
     one = triton.Config({}, num_warps=4, num_stages=1)
@@ -79,6 +94,13 @@ def cases():
         # the FP8 paths: bare codes written as e4m3 (fp8e4nv, which needs sm_89+)
         pointers = {"p_ptr": "*u8", "out_ptr": "*fp8e4nv"}
         yield f"unpack codes e4m3 W{bits}", unpack_dequant_kernel, one, pointers, dict(flags, SCALED=False)
+    # the grouped e4m3 unpacking: tuples of per-weight pointers and sizes, bit widths as a constexpr tuple
+    from kernels.unpack import unpack_group_fp8_kernel
+
+    seg = 3
+    grouped = {"out_ptr": "*fp8e4nv", "data": ("*u8",) * seg, "n": ("i32",) * seg, "k": ("i32",) * seg,
+               "stride_pn": ("i32",) * seg, "out_start": ("i32",) * seg, "tile_start": ("i32",) * (seg + 1)}  # fmt: skip
+    yield "unpack group e4m3 W4/W2", unpack_group_fp8_kernel, one, grouped, dict(BITS=(4, 2, 4), NSEG=seg, BLOCK_N=64)
 
 
 def one_stage_bytes(config: triton.Config, x_bytes: int) -> int:

@@ -34,7 +34,8 @@ def compiled() -> dict:
 def test_every_kernel_path_compiles_for_hopper(compiled):
     failures = {name: result for name, result in compiled.items() if not isinstance(result, int)}
     assert not failures, "\n\n".join(f"{name}: {error}" for name, error in failures.items())
-    assert len(compiled) == 17  # 6 A8 paths, 3 weight-only, 2 largest tiles (+ their one-stage sizes), 4 unpack
+    # 6 A8 paths, 3 weight-only, 2 largest tiles (+ their one-stage sizes), the TMA GEMM, 4 unpack + grouped
+    assert len(compiled) == 19
 
 
 def test_k_loop_is_software_pipelined(compiled):
@@ -43,6 +44,8 @@ def test_k_loop_is_software_pipelined(compiled):
     K-masked loads could no longer vectorize, so nothing was pipelined.)"""
     for name in ("gemm_a8 largest tile", "gemm_a16 largest tile"):
         assert compiled[name] >= 2 * compiled[f"{name}: one stage"], name
+    # the TMA GEMM: 128x128 int8 x tiles and 256x128 weight tiles (48 KB a K step), over 3 stages
+    assert compiled["gemm_a8 TMA persistent"] >= 3 * (128 * 128 + 256 * 128)
 
 
 def test_tiles_fit_in_hopper_shared_memory(compiled):

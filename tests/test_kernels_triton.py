@@ -188,3 +188,40 @@ def test_dispatcher_runs_the_triton_kernels(monkeypatch):
     quant_linear(x, weight, backend=backend)
     assert calls == ["gemm_a8", "gemm_a16"]
     assert kernels.resolve_backend(torch.zeros(1), "auto") == "torch"
+
+
+@pytest.mark.parametrize("M,N,K", [(37, 72, 96), (64, 40, 160)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_tma_gemm_a8_is_bit_exact_with_the_integer_reference(M, N, K, with_bias):
+    """kernels.gemm_a8_tma (TMA tile loads, persistent grid) keeps gemm_a8's contract: bit-exact int32
+    accumulators through the epilogue (so outputs equal the pointer-loading kernel's), from int8 codes with the
+    quantizer as numbers or as the compiled path's tensor; sizes off the tiles (TMA pads with zeros)."""
+    from kernels.gemm_wxa8 import gemm_a8_codes
+
+    weight = make_weight(N, K, 8, seed=K)
+    x = torch.randn(M, K, device=DEVICE)
+    codes = quantize_act(x, 0.03, 5)
+    bias = torch.randn(N, device=DEVICE) if with_bias else None
+    out = gemm_a8(codes, weight, 0.03, 5, bias, tma=True)
+    assert torch.equal(out, gemm_a8(codes, weight, 0.03, 5, bias, tma=False))
+    assert_within_fp16_rounding(out, reference.gemm_a8(codes, weight, 0.03, 5, bias))
+    params = reference.act_params_tensor(weight, 0.03, 5, DEVICE)
+    assert torch.equal(gemm_a8_codes(codes, weight, params, bias, tma=True), out)
+
+
+def test_tma_gemm_rule_and_refusals():
+    """Large 8-bit GEMMs only (measured at 8192^3); packed or split weights are refused if forced."""
+    from kernels import gemm_a8_tma
+
+    def shape(m, n, k, bits=8, device="meta"):
+        x = torch.empty(m, k, dtype=torch.int8, device=device)
+        data = torch.empty(n, k if bits == 8 else k * bits // 8, dtype=torch.int8 if bits == 8 else torch.uint8)
+        return x, PackedWeight(data.to(device), torch.empty(n, device=device), torch.empty(1, n), bits, k)
+
+    big = shape(8192, 8192, 8192)
+    assert gemm_a8_tma.use_tma(*big, sms=132) == (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
+    assert not gemm_a8_tma.use_tma(*shape(4096, 640, 2560), sms=132)  # an SDXL shape: the measured kernel
+    assert not gemm_a8_tma.use_tma(*shape(8192, 8192, 8192, bits=4), sms=132)
+    weight = make_weight(24, 64, 4)
+    with pytest.raises(ValueError, match="8-bit weights"):
+        gemm_a8(torch.zeros(4, 64, dtype=torch.int8, device=DEVICE), weight, 0.1, 0, tma=True)
