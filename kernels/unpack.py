@@ -71,21 +71,30 @@ def unpack_dequant_kernel(
 
 @triton.jit
 def unpack_group_fp8_kernel(
-    out_ptr, data, n, k, stride_pn, out_start, tile_start,
-    BITS: tl.constexpr, NSEG: tl.constexpr, BLOCK_N: tl.constexpr,
+    out_ptr, data, n, k, stride_pn, out_start, tile_start, bits,
+    NSEG: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Several packed weights (tuples of NSEG pointers / sizes) -> their e4m3 codes, one after the other in
-    one flat output: weight j's ``[n[j], k[j]]`` codes from element ``out_start[j]``. Program ids
-    ``[tile_start[j], tile_start[j + 1])`` are weight j's tiles, row tile-major (see :func:`_unpack_tile`)."""
+    """Several packed weights (tuples of NSEG pointers / sizes / bit widths) -> their e4m3 codes, one after the
+    other in one flat output: weight j's ``[n[j], k[j]]`` codes from element ``out_start[j]``. Program ids
+    ``[tile_start[j], tile_start[j + 1])`` are weight j's tiles, row tile-major (see :func:`_unpack_tile`).
+
+    The bit widths are runtime values with both bodies compiled in: as a constexpr tuple, every pattern of
+    widths in a block was a kernel of its own to compile (24 patterns in the MixDQ SDXL config: 24 s of JIT)."""
     pid = tl.program_id(0)
     for j in tl.static_range(NSEG):
         if (pid >= tile_start[j]) & (pid < tile_start[j + 1]):
             local = pid - tile_start[j]
             chunks = tl.cdiv(k[j], CHUNK)
-            _unpack_tile(
-                data[j], data[j], out_ptr + out_start[j], local // chunks, local % chunks,
-                n[j], k[j], 0, 0, stride_pn[j], k[j], BITS[j], BLOCK_N, False,
-            )  # fmt: skip
+            out_j = out_ptr + out_start[j]
+            row_tile, chunk = local // chunks, local % chunks
+            if bits[j] == 4:
+                _unpack_tile(
+                    data[j], data[j], out_j, row_tile, chunk, n[j], k[j], 0, 0, stride_pn[j], k[j], 4, BLOCK_N, False
+                )
+            else:
+                _unpack_tile(
+                    data[j], data[j], out_j, row_tile, chunk, n[j], k[j], 0, 0, stride_pn[j], k[j], 2, BLOCK_N, False
+                )
 
 
 def unpack_dequant(
@@ -155,7 +164,7 @@ def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[
             tuple(datas[j].stride(0) for j in group),
             tuple(out_start),
             tuple(tiles),
-            BITS=tuple(bits[j] for j in group),
+            tuple(bits[j] for j in group),
             NSEG=len(group),
             BLOCK_N=GROUP_BLOCK_N,
             num_warps=GROUP_WARPS,

@@ -45,8 +45,8 @@ def compile_for_hopper(kernel, config: triton.Config, pointer_types: dict, **con
     for i, n in enumerate(fn.arg_names):
         if n in constexprs or n in unspecialized:
             continue
-        if isinstance(signature[n], tuple):  # a tuple argument: each element is specialized on its own
-            attrs.update({(i, j): [["tt.divisibility", 16]] for j, t in enumerate(signature[n]) if t != "fp32"})
+        if isinstance(signature[n], tuple):  # a tuple argument: its pointers aligned, its ints left general
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j, t in enumerate(signature[n]) if t.startswith("*")})
         elif signature[n] != "fp32" and not signature[n].startswith("tensordesc"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -99,8 +99,9 @@ def cases():
 
     seg = 3
     grouped = {"out_ptr": "*fp8e4nv", "data": ("*u8",) * seg, "n": ("i32",) * seg, "k": ("i32",) * seg,
-               "stride_pn": ("i32",) * seg, "out_start": ("i32",) * seg, "tile_start": ("i32",) * (seg + 1)}  # fmt: skip
-    yield "unpack group e4m3 W4/W2", unpack_group_fp8_kernel, one, grouped, dict(BITS=(4, 2, 4), NSEG=seg, BLOCK_N=64)
+               "stride_pn": ("i32",) * seg, "out_start": ("i32",) * seg, "tile_start": ("i32",) * (seg + 1),
+               "bits": ("i32",) * seg}  # fmt: skip
+    yield "unpack group e4m3 W4/W2", unpack_group_fp8_kernel, one, grouped, dict(NSEG=seg, BLOCK_N=64)
 
 
 def one_stage_bytes(config: triton.Config, x_bytes: int) -> int:

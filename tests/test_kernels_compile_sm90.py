@@ -51,4 +51,5 @@ def test_k_loop_is_software_pipelined(compiled):
 def test_tiles_fit_in_hopper_shared_memory(compiled):
     for name, shared in compiled.items():
         if isinstance(shared, int) and not name.endswith("one stage"):
-            assert 0 < shared <= SHARED_MEMORY_PER_BLOCK, name
+            # the unpacking kernels are elementwise: they may need no shared memory at all
+            assert (0 if name.startswith("unpack") else 1) <= shared <= SHARED_MEMORY_PER_BLOCK, name
