@@ -18,9 +18,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_kernels import gpu_time_us  # noqa: E402
 
 import kernels.unpack as unpack  # noqa: E402
 from kernels import PackedWeight  # noqa: E402
+
+REPEATS = 15
 
 
 def block_shapes(width: int, cross: int = 2048) -> list[tuple[int, int]]:
@@ -36,29 +41,6 @@ def block_shapes(width: int, cross: int = 2048) -> list[tuple[int, int]]:
     ]
 
 
-def graph_time_us(fn, calls: int = 20, replays: int = 15) -> float:
-    """Median GPU time per call: a CUDA graph of ``calls`` back-to-back calls, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -72,15 +54,15 @@ def main() -> None:
                 weights.append(PackedWeight.from_codes(q, torch.ones(n, device="cuda"), bits))
             moved = sum(w.data.numel() + w.out_features * w.in_features for w in weights)
             row = {"width": width, "bits": bits, "mbytes_moved": moved / 1e6}
-            row["per_layer_us"] = graph_time_us(lambda ws=weights: [w.codes_fp8("triton") for w in ws])
+            row["per_layer_us"] = gpu_time_us(lambda ws=weights: [w.codes_fp8("triton") for w in ws], REPEATS)
             for block_n in (32, 64, 128, 256):
                 for warps in (4, 8):
                     unpack.GROUP_BLOCK_N, unpack.GROUP_WARPS = block_n, warps
                     flat = PackedWeight.codes_fp8_group(weights, "triton")
                     expected = PackedWeight.codes_fp8_group(weights, "torch")
                     assert torch.equal(flat.view(torch.uint8), expected.view(torch.uint8)), (block_n, warps)
-                    row[f"grouped_n{block_n}_w{warps}_us"] = graph_time_us(
-                        lambda ws=weights: PackedWeight.codes_fp8_group(ws, "triton")
+                    row[f"grouped_n{block_n}_w{warps}_us"] = gpu_time_us(
+                        lambda ws=weights: PackedWeight.codes_fp8_group(ws, "triton"), REPEATS
                     )
             best = min((v, k) for k, v in row.items() if k.startswith("grouped_"))
             row["best"] = best[1]

@@ -12,6 +12,16 @@ from mixdq.inventory import layer_inventory
 from tests.test_deploy import CALIBRATION_PROMPTS, generate
 
 
+def calibrated_copy(random_pipe):
+    """A pipeline sharing ``random_pipe``'s components but with its own UNet, and its A8 activation ranges."""
+    pipe = type(random_pipe)(**{**random_pipe.components, "unet": copy.deepcopy(random_pipe.unet)})
+    pipe.set_progress_bar_config(disable=True)
+    ranges = calibrate(
+        pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
+    )
+    return pipe, ranges
+
+
 def attention_config(unet, ranges) -> PrecisionConfig:
     """W8A8 (integer GEMM path) except 4-bit self-attention projections (dequant path), one self-attention
     with unequal bits (must stay unfused), and the cross-attention K/V of one transformer in FP8."""
@@ -28,11 +38,7 @@ def attention_config(unet, ranges) -> PrecisionConfig:
 
 @torch.no_grad()
 def test_fused_projections_make_the_same_images_and_hold_the_same_bytes(random_pipe):
-    pipe = type(random_pipe)(**{**random_pipe.components, "unet": copy.deepcopy(random_pipe.unet)})
-    pipe.set_progress_bar_config(disable=True)
-    ranges = calibrate(
-        pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
-    )
+    pipe, ranges = calibrated_copy(random_pipe)
     deploy(pipe, attention_config(pipe.unet, ranges), ranges)
     unfused = generate(pipe)
     nbytes = sum(t.numel() * t.element_size() for t in [*pipe.unet.parameters(), *pipe.unet.buffers()])
@@ -85,11 +91,7 @@ def test_fused_projections_make_the_same_images_and_hold_the_same_bytes(random_p
 def test_low_bit_fp8_projections_fuse_with_the_same_images(random_pipe):
     """W4A8 FP8 layers (per-channel integer weights, e4m3 activations) fuse like integer ones, and W8A8 FP8
     ones (one weight scale per layer) with their scales repeated row-wise: the same images."""
-    pipe = type(random_pipe)(**{**random_pipe.components, "unet": copy.deepcopy(random_pipe.unet)})
-    pipe.set_progress_bar_config(disable=True)
-    ranges = calibrate(
-        pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
-    )
+    pipe, ranges = calibrated_copy(random_pipe)
     layers = layer_inventory(pipe.unet)
     config = PrecisionConfig.uniform(layers, 4, 8)
     cross_kv = [i.name for i in layers if ".attn2.to_k" in i.name or ".attn2.to_v" in i.name]

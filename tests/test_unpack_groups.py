@@ -4,20 +4,18 @@ On CPU the grouped kernel runs in Triton's interpreter (tests/conftest.py) on th
 Triton backend, so what is compared is the kernel the GPU runs, against the per-layer unpacking.
 """
 
-import copy
-
 import pytest
 import torch
 
 import kernels.unpack
 from kernels import PackedWeight, reference
-from mixdq.calibrate import calibrate
 from mixdq.config import PrecisionConfig
 from mixdq.deploy import deploy
 from mixdq.fuse import fuse_qkv_projections
 from mixdq.inventory import layer_inventory
 from mixdq.unpack_groups import block_members, group_unpacking, grouped_blocks, ungroup_unpacking
-from tests.test_deploy import CALIBRATION_PROMPTS, generate
+from tests.test_deploy import generate
+from tests.test_fuse import calibrated_copy
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the grouped kernel needs it")
 
@@ -64,11 +62,7 @@ def test_grouped_kernel_refuses_what_it_cannot_unpack():
 def fp8_pipe(random_pipe):
     """The random pipeline deployed at mixed W4 / W2 A8 with every A8 linear in FP8, q / k / v fused (PyTorch
     reference backend: the kernel itself is compared above and in the block test below)."""
-    pipe = type(random_pipe)(**{**random_pipe.components, "unet": copy.deepcopy(random_pipe.unet)})
-    pipe.set_progress_bar_config(disable=True)
-    ranges = calibrate(
-        pipe, CALIBRATION_PROMPTS, num_inference_steps=1, height=64, width=64, act_bits=(8,), progress=False
-    )
+    pipe, ranges = calibrated_copy(random_pipe)
     layers = layer_inventory(pipe.unet)
     config = PrecisionConfig.uniform(layers, 4, 8)
     for i, info in enumerate(layers):
