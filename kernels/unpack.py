@@ -79,7 +79,7 @@ def unpack_group_fp8_kernel(
     ``[tile_start[j], tile_start[j + 1])`` are weight j's tiles, row tile-major (see :func:`_unpack_tile`).
 
     The bit widths are runtime values with both bodies compiled in: as a constexpr tuple, every pattern of
-    widths in a block was a kernel of its own to compile (24 patterns in the MixDQ SDXL config: 24 s of JIT)."""
+    widths in a block was a kernel of its own to compile (24 patterns in the MixDQ SDXL config)."""
     pid = tl.program_id(0)
     for j in tl.static_range(NSEG):
         if (pid >= tile_start[j]) & (pid < tile_start[j + 1]):
