@@ -49,8 +49,8 @@ What is measured
   measured faster); ``_fp8``: the config's W8A8 linears in FP8 e4m3 on cuBLAS (``with_fp8_linears``);
   ``_fp8all``: every A8 linear in FP8 (``with_fp8_linears(low_bit=True)``: 4/2-bit codes unpacked to e4m3);
   ``_dqlow`` / ``_dqlin``: 4/2-bit (all) integer linears dequantized per call for cuBLAS; ``_qkv``: q / k / v
-  fused (``mixdq.fuse``); ``_grp`` (with ``_fp8all``): each transformer block's 4/2-bit FP8 linears unpacked
-  in one launch (``mixdq.unpack_groups``); ``_regional`` / ``_stages``: ``mixdq.compile.compile_repeated_blocks`` regions.
+  fused (``mixdq.fuse``); ``_grp`` (with ``_fp8all``, ``_dqlow`` or ``_dqlin``): each transformer block's 4/2-bit
+  linears that unpack per call (FP8 codes; dequant) unpacked in one launch per kind (``mixdq.unpack_groups``); ``_regional`` / ``_stages``: ``mixdq.compile.compile_repeated_blocks`` regions.
   ``--rewarm``: compiled rows also time a second warm-up after ``torch._dynamo.reset()`` (warm caches).
 * Ours = ``mixdq.deploy``: ``quantize_`` with activation ranges from a short ``QuantMode.CALIBRATE`` pass on
   random inputs, one fake-quant forward per resolution (fills the BOS token-0 cache of the cross-attention
@@ -124,10 +124,10 @@ OPTIONS = {
     "dqlow": "4/2-bit linears dequant + cuBLAS",
     "dqlin": "all integer linears dequant + cuBLAS",
     "qkv": "q/k/v (cross-attention k/v) fused",
-    "grp": "a block's 4/2-bit FP8 linears unpacked in one launch",
+    "grp": "a block's unpacking 4/2-bit linears unpacked in one launch",
 }
 EXCLUSIVE = ({"fp8", "fp8all"}, {"dqlow", "dqlin"})  # option pairs that contradict each other
-REQUIRES = {"grp": "fp8all"}  # an option that means nothing without another
+REQUIRES = {"grp": ("fp8all", "dqlow", "dqlin")}  # an option that means nothing without one of these
 COMPILE_MODES = {
     "compiled": "torch.compile",
     "regional": "torch.compile per repeated block",
@@ -164,12 +164,12 @@ def parse_variant(name: str) -> VariantSpec | None:
     compile_mode = rest.pop() if rest and rest[-1] in COMPILE_MODES else None
     unknown = [o for o in rest if o not in OPTIONS]
     contradictory = any(pair <= set(rest) for pair in EXCLUSIVE)
-    incomplete = any(option in rest and needed not in rest for option, needed in REQUIRES.items())
+    incomplete = any(option in rest and not set(needed) & set(rest) for option, needed in REQUIRES.items())
     if config not in OUR_CONFIGS or unknown or len(set(rest)) != len(rest) or contradictory or incomplete:
         raise ValueError(
             f"unknown variant {name!r}: one of {list(PEERS)}, or <config>[_<option>...][_<compile>] with config "
             f"in {list(OUR_CONFIGS)}, options in {list(OPTIONS)} (fp8 or fp8all, dqlow or dqlin; grp needs "
-            f"fp8all), compile in {list(COMPILE_MODES)}"
+            f"fp8all, dqlow or dqlin), compile in {list(COMPILE_MODES)}"
         )
     return VariantSpec(config, frozenset(rest), compile_mode)
 
@@ -181,7 +181,7 @@ def variant_label(name: str) -> str:
 
 DEFAULT_VARIANTS = (
     "fp16_compiled", "w8a8_fp8_dqconv_qkv_compiled", "w4a8_fp8all_dqconv_qkv_grp_compiled",
-    "w4a16_dqconv_dqlin_qkv_compiled", "fp16_regional", "w8a8_fp8_dqconv_qkv_regional",
+    "w4a16_dqconv_dqlin_qkv_compiled", "w4a16_dqconv_dqlin_qkv_grp_compiled", "fp16_regional", "w8a8_fp8_dqconv_qkv_regional",
     "w4a8_fp8all_dqconv_qkv_grp_regional", "w4a16_dqconv_dqlin_qkv_regional", "w8a8_dqconv_compiled",
     "w4a8_dqconv_compiled", "fp16_eager", "w8a8", "w4a8", "w4a16", "torchao",
 )  # fmt: skip

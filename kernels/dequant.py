@@ -49,13 +49,19 @@ def linear_dequant(
     act_qparams: ActQParams | None = None,
     act_bits: int = 8,
     backend: str = "auto",
+    dequantized: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [..., K]`` -> ``[..., N]`` by a float matmul with the dequantized weight (see the module docstring)."""
+    """``x [..., K]`` -> ``[..., N]`` by a float matmul with the dequantized weight (see the module docstring).
+
+    ``dequantized``: that weight already made (``[N, K]``, x's dtype; a block's grouped unpacking,
+    :mod:`mixdq.unpack_groups`), else it is unpacked here."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.in_features}")
     if act_qparams is not None:
         x = fake_quantize_parts(x, act_qparams, weight.in_features, weight.k_split, -1, act_bits)
-    w = weight.dequantize(x.dtype, resolve_backend(x, backend))
+    w = dequantized if dequantized is not None and dequantized.dtype == x.dtype else None
+    if w is None:
+        w = weight.dequantize(x.dtype, resolve_backend(x, backend))
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 

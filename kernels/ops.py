@@ -107,18 +107,20 @@ def _(data, bits, in_features, k_split):
     return data.new_empty(data.shape[0], in_features, dtype=torch.float8_e4m3fn)
 
 
-@torch.library.custom_op("mixdq::unpack_group_fp8", mutates_args=())
-def unpack_group_fp8(data: list[torch.Tensor], bits: list[int], in_features: list[int]) -> torch.Tensor:
-    """Several packed 4- / 2-bit weights -> their codes in FP8 e4m3, flattened one after the other in one 1-D
-    tensor, in one Triton launch (:func:`kernels.unpack.unpack_codes_fp8_group`)."""
-    from kernels.unpack import unpack_codes_fp8_group as launch
+@torch.library.custom_op("mixdq::unpack_group", mutates_args=())
+def unpack_group(
+    data: list[torch.Tensor], scales: list[torch.Tensor], bits: list[int], in_features: list[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Several packed 4- / 2-bit weights -> ``codes * scale`` in ``dtype`` (``scales`` empty: the bare codes),
+    flattened one after the other in one 1-D tensor, in one Triton launch (:func:`kernels.unpack.unpack_group`)."""
+    from kernels.unpack import unpack_group as launch
 
-    return launch(data, bits, in_features)
+    return launch(data, scales or None, bits, in_features, dtype)
 
 
-@unpack_group_fp8.register_fake
-def _(data, bits, in_features):
-    return data[0].new_empty(sum(d.shape[0] * k for d, k in zip(data, in_features)), dtype=torch.float8_e4m3fn)
+@unpack_group.register_fake
+def _(data, scales, bits, in_features, dtype):
+    return data[0].new_empty(sum(d.shape[0] * k for d, k in zip(data, in_features)), dtype=dtype)
 
 
 @torch.library.custom_op("mixdq::gemm_a16", mutates_args=())

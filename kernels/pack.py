@@ -213,16 +213,28 @@ class PackedWeight:
         ``backend="triton"``: one launch of :mod:`kernels.unpack`'s grouped kernel for all of them (a small
         unpacking launch per layer costs more than its memory traffic on a GPU); weights with a ``k_split``
         are refused there (one K part each)."""
-        if backend == "triton":
-            import kernels.ops  # noqa: F401 (registers torch.ops.mixdq.*)
-
-            if any(w.k_split is not None or w.bits == 8 for w in weights):
-                raise ValueError("the grouped unpacking takes 4- and 2-bit weights without a k_split")
-            data = [w.data for w in weights]
-            return torch.ops.mixdq.unpack_group_fp8(data, [w.bits for w in weights], [w.in_features for w in weights])
         if any(w.bits == 8 for w in weights):
             raise ValueError("8-bit codes are not exact in e4m3; FP8 8-bit layers re-quantize their weights instead")
+        if backend == "triton":
+            return PackedWeight._group_op(weights, [], torch.float8_e4m3fn)
         return torch.cat([w.codes().flatten() for w in weights]).to(torch.float8_e4m3fn)
+
+    @staticmethod
+    def dequantize_group(weights: list[PackedWeight], dtype: torch.dtype, backend: str = "torch") -> torch.Tensor:
+        """:meth:`dequantize` of several 4- / 2-bit weights, flattened and concatenated in order (as
+        :meth:`codes_fp8_group`); ``backend="triton"``: one grouped launch, the same numbers bit for bit."""
+        if backend == "triton":
+            return PackedWeight._group_op(weights, [w.scale for w in weights], dtype)
+        return torch.cat([w.dequantize(dtype).flatten() for w in weights])
+
+    @staticmethod
+    def _group_op(weights: list[PackedWeight], scales: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        import kernels.ops  # noqa: F401 (registers torch.ops.mixdq.*)
+
+        if any(w.k_split is not None or w.bits == 8 for w in weights):
+            raise ValueError("the grouped unpacking takes 4- and 2-bit weights without a k_split")
+        data, bits, ks = [w.data for w in weights], [w.bits for w in weights], [w.in_features for w in weights]
+        return torch.ops.mixdq.unpack_group(data, scales, bits, ks, dtype)
 
     def part_byte_offsets(self) -> list[int]:
         """Where each K part's packed bytes start in a row (see :func:`part_byte_offsets`)."""

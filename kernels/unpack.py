@@ -70,13 +70,14 @@ def unpack_dequant_kernel(
 
 
 @triton.jit
-def unpack_group_fp8_kernel(
-    out_ptr, data, n, k, stride_pn, out_start, tile_start, bits,
-    NSEG: tl.constexpr, BLOCK_N: tl.constexpr,
+def unpack_group_kernel(
+    out_ptr, data, scales, n, k, stride_pn, out_start, tile_start, bits,
+    NSEG: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr,
 ):  # fmt: skip
-    """Several packed weights (tuples of NSEG pointers / sizes / bit widths) -> their e4m3 codes, one after the
-    other in one flat output: weight j's ``[n[j], k[j]]`` codes from element ``out_start[j]``. Program ids
-    ``[tile_start[j], tile_start[j + 1])`` are weight j's tiles, row tile-major (see :func:`_unpack_tile`).
+    """Several packed weights (tuples of NSEG pointers / sizes / bit widths) -> their ``codes * scale`` (or,
+    ``SCALED`` False, bare codes: ``scales`` unused), one after the other in one flat output: weight j's
+    ``[n[j], k[j]]`` from element ``out_start[j]``. Program ids ``[tile_start[j], tile_start[j + 1])`` are weight
+    j's tiles, row tile-major (see :func:`_unpack_tile`).
 
     The bit widths are runtime values with both bodies compiled in: as a constexpr tuple, every pattern of
     widths in a block was a kernel of its own to compile (24 patterns in the MixDQ SDXL config)."""
@@ -89,11 +90,11 @@ def unpack_group_fp8_kernel(
             row_tile, chunk = local // chunks, local % chunks
             if bits[j] == 4:
                 _unpack_tile(
-                    data[j], data[j], out_j, row_tile, chunk, n[j], k[j], 0, 0, stride_pn[j], k[j], 4, BLOCK_N, False
+                    data[j], scales[j], out_j, row_tile, chunk, n[j], k[j], 0, 0, stride_pn[j], k[j], 4, BLOCK_N, SCALED
                 )
             else:
                 _unpack_tile(
-                    data[j], data[j], out_j, row_tile, chunk, n[j], k[j], 0, 0, stride_pn[j], k[j], 2, BLOCK_N, False
+                    data[j], scales[j], out_j, row_tile, chunk, n[j], k[j], 0, 0, stride_pn[j], k[j], 2, BLOCK_N, SCALED
                 )
 
 
@@ -135,19 +136,22 @@ GROUP_BLOCK_N = BLOCK_N
 GROUP_WARPS = 4
 
 
-def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[int]) -> torch.Tensor:
-    """The e4m3 codes of several packed 4- / 2-bit weights (single K part each), flattened and concatenated in
-    order into one 1-D tensor, by one kernel launch per :data:`GROUP_SLOTS` weights: a block's weights in one
-    launch instead of one small launch each (see :func:`mixdq.unpack_groups.group_unpacking`)."""
-    if not (len(datas) == len(bits) == len(ks)) or not datas:
-        raise ValueError("unpack_codes_fp8_group needs one bit width and one K per packed weight, at least one")
+def unpack_group(
+    datas: list[torch.Tensor], scales: list[torch.Tensor] | None, bits: list[int], ks: list[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Several packed 4- / 2-bit weights (single K part each) as ``codes * scale`` in ``dtype`` (``scales`` None:
+    the bare codes, e.g. in e4m3), flattened and concatenated in order into one 1-D tensor, by one kernel launch
+    per :data:`GROUP_SLOTS` weights: a block's weights in one launch instead of one small launch each (see
+    :func:`mixdq.unpack_groups.group_unpacking`). Each weight's values equal :func:`unpack_dequant`'s bit for bit."""
+    if not (len(datas) == len(bits) == len(ks)) or not datas or (scales is not None and len(scales) != len(datas)):
+        raise ValueError("unpack_group needs one bit width, one K (and one scale) per packed weight, at least one")
     for data, b, k in zip(datas, bits, ks):
         if b not in (4, 2):
-            raise ValueError(f"unpack_codes_fp8_group takes 4- or 2-bit packed weights, got {b} bits")
+            raise ValueError(f"unpack_group takes 4- or 2-bit packed weights, got {b} bits")
         if data.shape[1] != -(-k // PACK_CHUNK) * PACK_CHUNK * b // 8:
             raise ValueError(f"a packed [{data.shape[0]}, {data.shape[1]}] weight is not one K part of {k} codes")
     sizes = [data.shape[0] * k for data, k in zip(datas, ks)]
-    out = torch.empty(sum(sizes), dtype=torch.float8_e4m3fn, device=datas[0].device)
+    out = torch.empty(sum(sizes), dtype=dtype, device=datas[0].device)
     start = 0
     for first in range(0, len(datas), GROUP_SLOTS):
         group = range(first, min(first + GROUP_SLOTS, len(datas)))
@@ -156,9 +160,10 @@ def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[
             tiles.append(tiles[-1] + triton.cdiv(datas[j].shape[0], GROUP_BLOCK_N) * triton.cdiv(ks[j], PACK_CHUNK))
             out_start.append(start)
             start += sizes[j]
-        unpack_group_fp8_kernel[(tiles[-1],)](
+        unpack_group_kernel[(tiles[-1],)](
             out,
             tuple(datas[j] for j in group),
+            tuple((datas if scales is None else scales)[j] for j in group),
             tuple(datas[j].shape[0] for j in group),
             tuple(ks[j] for j in group),
             tuple(datas[j].stride(0) for j in group),
@@ -167,6 +172,12 @@ def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[
             tuple(bits[j] for j in group),
             NSEG=len(group),
             BLOCK_N=GROUP_BLOCK_N,
+            SCALED=scales is not None,
             num_warps=GROUP_WARPS,
         )
     return out
+
+
+def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[int]) -> torch.Tensor:
+    """:func:`unpack_group` of bare codes in FP8 e4m3 (exact for 4- and 2-bit codes): the FP8 layers' weights."""
+    return unpack_group(datas, None, bits, ks, torch.float8_e4m3fn)

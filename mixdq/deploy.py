@@ -277,6 +277,9 @@ class DeployedLinear(BosAwareForward, PackedLayer):
     """
 
     kind = "linear"
+    # on the dequant path: this layer's dequantized weight, unpacked with the rest of its block during the
+    # block's forward (:mod:`mixdq.unpack_groups`), else None: the layer unpacks its own
+    prefetched_weight: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -304,6 +307,7 @@ class DeployedLinear(BosAwareForward, PackedLayer):
                 act_qparams=self._act_param_tensors(),
                 act_bits=self.act_bits or 8,
                 backend=self.backend,
+                dequantized=self.prefetched_weight,
             )
         params = self._compiled_act_params()
         if params is not None:  # compiled: quantize here with tensor parameters; the GEMM gets int8 codes
@@ -414,7 +418,7 @@ class DeployedFP8CodesLinear(FP8Matmul, BosAwareForward, PackedLayer):
     SCALES = ("weight_scale", "act_scale", "act_inv_scale")
     # this layer's e4m3 codes, unpacked with the rest of its block during the block's forward
     # (:mod:`mixdq.unpack_groups`), else None: the layer unpacks its own
-    prefetched_codes: torch.Tensor | None = None
+    prefetched_weight: torch.Tensor | None = None
 
     def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
         super().__init__(layer, backend)
@@ -429,7 +433,7 @@ class DeployedFP8CodesLinear(FP8Matmul, BosAwareForward, PackedLayer):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         use_scaled_mm = self._use_scaled_mm(x)
-        codes = self.prefetched_codes
+        codes = self.prefetched_weight
         if codes is None:
             codes = self.packed_weight.codes_fp8("triton" if use_scaled_mm else "torch")
         return fp8.fp8_linear(

@@ -94,14 +94,16 @@ def cases():
         # the FP8 paths: bare codes written as e4m3 (fp8e4nv, which needs sm_89+)
         pointers = {"p_ptr": "*u8", "out_ptr": "*fp8e4nv"}
         yield f"unpack codes e4m3 W{bits}", unpack_dequant_kernel, one, pointers, dict(flags, SCALED=False)
-    # the grouped e4m3 unpacking: tuples of per-weight pointers and sizes, bit widths as a constexpr tuple
-    from kernels.unpack import unpack_group_fp8_kernel
+    # the grouped unpacking: tuples of per-weight pointers, sizes and bit widths; codes in e4m3 or scaled fp16
+    from kernels.unpack import unpack_group_kernel
 
     seg = 3
-    grouped = {"out_ptr": "*fp8e4nv", "data": ("*u8",) * seg, "n": ("i32",) * seg, "k": ("i32",) * seg,
+    grouped = {"data": ("*u8",) * seg, "scales": ("*fp32",) * seg, "n": ("i32",) * seg, "k": ("i32",) * seg,
                "stride_pn": ("i32",) * seg, "out_start": ("i32",) * seg, "tile_start": ("i32",) * (seg + 1),
                "bits": ("i32",) * seg}  # fmt: skip
-    yield "unpack group e4m3 W4/W2", unpack_group_fp8_kernel, one, grouped, dict(NSEG=seg, BLOCK_N=64)
+    for out, scaled in (("*fp8e4nv", False), ("*fp16", True)):
+        flags = dict(NSEG=seg, BLOCK_N=64, SCALED=scaled)
+        yield f"unpack group {out[1:]}", unpack_group_kernel, one, grouped | {"out_ptr": out}, flags
 
 
 def one_stage_bytes(config: triton.Config, x_bytes: int) -> int:

@@ -67,7 +67,7 @@ def test_kernel_categories_sort_profiler_names():
 
     assert kernel_category("gemm_a8_kernel") == "ours: A8 GEMM"
     assert kernel_category("act_quant_kernel") == "ours: activation quantization"
-    assert kernel_category("unpack_group_fp8_kernel") == "ours: weight unpacking"  # not an FP8 GEMM
+    assert kernel_category("unpack_group_kernel") == "ours: weight unpacking"  # not an FP8 GEMM
     assert kernel_category("unpack_dequant_kernel") == "ours: weight unpacking"
     assert kernel_category("pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kernel_category("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "cuBLAS / CUTLASS GEMM"
@@ -91,7 +91,8 @@ def test_variant_names_parse_into_config_options_and_compile_mode():
     assert bench.parse_variant("w4a16_dqconv_dqlin_qkv_stages").options == {"dqconv", "dqlin", "qkv"}
     assert bench.parse_variant("w4a8_fp8all_dqconv_qkv_grp_compiled").options == {"fp8all", "dqconv", "qkv", "grp"}
     bad_names = ("w3a8", "w8a8_fast", "w8a8_fp8_fp8", "w4a8_dqlow_dqlin", "w4a8_fp8_fp8all", "w8a8_compiled_fp8")
-    for bad in (*bad_names, "w4a8_fp8_grp"):  # grp: a block's FP8 *low-bit* linears, so only with fp8all
+    assert "grp" in bench.parse_variant("w4a16_dqconv_dqlin_qkv_grp_regional").options
+    for bad in (*bad_names, "w4a8_fp8_grp"):  # grp: linears that unpack per call (fp8all, dqlow, dqlin)
         try:
             bench.parse_variant(bad)
         except ValueError as err:

@@ -1,7 +1,9 @@
-"""mixdq.unpack_groups: a block's 4- / 2-bit FP8 linears unpacked in one launch make the same images.
+"""mixdq.unpack_groups: a block's 4- / 2-bit linears (FP8, or on the dequant path) unpacked in one launch make
+the same images.
 
-On CPU the grouped kernel runs in Triton's interpreter (tests/conftest.py) on the FP8 layers switched to the
-Triton backend, so what is compared is the kernel the GPU runs, against the per-layer unpacking.
+On CPU the grouped kernel runs in Triton's interpreter (tests/conftest.py): the kernel tests and the one-block
+tests switch the layers to the Triton backend, so what is compared is the kernel the GPU runs, against the
+per-layer unpacking; the whole-pipeline tests check the hooks on the PyTorch path (the same numbers).
 """
 
 import pytest
@@ -32,9 +34,9 @@ def test_grouped_kernel_writes_every_weights_codes_bit_for_bit(monkeypatch, slot
     monkeypatch.setattr(kernels.unpack, "GROUP_SLOTS", slots)
     weights = [packed(n, k, bits, seed) for seed, (n, k, bits) in enumerate([(40, 75, 4), (33, 300, 2), (70, 128, 4)])]
     launches = []
-    launch = kernels.unpack.unpack_group_fp8_kernel.run
+    launch = kernels.unpack.unpack_group_kernel.run
     monkeypatch.setattr(
-        kernels.unpack.unpack_group_fp8_kernel, "run", lambda *a, **kw: launches.append(1) or launch(*a, **kw)
+        kernels.unpack.unpack_group_kernel, "run", lambda *a, **kw: launches.append(1) or launch(*a, **kw)
     )
 
     flat = PackedWeight.codes_fp8_group(weights, backend="triton")
@@ -50,6 +52,17 @@ def test_grouped_kernel_writes_every_weights_codes_bit_for_bit(monkeypatch, slot
         start += size
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_grouped_kernel_dequantizes_like_the_per_layer_kernel(dtype):
+    """The dequant paths' grouped weights: each slice equals that weight's per-layer unpacking (Triton and
+    PyTorch), bit for bit."""
+    weights = [packed(n, k, bits, seed) for seed, (n, k, bits) in enumerate([(33, 300, 2), (40, 75, 4)])]
+    flat = PackedWeight.dequantize_group(weights, dtype, backend="triton")
+    assert flat.dtype == dtype
+    assert torch.equal(flat, PackedWeight.dequantize_group(weights, dtype, backend="torch"))
+    assert torch.equal(flat, torch.cat([w.dequantize(dtype, backend="triton").flatten() for w in weights]))
+
+
 def test_grouped_kernel_refuses_what_it_cannot_unpack():
     with pytest.raises(ValueError, match="without a k_split"):
         q, s = reference.quantize_weight(torch.randn(8, 64), 4)
@@ -58,51 +71,65 @@ def test_grouped_kernel_refuses_what_it_cannot_unpack():
         kernels.unpack.unpack_codes_fp8_group([packed(8, 64, 4, 0).data], [8], [64])
 
 
-@pytest.fixture()
-def fp8_pipe(random_pipe):
-    """The random pipeline deployed at mixed W4 / W2 A8 with every A8 linear in FP8, q / k / v fused (PyTorch
-    reference backend: the kernel itself is compared above and in the block test below)."""
+# what each kind of grouped layer unpacks per call on its own, and what the grouped unpacking calls instead
+KINDS = {"fp8": ("codes_fp8", "codes_fp8_group"), "dequant": ("dequantize", "dequantize_group")}
+
+
+@pytest.fixture(params=list(KINDS))
+def kind_pipe(request, random_pipe):
+    """The random pipeline deployed at mixed W4 / W2 A8, q / k / v fused: ``"fp8"`` with every A8 linear in FP8
+    (4- / 2-bit codes unpacked to e4m3), ``"dequant"`` with deploy's default paths (4- / 2-bit linears
+    dequantized per call). PyTorch reference backend: the kernel itself is compared above and in the block
+    test below."""
     pipe, ranges = calibrated_copy(random_pipe)
     layers = layer_inventory(pipe.unet)
     config = PrecisionConfig.uniform(layers, 4, 8)
     for i, info in enumerate(layers):
         if info.kind == "linear" and i % 3 == 0:
             config.weight_bits[info.name] = 2
-    deploy(pipe, config.with_fp8_linears(layers, low_bit=True), ranges)
+    if request.param == "fp8":
+        config = config.with_fp8_linears(layers, low_bit=True)
+    deploy(pipe, config, ranges)
     fuse_qkv_projections(pipe)
-    return pipe
+    return request.param, pipe
 
 
 def transformer_blocks(pipe) -> list[torch.nn.Module]:
     return [m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
 
 
-def count_unpacking(monkeypatch) -> dict[str, int]:
-    """Calls of the per-layer (PackedWeight.codes_fp8) and the grouped unpacking, counted."""
+def count_unpacking(monkeypatch, kind: str) -> dict[str, int]:
+    """Calls of one kind's per-layer unpacking (outside the grouped one) and of its grouped unpacking."""
     counts = {"per_layer": 0, "grouped": 0}
-    per_layer, grouped = PackedWeight.codes_fp8, PackedWeight.codes_fp8_group
+    per_layer_name, grouped_name = KINDS[kind]
+    per_layer, grouped = getattr(PackedWeight, per_layer_name), getattr(PackedWeight, grouped_name)
+    inside = []
 
     def count_per_layer(self, *args, **kwargs):
-        counts["per_layer"] += 1
+        counts["per_layer"] += not inside
         return per_layer(self, *args, **kwargs)
 
     def count_grouped(*args, **kwargs):
         counts["grouped"] += 1
-        return grouped(*args, **kwargs)
+        inside.append(1)
+        try:
+            return grouped(*args, **kwargs)
+        finally:
+            inside.pop()
 
-    monkeypatch.setattr(PackedWeight, "codes_fp8", count_per_layer)
-    monkeypatch.setattr(PackedWeight, "codes_fp8_group", staticmethod(count_grouped))
+    monkeypatch.setattr(PackedWeight, per_layer_name, count_per_layer)
+    monkeypatch.setattr(PackedWeight, grouped_name, staticmethod(count_grouped))
     return counts
 
 
 @torch.no_grad()
-def test_grouped_blocks_make_the_same_images_with_one_unpacking_per_block(fp8_pipe, monkeypatch):
-    pipe = fp8_pipe
+def test_grouped_blocks_make_the_same_images_with_one_unpacking_per_block(kind_pipe, monkeypatch):
+    kind, pipe = kind_pipe
     blocks = transformer_blocks(pipe)
     members = [layer for b in blocks for layer in block_members(b)]
     assert blocks and all(len(block_members(b)) >= 2 for b in blocks)
     assert {layer.weight_bits for layer in members} == {2, 4}
-    counts = count_unpacking(monkeypatch)
+    counts = count_unpacking(monkeypatch, kind)
     ungrouped = generate(pipe)
     per_layer_calls = counts["per_layer"]
     assert per_layer_calls >= len(members) and counts["grouped"] == 0  # one step: each layer once at least
@@ -115,7 +142,7 @@ def test_grouped_blocks_make_the_same_images_with_one_unpacking_per_block(fp8_pi
     assert torch.equal(images, ungrouped)
     assert counts["grouped"] == len(blocks)  # one unpacking per block ...
     assert counts["per_layer"] == per_layer_calls - len(members)  # ... instead of one per member
-    assert all(layer.prefetched_codes is None for layer in members)  # released after each block
+    assert all(layer.prefetched_weight is None for layer in members)  # released after each block
 
     assert ungroup_unpacking(pipe) == len(blocks) and grouped_blocks(pipe) == 0
     counts.update(per_layer=0, grouped=0)
@@ -123,10 +150,11 @@ def test_grouped_blocks_make_the_same_images_with_one_unpacking_per_block(fp8_pi
 
 
 @torch.no_grad()
-def test_a_grouped_block_on_the_triton_kernel_computes_the_same_output(fp8_pipe):
-    """The block's FP8 layers on the Triton backend (cuBLAS FP8 recipe, grouped kernel interpreted here):
+def test_a_grouped_block_on_the_triton_kernel_computes_the_same_output(kind_pipe):
+    """The block's layers on the Triton backend (FP8: cuBLAS FP8's recipe; grouped kernel interpreted here):
     the same output as each layer unpacking its own weight with the per-layer kernel."""
-    block = transformer_blocks(fp8_pipe)[0]
+    _, pipe = kind_pipe
+    block = transformer_blocks(pipe)[0]
     for layer in block_members(block):
         layer.backend = "triton"
     width = block.norm1.normalized_shape[0]
@@ -135,32 +163,35 @@ def test_a_grouped_block_on_the_triton_kernel_computes_the_same_output(fp8_pipe)
     x, context = torch.randn(2, 16, width, generator=gen), torch.randn(2, 7, cross, generator=gen)
     context[:, 0] = 0  # token 0: the all-zeros embedding, whose K/V the cross-attention cached at deploy
     expected = block(x, encoder_hidden_states=context)
-    group_unpacking(fp8_pipe)
+    group_unpacking(pipe)
     assert torch.equal(block(x, encoder_hidden_states=context), expected)
+    assert torch.equal(block(hidden_states=x, encoder_hidden_states=context), expected)  # found as a keyword too
 
 
 @torch.no_grad()
-def test_slices_are_released_when_a_block_fails(fp8_pipe):
-    block = next(m for m in fp8_pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock")
-    group_unpacking(fp8_pipe)
+def test_slices_are_released_when_a_block_fails(kind_pipe):
+    _, pipe = kind_pipe
+    block = transformer_blocks(pipe)[0]
+    group_unpacking(pipe)
     with pytest.raises(Exception):
         block(torch.randn(1, 3, 5))  # wrong width: the first layer fails after the pre-hook unpacked
-    assert all(layer.prefetched_codes is None for layer in block_members(block))
+    assert all(layer.prefetched_weight is None for layer in block_members(block))
 
 
 @torch.no_grad()
-def test_grouped_blocks_compile_regionally_with_the_same_images(fp8_pipe):
+def test_grouped_blocks_compile_regionally_with_the_same_images(kind_pipe):
     """The hooks trace under torch.compile of each block (fullgraph) and the images do not change."""
     from mixdq.compile import compile_repeated_blocks
 
-    expected = generate(fp8_pipe)
-    group_unpacking(fp8_pipe)
+    _, pipe = kind_pipe
+    expected = generate(pipe)
+    group_unpacking(pipe)
     torch._dynamo.reset()
     try:
-        compile_repeated_blocks(fp8_pipe, backend="aot_eager", fullgraph=True, dynamic=False)
-        images = generate(fp8_pipe)
+        compile_repeated_blocks(pipe, backend="aot_eager", fullgraph=True, dynamic=False)
+        images = generate(pipe)
     finally:
-        for module in fp8_pipe.unet.modules():
+        for module in pipe.unet.modules():
             module._compiled_call_impl = None
         torch._dynamo.reset()
     assert torch.equal(images, expected)
