@@ -1,6 +1,6 @@
 """Probe: the grouped e4m3 unpacking of one SDXL transformer block's low-bit weights, per launch shape.
 
-:func:`kernels.unpack.unpack_codes_fp8_group` unpacks a block's 7 linear weights (after q / k / v fusion) in one
+:func:`kernels.unpack.unpack_group` unpacks a block's 7 linear weights (after q / k / v fusion) in one
 launch. This times it for the 1280- and 640-wide SDXL blocks at 4 and 2 bits over rows per program
 (``GROUP_BLOCK_N``) and warps (``GROUP_WARPS``), against one per-layer launch per weight, and reports the memory
 speed (packed bytes read + e4m3 bytes written per second). GPU machine only::

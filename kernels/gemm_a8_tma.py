@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.pack import PackedWeight
+from kernels.tiles import grouped_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the probe's fastest tile (128x256 and 256x128 tied); the launch rule counts tiles of this size everywhere
@@ -75,14 +76,10 @@ def gemm_a8_tma_kernel(
     if ACT_FROM_PTR:  # float32 [3, 1] rows (1 / s, zp, s): see kernels.gemm_wxa8.gemm_a8_codes
         a_scale = tl.load(a_params_ptr + 2)
         a_corr = 128 - tl.load(a_params_ptr + 1).to(tl.int32)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        first_m = tile // num_pid_in_group * GROUP_M
-        group_size = min(num_pid_m - first_m, GROUP_M)
-        off_m = (first_m + tile % group_size) * BLOCK_M
-        off_n = (tile % num_pid_in_group) // group_size * BLOCK_N
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for ki in range(tl.cdiv(K, BLOCK_K)):
             a = a_desc.load([off_m, ki * BLOCK_K])  # out-of-bounds rows / columns read as 0
@@ -97,7 +94,9 @@ def gemm_a8_tma_kernel(
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out_mask = (offs_m[:, None] < M) & n_mask[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask
+        )
 
 
 def gemm_a8_tma(

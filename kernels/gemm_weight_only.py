@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemm_wxa8 import grouped_tile, k_loop, zeros_acc
+from kernels.gemm_wxa8 import k_loop, zeros_acc
 from kernels.pack import PackedWeight
-from kernels.tiles import device_sms, launch_gemm, prune_by_m
+from kernels.tiles import device_sms, grouped_tile, launch_gemm, prune_by_m
 
 
 def get_gemm_a16_autotune_config() -> list[triton.Config]:

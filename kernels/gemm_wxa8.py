@@ -35,7 +35,7 @@ from kernels import gemm_a8_tma
 from kernels.act_quant import quantize_act
 from kernels.pack import PACK_CHUNK, PackedWeight, part_bounds
 from kernels.reference import ACT_OFFSET, act_parts, check_act_params
-from kernels.tiles import device_sms, launch_gemm, prune_by_m
+from kernels.tiles import device_sms, grouped_tile, launch_gemm, prune_by_m
 
 CHUNK = tl.constexpr(PACK_CHUNK)  # a jit function may read a global only as a constexpr
 # Integer arguments that vary from layer to layer without changing the code worth generating: left
@@ -67,16 +67,6 @@ def get_gemm_a8_autotune_config() -> list[triton.Config]:
         cfg(32, 128, 128, 4, 4),
         cfg(16, 64, 256, 4, 4),
     ]
-
-
-@triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program ``pid`` in GROUP_M-row groups, for L2 reuse (Triton tutorial 03)."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = pid // num_pid_in_group * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % num_pid_in_group) % group_size, (pid % num_pid_in_group) // group_size
 
 
 @triton.jit

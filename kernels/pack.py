@@ -133,6 +133,11 @@ def conv_weight_matrix(q: torch.Tensor) -> torch.Tensor:
     return q.permute(0, 2, 3, 1).reshape(q.shape[0], -1)
 
 
+def _check_exact_in_e4m3(weights: list[PackedWeight]) -> None:
+    if any(w.bits == 8 for w in weights):
+        raise ValueError("8-bit codes are not exact in e4m3; FP8 8-bit layers re-quantize their weights instead")
+
+
 @dataclass
 class PackedWeight:
     """A quantized weight as the kernels read it.
@@ -196,8 +201,7 @@ class PackedWeight:
 
         ``backend="triton"``: one :mod:`kernels.unpack` kernel (1 byte written per code); ``"torch"``: PyTorch ops.
         """
-        if self.bits == 8:
-            raise ValueError("8-bit codes are not exact in e4m3; FP8 8-bit layers re-quantize their weights instead")
+        _check_exact_in_e4m3([self])
         if backend == "triton":
             import kernels.ops  # noqa: F401 (registers torch.ops.mixdq.*)
 
@@ -213,8 +217,7 @@ class PackedWeight:
         ``backend="triton"``: one launch of :mod:`kernels.unpack`'s grouped kernel for all of them (a small
         unpacking launch per layer costs more than its memory traffic on a GPU); weights with a ``k_split``
         are refused there (one K part each)."""
-        if any(w.bits == 8 for w in weights):
-            raise ValueError("8-bit codes are not exact in e4m3; FP8 8-bit layers re-quantize their weights instead")
+        _check_exact_in_e4m3(weights)
         if backend == "triton":
             return PackedWeight._group_op(weights, [], torch.float8_e4m3fn)
         return torch.cat([w.codes().flatten() for w in weights]).to(torch.float8_e4m3fn)

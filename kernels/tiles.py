@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 
 AUTOTUNE_ENV = "MIXDQ_TRITON_AUTOTUNE"
 
@@ -68,3 +69,13 @@ def launch_gemm(
         autotuned[grid](*args, **meta)
         return
     autotuned.fn[grid](*args, **meta, **rule_config(autotuned, M, N, sms).all_kwargs())
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in GROUP_M-row groups, for L2 reuse (Triton tutorial 03)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = pid // num_pid_in_group * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % num_pid_in_group) % group_size, (pid % num_pid_in_group) // group_size

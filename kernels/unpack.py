@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pack import PACK_CHUNK, part_bounds, part_byte_offsets
+from kernels.pack import PACK_CHUNK, packed_row_bytes, part_bounds, part_byte_offsets
 
 CHUNK = tl.constexpr(PACK_CHUNK)
 BLOCK_N = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
@@ -152,7 +152,7 @@ def unpack_group(
     for data, b, k in zip(datas, bits, ks):
         if b not in (4, 2):
             raise ValueError(f"unpack_group takes 4- or 2-bit packed weights, got {b} bits")
-        if data.shape[1] != -(-k // PACK_CHUNK) * PACK_CHUNK * b // 8:
+        if data.shape[1] != packed_row_bytes(k, b):
             raise ValueError(f"a packed [{data.shape[0]}, {data.shape[1]}] weight is not one K part of {k} codes")
     sizes = [data.shape[0] * k for data, k in zip(datas, ks)]
     out = torch.empty(sum(sizes), dtype=dtype, device=datas[0].device)
@@ -180,8 +180,3 @@ def unpack_group(
             num_warps=GROUP_WARPS,
         )
     return out
-
-
-def unpack_codes_fp8_group(datas: list[torch.Tensor], bits: list[int], ks: list[int]) -> torch.Tensor:
-    """:func:`unpack_group` of bare codes in FP8 e4m3 (exact for 4- and 2-bit codes): the FP8 layers' weights."""
-    return unpack_group(datas, None, bits, ks, torch.float8_e4m3fn)

@@ -251,11 +251,13 @@ def export_config(
     directory.mkdir(parents=True, exist_ok=True)
     stem = _config_stem(config)
     paths = [config.save(directory / f"{stem}.json")]
-    if yaml_refusal(config, layers_inventory) is None:
+    try:
         weight_yaml, act_yaml = config.to_mixdq_yaml(list(layers_inventory.layers))
-        paths += [directory / f"{stem}.weight.yaml", directory / f"{stem}.act.yaml"]
-        paths[1].write_text(weight_yaml)
-        paths[2].write_text(act_yaml)
+    except ConfigError:
+        return paths
+    paths += [directory / f"{stem}.weight.yaml", directory / f"{stem}.act.yaml"]
+    paths[1].write_text(weight_yaml)
+    paths[2].write_text(act_yaml)
     return paths
 
 

@@ -68,7 +68,7 @@ def test_grouped_kernel_refuses_what_it_cannot_unpack():
         q, s = reference.quantize_weight(torch.randn(8, 64), 4)
         PackedWeight.codes_fp8_group([PackedWeight.from_codes(q, s, 4, k_split=32)], backend="triton")
     with pytest.raises(ValueError, match="4- or 2-bit"):
-        kernels.unpack.unpack_codes_fp8_group([packed(8, 64, 4, 0).data], [8], [64])
+        kernels.unpack.unpack_group([packed(8, 64, 4, 0).data], None, [8], [64], torch.float8_e4m3fn)
 
 
 # what each kind of grouped layer unpacks per call on its own, and what the grouped unpacking calls instead
