@@ -201,7 +201,7 @@ class Setup:
     mixed_config: PrecisionConfig | None
     act_ranges: dict[int, dict[str, torch.Tensor]] | None = None
     reference: dict[int, torch.Tensor] | None = None  # px -> FP16 eager output (float32, host)
-    profile: bool = False  # add a per-kernel-category GPU time breakdown to every CUDA row
+    profile: int = 0  # > 0: add a per-kernel-category GPU time breakdown and the top `profile` kernels to CUDA rows
     rewarm: bool = False  # compiled rows: also time a second warm-up after torch._dynamo.reset() (warm caches)
 
 
@@ -588,7 +588,7 @@ def bench_variant(name: str, setup: Setup, warmup: int, repeats: int, on_row: Ca
         fake_quant = None if built.fake_quant is None else rel_err(timing.output, built.fake_quant[px])
         if setup.profile and setup.device.type == "cuda":
             try:
-                row["profile"] = kernel_profile(lambda: step(built.module, inputs))
+                row["profile"] = kernel_profile(lambda: step(built.module, inputs), top=setup.profile)
             except Exception as err:  # noqa: BLE001 (the timing row matters more than its breakdown)
                 row["profile"] = {"error": failure(err)}
         on_row(
@@ -744,7 +744,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=30, help="timed replays (or samples) per row (default: 30)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke run: no graphs, no memory)")
     parser.add_argument(
-        "--profile", action="store_true", help="add GPU time by kernel category (torch.profiler) to each CUDA row"
+        "--profile",
+        nargs="?",
+        type=int,
+        const=15,
+        default=0,
+        metavar="TOP",
+        help="add GPU time by kernel category (torch.profiler) and the TOP kernels (default 15) to each CUDA row",
     )
     parser.add_argument(
         "--rewarm",
