@@ -125,9 +125,10 @@ OPTIONS = {
     "dqlin": "all integer linears dequant + cuBLAS",
     "qkv": "q/k/v (cross-attention k/v) fused",
     "grp": "a block's unpacking 4/2-bit linears unpacked in one launch",
+    "fast": "FP8 GEMMs with cuBLAS fast accumulation",
 }
 EXCLUSIVE = ({"fp8", "fp8all"}, {"dqlow", "dqlin"})  # option pairs that contradict each other
-REQUIRES = {"grp": ("fp8all", "dqlow", "dqlin")}  # an option that means nothing without one of these
+REQUIRES = {"grp": ("fp8all", "dqlow", "dqlin"), "fast": ("fp8", "fp8all")}  # an option that means nothing without one of these
 COMPILE_MODES = {
     "compiled": "torch.compile",
     "regional": "torch.compile per repeated block",
@@ -169,7 +170,7 @@ def parse_variant(name: str) -> VariantSpec | None:
         raise ValueError(
             f"unknown variant {name!r}: one of {list(PEERS)}, or <config>[_<option>...][_<compile>] with config "
             f"in {list(OUR_CONFIGS)}, options in {list(OPTIONS)} (fp8 or fp8all, dqlow or dqlin; grp needs "
-            f"fp8all, dqlow or dqlin), compile in {list(COMPILE_MODES)}"
+            f"fp8all, dqlow or dqlin; fast needs fp8 or fp8all), compile in {list(COMPILE_MODES)}"
         )
     return VariantSpec(config, frozenset(rest), compile_mode)
 
@@ -332,12 +333,13 @@ def build_ours(
     make_config: Callable[[nn.Module], PrecisionConfig],
     conv_path: str = "gemm",
     linear_path: str | dict[int, str] = "gemm",
+    fp8_fast_accum: bool = False,
 ) -> Built:
     """quantize_ -> one fake-quant forward per resolution (BOS cache, reference) -> deploy."""
     unet = build_unet(setup)
     quantize_(unet, make_config(unet), setup.act_ranges)
     fake_quant = {px: host_copy(step(unet, unet_inputs(setup, px))) for px in setup.px}
-    report = deploy(unet, conv_path=conv_path, linear_path=linear_path)
+    report = deploy(unet, conv_path=conv_path, linear_path=linear_path, fp8_fast_accum=fp8_fast_accum)
     return Built(unet, report, fake_quant)
 
 
@@ -397,7 +399,7 @@ def build_spec(spec: VariantSpec, setup: Setup) -> Built:
         linear_path = "dequant"
     elif "dqlow" in spec.options:
         linear_path = {4: "dequant", 2: "dequant"}
-    built = build_ours(setup, make_config, conv_path, linear_path)
+    built = build_ours(setup, make_config, conv_path, linear_path, "fast" in spec.options)
     if "qkv" in spec.options:
         fuse_qkv_projections(built.module)
     if "grp" in spec.options:

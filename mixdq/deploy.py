@@ -322,16 +322,45 @@ class DeployedLinear(BosAwareForward, PackedLayer):
 
 
 class FP8Matmul:
-    """What the two FP8 linears share: when cuBLAS FP8 runs, and float32 scales.
+    """What the two FP8 linears share: when cuBLAS FP8 runs, float32 scales, fast accumulation.
 
     The ``SCALES`` buffers stay float32 through ``.half()`` / ``.to(dtype)``: cuBLAS FP8 takes float32 scales,
     and rounding them would change every output. Each is its own tensor: Inductor's CUDA lowering of
-    ``_scaled_mm`` reshapes its scale arguments and failed (torch 2.11, H200) on bit-cast views of one buffer."""
+    ``_scaled_mm`` reshapes its scale arguments and failed (torch 2.11, H200) on bit-cast views of one buffer.
+    ``out_scale = weight_scale * act_scale`` is precomputed: the row-wise recipe's ``scale_b``
+    (:func:`kernels.fp8.fp8_linear`). ``fast_accum``: cuBLAS's fast accumulation (``deploy(fp8_fast_accum=)``).
+    """
 
-    SCALES: tuple[str, ...]
+    SCALES = ("weight_scale", "act_scale", "act_inv_scale", "out_scale")
     backend: str
     in_features: int
     out_features: int
+    fast_accum: bool = False
+
+    def _register_act_scales(self, act_range: torch.Tensor) -> None:
+        """``act_scale`` / ``act_inv_scale`` (0-d, e4m3's per-tensor activation scale) and ``out_scale``."""
+        act_scale, act_inv_scale = fp8_act_qparams(act_range)
+        self.register_buffer("act_scale", act_scale[0].detach().to(torch.float32).clone())
+        self.register_buffer("act_inv_scale", act_inv_scale[0].detach().to(torch.float32).clone())
+        self.register_buffer("out_scale", self.weight_scale * self.act_scale)
+        self._make_ones_column()
+
+    def _make_ones_column(self) -> None:
+        if self.qweight.is_cuda:  # the cached column of the row-wise recipe, made outside any compiled graph
+            fp8.ones_column(0, self.qweight.device)
+
+    def _fp8_linear(self, x: torch.Tensor, codes: torch.Tensor, use_scaled_mm: bool) -> torch.Tensor:
+        return fp8.fp8_linear(
+            x,
+            codes,
+            self.weight_scale,
+            self.act_inv_scale,
+            self.act_scale,
+            self.bias,
+            use_scaled_mm=use_scaled_mm,
+            out_scale=self.out_scale,
+            fast_accum=self.fast_accum,
+        )
 
     def _use_scaled_mm(self, x: torch.Tensor) -> bool:
         """cuBLAS FP8 (``torch._scaled_mm``) for x's device and this layer's shape, else the reference path."""
@@ -346,6 +375,7 @@ class FP8Matmul:
         finally:
             for name, scale in scales.items():
                 self.register_buffer(name, scale.to(self.qweight.device))
+        self._make_ones_column()
         return self
 
 
@@ -356,23 +386,20 @@ class DeployedFP8Linear(FP8Matmul, BosAwareForward, nn.Module):
     On a CUDA GPU with FP8 tensor cores the product is one cuBLAS call (``torch._scaled_mm``, bias and FP16
     output fused); elsewhere, and for shapes cuBLAS FP8 rejects, the same codes are dequantized and multiplied
     (:func:`kernels.fp8.fp8_linear`). The codes are held as uint8, so ``module.half()`` cannot convert them;
-    the three scales are float32 0-d buffers (:class:`FP8Matmul`).
+    its scales are float32 0-d buffers (:class:`FP8Matmul`).
     """
 
     kind = "linear"
     weight_bits = 8
     act_bits = 8
     k_split = None
-    SCALES = ("weight_scale", "act_scale", "act_inv_scale")
-
     def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
         super().__init__()
         fp = layer.fp_module
         codes, weight_scale = fp8.quantize_fp8_weight(fp.weight)
-        act_scale, act_inv_scale = fp8_act_qparams(layer.act_range(8))
         self.register_buffer("qweight", codes.view(torch.uint8))
-        for name, value in zip(self.SCALES, (weight_scale, act_scale[0], act_inv_scale[0])):
-            self.register_buffer(name, value.detach().to(torch.float32).clone())
+        self.register_buffer("weight_scale", weight_scale.detach().to(torch.float32).clone())
+        self._register_act_scales(layer.act_range(8))
         self.register_buffer("bias", None if fp.bias is None else fp.bias.detach().clone())
         self.layer_name = layer.layer_name
         self.out_features, self.in_features = fp.weight.shape
@@ -381,15 +408,7 @@ class DeployedFP8Linear(FP8Matmul, BosAwareForward, nn.Module):
         self._register_bos(layer, extra_bos)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8.fp8_linear(
-            x,
-            self.qweight.view(fp8.FP8_DTYPE),
-            self.weight_scale,
-            self.act_inv_scale,
-            self.act_scale,
-            self.bias,
-            use_scaled_mm=self._use_scaled_mm(x),
-        )
+        return self._fp8_linear(x, self.qweight.view(fp8.FP8_DTYPE), self._use_scaled_mm(x))
 
     @property
     def precision(self) -> str:
@@ -415,16 +434,13 @@ class DeployedFP8CodesLinear(FP8Matmul, BosAwareForward, PackedLayer):
     """
 
     kind = "linear"
-    SCALES = ("weight_scale", "act_scale", "act_inv_scale")
     # this layer's e4m3 codes, unpacked with the rest of its block during the block's forward
     # (:mod:`mixdq.unpack_groups`), else None: the layer unpacks its own
     prefetched_weight: torch.Tensor | None = None
 
     def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
         super().__init__(layer, backend)
-        act_scale, act_inv_scale = fp8_act_qparams(layer.act_range(8))
-        self.register_buffer("act_scale", act_scale[0].detach().to(torch.float32).clone())
-        self.register_buffer("act_inv_scale", act_inv_scale[0].detach().to(torch.float32).clone())
+        self._register_act_scales(layer.act_range(8))
         self._register_bos(layer, extra_bos)
 
     @staticmethod
@@ -436,15 +452,7 @@ class DeployedFP8CodesLinear(FP8Matmul, BosAwareForward, PackedLayer):
         codes = self.prefetched_weight
         if codes is None:
             codes = self.packed_weight.codes_fp8("triton" if use_scaled_mm else "torch")
-        return fp8.fp8_linear(
-            x,
-            codes,
-            self.weight_scale,
-            self.act_inv_scale,
-            self.act_scale,
-            self.bias,
-            use_scaled_mm=use_scaled_mm,
-        )
+        return self._fp8_linear(x, codes, use_scaled_mm)
 
     @property
     def precision(self) -> str:
@@ -551,6 +559,7 @@ def deploy_layer(
     extra_bos: torch.Tensor | None = None,
     conv_path: str = DEFAULT_CONV_PATH,
     linear_path: str | Mapping[int, str] = DEFAULT_LINEAR_PATH,
+    fp8_fast_accum: bool = False,
 ) -> nn.Module:
     """The module that replaces one fake-quant layer (see the module docstring for the three cases).
 
@@ -563,9 +572,10 @@ def deploy_layer(
     if isinstance(layer.fp_module, nn.Conv2d):
         return DeployedConv2d(layer, backend, conv_path)
     if layer.fp8:
-        if layer.weight_bits == 8:
-            return DeployedFP8Linear(layer, backend, extra_bos)
-        return DeployedFP8CodesLinear(layer, backend, extra_bos)
+        kind = DeployedFP8Linear if layer.weight_bits == 8 else DeployedFP8CodesLinear
+        module = kind(layer, backend, extra_bos)
+        module.fast_accum = fp8_fast_accum
+        return module
     path = linear_path_for(linear_path, layer.weight_bits, layer.act_bits)
     return DeployedLinear(layer, backend, extra_bos, path)
 
@@ -672,6 +682,7 @@ def deploy(
     backend: str = "auto",
     conv_path: str = DEFAULT_CONV_PATH,
     linear_path: str | Mapping[int, str] = DEFAULT_LINEAR_PATH,
+    fp8_fast_accum: bool = False,
 ) -> DeployReport:
     """Replace the fake-quant layers of ``model``'s UNet (a pipeline or the UNet) by packed-integer layers.
 
@@ -685,7 +696,9 @@ def deploy(
     measured faster, see :data:`DEFAULT_CONV_PATH`) or ``"gemm"`` (the integer GEMM on patches).
     ``linear_path``: how integer linears compute (:class:`DeployedLinear`): ``"auto"`` (default: the
     measured faster path per layer kind), ``"gemm"`` or ``"dequant"``, or a mapping from weight bits to one of
-    them (see :data:`LINEAR_PATHS`).
+    them (see :data:`LINEAR_PATHS`). ``fp8_fast_accum``: FP8 layers multiply with cuBLAS's fast
+    accumulation (measured faster on an H200; each GEMM's error ~3e-3 relative instead of ~4e-4, which the
+    fake-quant model does not simulate: off by default).
     """
     if backend not in kernels.BACKENDS:
         raise ValueError(f"backend must be one of {list(kernels.BACKENDS)}, got {backend!r}.")
@@ -720,7 +733,7 @@ def deploy(
     reports = []
     for info in inventory:
         layer = layers.pop(info.name)
-        module = deploy_layer(layer, backend, pipeline_bos, conv_path, linear_path)
+        module = deploy_layer(layer, backend, pipeline_bos, conv_path, linear_path, fp8_fast_accum)
         unet.set_submodule(info.name, module)
         if isinstance(module, DEPLOYED_TYPES):
             precision = module.precision

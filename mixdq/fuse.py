@@ -32,9 +32,10 @@ SHARED = {
         "weight_bits", "act_bits", "linear_path", "backend", "in_features", "k_split", "act_kwargs", "bos_inputs",
     ),
     DeployedFP8CodesLinear: (
-        "weight_bits", "act_bits", "backend", "in_features", "k_split", "act_scale", "act_inv_scale", "bos_inputs",
+        "weight_bits", "act_bits", "backend", "in_features", "k_split", "act_scale", "act_inv_scale", "fast_accum",
+        "bos_inputs",
     ),
-    DeployedFP8Linear: ("backend", "in_features", "act_scale", "act_inv_scale", "bos_inputs"),
+    DeployedFP8Linear: ("backend", "in_features", "act_scale", "act_inv_scale", "fast_accum", "bos_inputs"),
 }  # fmt: skip
 
 
@@ -66,6 +67,8 @@ def fuse_linears(layers: list[nn.Module], name: str) -> nn.Module:
     fused.qweight = torch.cat([layer.qweight for layer in layers])
     # one scale per row (an FP8 W8A8 layer's per-tensor scale repeated over its rows)
     fused.weight_scale = torch.cat([layer.weight_scale.expand(layer.out_features) for layer in layers])
+    if hasattr(layers[0], "out_scale"):  # FP8: weight scale x activation scale, row-wise cuBLAS's scale_b
+        fused.out_scale = torch.cat([layer.out_scale.expand(layer.out_features) for layer in layers])
     if hasattr(layers[0], "weight_rowsum"):  # the integer A8 epilogue's zero-point correction
         fused.weight_rowsum = torch.cat([layer.weight_rowsum for layer in layers], dim=1)
     fused.bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])

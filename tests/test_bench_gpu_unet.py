@@ -92,7 +92,9 @@ def test_variant_names_parse_into_config_options_and_compile_mode():
     assert bench.parse_variant("w4a8_fp8all_dqconv_qkv_grp_compiled").options == {"fp8all", "dqconv", "qkv", "grp"}
     bad_names = ("w3a8", "w8a8_fast", "w8a8_fp8_fp8", "w4a8_dqlow_dqlin", "w4a8_fp8_fp8all", "w8a8_compiled_fp8")
     assert "grp" in bench.parse_variant("w4a16_dqconv_dqlin_qkv_grp_regional").options
-    for bad in (*bad_names, "w4a8_fp8_grp"):  # grp: linears that unpack per call (fp8all, dqlow, dqlin)
+    assert "fast" in bench.parse_variant("w8a8_fp8_dqconv_qkv_fast_compiled").options
+    # grp: linears that unpack per call (fp8all, dqlow, dqlin); fast: FP8 GEMMs (fp8, fp8all)
+    for bad in (*bad_names, "w4a8_fp8_grp", "w4a8_dqlow_fast"):
         try:
             bench.parse_variant(bad)
         except ValueError as err:

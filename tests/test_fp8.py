@@ -158,6 +158,51 @@ def test_deployed_low_bit_fp8_linear_keeps_its_integer_weight_and_matches_fake_q
     assert deployed.bias.dtype == torch.float16 and deployed(x.half()).dtype == torch.float16
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_rowwise_call_takes_a_cached_ones_column_and_the_precomputed_out_scale(monkeypatch, fast_accum):
+    """The row-wise recipe without a kernel per call for its scales: scale_a is a view of one cached column of
+    ones (any M), scale_b the layer's precomputed weight x activation scale, and fast accumulation is passed
+    through when deployed with it; the output is the reference path's. (An (M, 1) column made per call was
+    ~0.3-0.5 ms of small kernels per SDXL step on an H200.)"""
+    calls = []
+
+    def recording_scaled_mm(a, b, scale_a, scale_b, **kwargs):
+        calls.append((scale_a, scale_b, kwargs))
+        return real_scaled_mm(a, b, scale_a, scale_b, **kwargs)
+
+    real_scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", recording_scaled_mm)
+    torch.manual_seed(8)
+    x = torch.randn(2, 9, 64)
+    layer = fake_quant_layer(nn.Linear(64, 32), 4, 8, x)
+    layer.fp8 = True
+    reference = deploy_layer(layer, backend="torch")
+    deployed = deploy_layer(layer, backend="triton", fp8_fast_accum=fast_accum)
+    assert deployed.fast_accum is fast_accum and not reference.fast_accum
+    for tokens in (x, x[:, :4]):
+        y = deployed(tokens)
+        scale_a, scale_b, kwargs = calls[-1]
+        rows = tokens.shape[0] * tokens.shape[1]
+        assert scale_a.shape == (rows, 1) and bool((scale_a == 1).all()) and scale_a.dtype == torch.float32
+        assert scale_a.untyped_storage().data_ptr() == fp8.ones_column(1, x.device).untyped_storage().data_ptr()
+        assert torch.equal(scale_b, (deployed.weight_scale * deployed.act_scale).reshape(1, -1))
+        assert kwargs["use_fast_accum"] is fast_accum
+        want = reference(tokens)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert len(calls) == 2
+
+
+def test_ones_column_is_a_view_of_one_cached_column_and_grows_on_demand():
+    device = torch.device("cpu")
+    first, again = fp8.ones_column(7, device), fp8.ones_column(3, device)
+    assert first.shape == (7, 1) and again.shape == (3, 1) and first.dtype == torch.float32
+    assert first.data_ptr() == again.data_ptr() and bool((first == 1).all())
+    huge = fp8.ones_column(fp8.ONES_ROWS + 5, device)  # more rows than the cache: a longer cached column
+    assert huge.shape == (fp8.ONES_ROWS + 5, 1) and bool((huge == 1).all())
+    assert fp8.ones_column(2, device).data_ptr() == huge.data_ptr()
+
+
 def test_rowwise_scaled_mm_reads_one_scale_per_row_and_column():
     """The call the low-bit FP8 path makes: a (M, 1) and a (1, N) float32 scale, FP16 output with bias."""
     torch.manual_seed(6)

@@ -72,8 +72,11 @@ def test_fused_projections_make_the_same_images_and_hold_the_same_bytes(random_p
         if t is not None
     )
     held = sum(t.numel() * t.element_size() for t in [*pipe.unet.parameters(), *pipe.unet.buffers()])
-    # the fused FP8 layer holds its two per-tensor weight scales as one float32 per row
-    grown = fp8_kv[0].weight_scale.numel() * 4 - 2 * 4
+    # the fused FP8 layer holds its two per-tensor weight scales (and out_scale, weight x activation scale, the
+    # row-wise recipe's scale_b) as one float32 per row
+    assert fp8_kv[0].out_scale.shape == fp8_kv[0].weight_scale.shape
+    torch.testing.assert_close(fp8_kv[0].out_scale, fp8_kv[0].weight_scale * fp8_kv[0].act_scale, rtol=0, atol=0)
+    grown = 2 * (fp8_kv[0].weight_scale.numel() * 4 - 2 * 4)
     assert shared > 0 and held == nbytes - shared + grown
     images = generate(pipe)
     torch.testing.assert_close(images, unfused, rtol=0, atol=1e-5)
