@@ -181,7 +181,8 @@ def variant_label(name: str) -> str:
 
 
 DEFAULT_VARIANTS = (
-    "fp16_compiled", "w8a8_fp8_dqconv_qkv_compiled", "w4a8_fp8all_dqconv_qkv_grp_compiled",
+    "fp16_compiled", "w8a8_fp8_dqconv_qkv_compiled", "w8a8_fp8_dqconv_qkv_fast_compiled",
+    "w4a8_fp8all_dqconv_qkv_grp_compiled", "w4a8_fp8all_dqconv_qkv_grp_fast_compiled",
     "w4a16_dqconv_dqlin_qkv_compiled", "w4a16_dqconv_dqlin_qkv_grp_compiled", "fp16_regional", "w8a8_fp8_dqconv_qkv_regional",
     "w4a8_fp8all_dqconv_qkv_grp_regional", "w4a16_dqconv_dqlin_qkv_regional", "w8a8_dqconv_compiled",
     "w4a8_dqconv_compiled", "fp16_eager", "w8a8", "w4a8", "w4a16", "torchao",

@@ -349,6 +349,10 @@ class FP8Matmul:
         if self.qweight.is_cuda:  # the cached column of the row-wise recipe, made outside any compiled graph
             fp8.ones_column(0, self.qweight.device)
 
+    def _cublas_name(self, name: str) -> str:
+        """``name`` (the cuBLAS path) marked when it accumulates the fast way, as the deploy report shows it."""
+        return f"{name} (fast accumulation)" if self.fast_accum else name
+
     def _fp8_linear(self, x: torch.Tensor, codes: torch.Tensor, use_scaled_mm: bool) -> torch.Tensor:
         return fp8.fp8_linear(
             x,
@@ -416,7 +420,7 @@ class DeployedFP8Linear(FP8Matmul, BosAwareForward, nn.Module):
 
     def resolved_backend(self) -> str:
         """``"cuBLAS FP8"`` where ``torch._scaled_mm`` runs for this layer on its device now, else ``"torch"``."""
-        return "cuBLAS FP8" if self._use_scaled_mm(self.qweight) else "torch"
+        return self._cublas_name("cuBLAS FP8") if self._use_scaled_mm(self.qweight) else "torch"
 
     def extra_repr(self) -> str:
         return f"{self.precision}, out={self.out_features}, in={self.in_features}, backend={self.backend}"
@@ -461,7 +465,7 @@ class DeployedFP8CodesLinear(FP8Matmul, BosAwareForward, PackedLayer):
     def resolved_backend(self) -> str:
         """``"unpack + cuBLAS FP8"`` where ``torch._scaled_mm`` runs for this layer on its device now, else
         ``"torch"``."""
-        return "unpack + cuBLAS FP8" if self._use_scaled_mm(self.qweight) else "torch"
+        return self._cublas_name("unpack + cuBLAS FP8") if self._use_scaled_mm(self.qweight) else "torch"
 
 
 class DeployedConv2d(PackedLayer):

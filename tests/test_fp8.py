@@ -180,6 +180,8 @@ def test_rowwise_call_takes_a_cached_ones_column_and_the_precomputed_out_scale(m
     reference = deploy_layer(layer, backend="torch")
     deployed = deploy_layer(layer, backend="triton", fp8_fast_accum=fast_accum)
     assert deployed.fast_accum is fast_accum and not reference.fast_accum
+    fast_name = "unpack + cuBLAS FP8 (fast accumulation)" if fast_accum else "unpack + cuBLAS FP8"
+    assert deployed.resolved_backend() == fast_name and reference.resolved_backend() == "torch"
     for tokens in (x, x[:, :4]):
         y = deployed(tokens)
         scale_a, scale_b, kwargs = calls[-1]
