@@ -114,8 +114,9 @@ def main() -> None:
         row = {"M": M, "N": N, "K": K, "count": count, "what": what, **probe(M, N, K)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                        "rows": rows}, indent=1))
+        args.out.write_text(
+            json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -122,9 +122,7 @@ def fp8_linear(
             scale_a = ones_column(q.shape[0], q.device)
             scale_b = (weight_scale * act_scale if out_scale is None else out_scale).reshape(1, -1)
         bias = None if bias is None else bias.to(x.dtype)
-        y = torch._scaled_mm(
-            q, weight.t(), scale_a, scale_b, bias=bias, out_dtype=x.dtype, use_fast_accum=fast_accum
-        )
+        y = torch._scaled_mm(q, weight.t(), scale_a, scale_b, bias=bias, out_dtype=x.dtype, use_fast_accum=fast_accum)
     else:
         compute = torch.float32 if x.device.type == "cpu" else x.dtype
         a = (q.to(torch.float32) * act_scale).to(compute)

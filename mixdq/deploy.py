@@ -397,6 +397,7 @@ class DeployedFP8Linear(FP8Matmul, BosAwareForward, nn.Module):
     weight_bits = 8
     act_bits = 8
     k_split = None
+
     def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:
         super().__init__()
         fp = layer.fp_module
