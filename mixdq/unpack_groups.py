@@ -34,6 +34,7 @@ from mixdq.quant.api import unet_of
 # the block whose linears are unpacked together: SDXL's transformer block holds 7 of them after q / k / v
 # fusion (self-attention q/k/v and out, cross-attention q, k/v and out, the two feed-forward layers)
 GROUP_BLOCKS = ("BasicTransformerBlock",)
+MIN_GROUP = 2  # layers of one kind, at least: one launch then replaces several
 _HOOKS = "_mixdq_unpack_group_hooks"
 
 
@@ -67,10 +68,15 @@ def block_members(block: nn.Module) -> list[nn.Module]:
     return [m for m in block.modules() if groupable(m)]
 
 
-def _groups_something(block: nn.Module) -> bool:
-    """Two or more layers of one kind: one launch then replaces several."""
+def _kinds(block: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The block's groupable layers by kind: (FP8 codes, dequant path), each in module order."""
     members = block_members(block)
-    return max(sum(map(fp8_groupable, members)), sum(map(dequant_groupable, members))) >= 2
+    return [m for m in members if fp8_groupable(m)], [m for m in members if dequant_groupable(m)]
+
+
+def _groups_something(block: nn.Module) -> bool:
+    """At least :data:`MIN_GROUP` layers of one kind."""
+    return any(len(kind) >= MIN_GROUP for kind in _kinds(block))
 
 
 def _input_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
@@ -89,13 +95,12 @@ def _hand_out(members: list[nn.Module], flat: torch.Tensor) -> None:
 
 def _unpack_block(block: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: one launch per kind unpacks the members; each gets the ``[N, K]`` view of its slice."""
-    members = block_members(block)
-    codes = [m for m in members if fp8_groupable(m)]
-    if len(codes) >= 2:
+    codes, dequant = _kinds(block)
+    if len(codes) >= MIN_GROUP:
         backend = kernels.resolve_backend(codes[0].qweight, codes[0].backend)
         _hand_out(codes, kernels.PackedWeight.codes_fp8_group([m.packed_weight for m in codes], backend))
-    dequant, dtype = [m for m in members if dequant_groupable(m)], _input_dtype(args, kwargs)
-    if len(dequant) >= 2 and dtype is not None:
+    dtype = _input_dtype(args, kwargs)
+    if len(dequant) >= MIN_GROUP and dtype is not None:
         backend = kernels.resolve_backend(dequant[0].qweight, dequant[0].backend)
         weights = [m.packed_weight for m in dequant]
         _hand_out(dequant, kernels.PackedWeight.dequantize_group(weights, dtype, backend))
