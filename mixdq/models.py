@@ -172,6 +172,84 @@ def build_random_pipeline(seed: int = 0, sample_size: int = 16, dtype: torch.dty
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+SDXL_UNET_CONFIG = ASSETS_DIR / "sdxl-turbo" / "unet_config.json"
+# SDXL's two text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers) and its VAE, as in
+# stabilityai/sdxl-turbo's config files: the architecture is what costs time and memory, not the weights.
+SDXL_TEXT_ENCODERS = (
+    dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    ),
+    dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        projection_dim=1280,
+        hidden_act="gelu",
+    ),
+)
+SDXL_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+)
+CLIP_VOCAB_SIZE = 49408
+
+
+def build_sdxl_random_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0):
+    """A full-size SDXL(-Turbo)-architecture pipeline with random weights (3.5 B parameters), made on ``device``.
+
+    For measuring time and memory where the real weights are not available: the UNet from SDXL-Turbo's config
+    (``assets/sdxl-turbo/unet_config.json``), both text encoders and the VAE at SDXL's sizes, SDXL-Turbo's
+    scheduler. The tokenizer is byte-level (no vocabulary files), so any prompt tokenizes.
+    """
+    import json
+
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = _byte_level_clip_tokenizer()
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(json.loads(SDXL_UNET_CONFIG.read_text()))
+        encoders = [
+            kind(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, **ids, **config))
+            for kind, config in zip((CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_ENCODERS, strict=True)
+        ]
+        vae = AutoencoderKL(**SDXL_VAE)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler(**turbo_scheduler_kwargs()),
+        add_watermarker=False,
+    ).to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.model_id = f"random-sdxl(seed={seed})"
+    return pipe
+
+
 def _byte_level_clip_tokenizer():
     """A CLIP BPE tokenizer over single bytes (no merges): every string tokenizes, no files needed."""
     from transformers import CLIPTokenizer

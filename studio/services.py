@@ -13,7 +13,6 @@ import math
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,10 @@ from PIL import Image
 from mixdq.allocate import AUTO, AllocationResult, Allocator, InfeasibleBudgetError
 from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
+from mixdq.deployed_runner import DeployOutOfMemoryError
 from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
 from mixdq.memory import MB, average_weight_bits, weight_memory
-from mixdq.models import EMBEDDED_MODEL_ID, TURBO_SAMPLING, ModelNotAvailableError
+from mixdq.models import EMBEDDED_MODEL_ID, ModelNotAvailableError
 from mixdq.sensitivity.published import SDXL_TURBO_MODEL_ID, UNetInventory, load_published_table, sdxl_turbo_inventory
 from mixdq.sensitivity.table import GROUP_METRIC, select_protected
 from studio.plots import Spec, bits_heatmap, memory_bar, pareto_chart, ssim_to_db, unet_heatmap
@@ -329,6 +329,7 @@ class ModelWorkspace:
             self._loaded.set()
         self._ranges = None
         self._judges = None
+        self._runner = None
         self.source = (
             SensitivitySource.build(f"{self.model_id} (loaded model)", self.model_id, table, self.inventory)
             if table is not None
@@ -400,65 +401,106 @@ class ModelWorkspace:
                 self._judges = (embedded_clip_scorer(), embedded_checker)
         return self._judges
 
-    def compare(self, config: PrecisionConfig, prompt: str, seed: int, steps: int, size: int) -> dict:
-        """FP and quantized images from the same noise, their difference and metrics (CLIP score and
-        caption alignment too for the embedded model)."""
-        from mixdq.quant import quantization_off, quantize_
+    @property
+    def runner(self):
+        """FP16, simulated and deployed UNets of the pipeline (made on first use; holds the deployed copy)."""
+        if self._runner is None:
+            from mixdq.deployed_runner import DeployedRunner
+
+            self._runner = DeployedRunner(self.pipe)
+        return self._runner
+
+    def compare(
+        self, config: PrecisionConfig, prompt: str, seed: int, steps: int, size: int, on_stage=lambda _: None
+    ) -> dict:
+        """FP16, fake-quant simulation and deployed images from the same noise (:func:`mixdq.evaluate.compare`),
+        their difference, and the embedded model's CLIP score and caption alignment of FP16 and deployed."""
+        from mixdq.evaluate.compare import compare
 
         config.validate(self.layers)
         with self.lock:
             ranges = self.act_ranges(steps) if config.act_bits else None
-            quantize_(self.pipe, config, ranges)
-            with quantization_off(self.pipe):
-                fp, fp_seconds = self._generate(prompt, seed, steps, size)
-            quant, quant_seconds = self._generate(prompt, seed, steps, size)
-        mem = weight_memory(self.layers, config, self.inventory.other_params)
-        fp_mem = weight_memory(self.layers, None, self.inventory.other_params)
-        metrics = image_metrics(fp, quant)
+            result = compare(self.runner, config, ranges, prompt, seed, steps, size, on_stage)
+        fp, deployed = result.fp16.image, result.deployed.image
+        metrics = {}
         scorer, checker = self.judges()
         if scorer is not None:
             from mixdq.evaluate.metrics import clip_score
 
-            scores = clip_score(scorer, torch.stack([fp, quant]), [prompt, prompt])
+            scores = clip_score(scorer, torch.stack([fp, deployed]), [prompt, prompt])
             metrics["clip_fp"], metrics["clip_quant"] = (float(v) for v in scores)
             metrics["aligned_fp"], metrics["aligned_quant"] = (
-                _aligned(checker, image, prompt) for image in (fp, quant)
+                _aligned(checker, image, prompt) for image in (fp, deployed)
             )
         return {
+            "result": result,
             "fp": _to_pil(fp),
-            "quant": _to_pil(quant),
-            "diff": _diff_image(fp, quant),
+            "quant": _to_pil(deployed),
+            "simulated": _to_pil(result.simulated.image),
+            "diff": _diff_image(fp, deployed),
             "metrics": metrics,
-            "fp_seconds": fp_seconds,
-            "quant_seconds": quant_seconds,
-            "fp_mb": fp_mem.total_bytes / MB,
-            "quant_mb": mem.total_bytes / MB,
         }
 
-    @torch.no_grad()
-    def _generate(self, prompt: str, seed: int, steps: int, size: int) -> tuple[torch.Tensor, float]:
-        generator = torch.Generator("cpu").manual_seed(seed)
-        start = time.perf_counter()
-        image = self.pipe(
-            prompt,
-            num_inference_steps=steps,
-            guidance_scale=TURBO_SAMPLING.guidance_scale,
-            height=size,
-            width=size,
-            generator=generator,
-            output_type="pt",
-        ).images
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return image[0].float().cpu(), time.perf_counter() - start
 
+def compare_report(out: dict, device_type: str) -> str:
+    """The Compare view's text for :meth:`ModelWorkspace.compare`'s result: which path made which image, image
+    distances, measured times and memory beside the accounting, and what the deploy made."""
+    from mixdq.evaluate.compare import median_step_ms
 
-def image_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
-    """SSIM and PSNR (dB; inf for identical images) of one (3, H, W) image in [0, 1] against another,
-    measured as the evaluation tables measure them."""
-    from mixdq.evaluate.metrics import psnr, ssim  # imports torchmetrics: not needed to serve the page
+    result = out["result"]
+    m = out["metrics"]
+    fp16, deployed, deploy = result.fp16, result.deployed, result.deploy
+    fp_name = "FP (FP32 on the CPU)" if device_type == "cpu" else "FP16"
+    step_unit = "GPU ms" if deployed.timing_method.startswith("cuda") else "ms (CPU wall clock)"
+    method = {"cuda_graph": "CUDA graph replays, CUDA events", "cuda_events": "eager, CUDA events"}
+    how = method.get(deployed.timing_method, "wall clock")
 
-    return {"ssim": float(ssim(reference[None], test[None])[0]), "psnr": psnr(reference[None], test[None])}
+    def dist(d: dict) -> str:
+        return f"SSIM {d['ssim']:.4f} · PSNR {d['psnr']:.2f} dB"
+
+    lines = [
+        (
+            f"**deployed image** computed on: **{result.kernel_path}**; seed {result.seed}, {result.steps} step(s), "
+            f"{result.size} px"
+        ),
+        (
+            f"**deployed vs {fp_name}**: {dist(result.deployed_vs_fp16)}  ·  **simulation vs {fp_name}**: "
+            f"{dist(result.simulated_vs_fp16)}  ·  **deployed vs simulation**: {dist(result.deployed_vs_simulated)}"
+        ),
+    ]
+    if "clip_fp" in m:
+        verdict = {True: "all attributes right", False: "attributes wrong", None: "caption not in the model's language"}
+        lines.append(
+            f"**CLIP score** (embedded CLIP) FP {m['clip_fp']:.1f} · deployed {m['clip_quant']:.1f} · "
+            f"**alignment checker** FP: {verdict[m['aligned_fp']]}, deployed: {verdict[m['aligned_quant']]}"
+        )
+    speedup = median_step_ms(fp16) / median_step_ms(deployed)
+    lines += [
+        f"**UNet step** ({step_unit}, median, {how}): {fp_name} {median_step_ms(fp16):.2f} · deployed "
+        f"{median_step_ms(deployed):.2f} ({speedup:.2f}x)  ·  **per image** end to end: {fp_name} "
+        f"{fp16.seconds:.2f} s · deployed {deployed.seconds:.2f} s"
+        + (
+            f"  ·  first-image warm-up (CUDA graph capture) {deployed.warmup_seconds:.1f} s"
+            if deployed.warmup_seconds
+            else ""
+        ),
+        f"**UNet weights**: {fp_name} {result.fp16_bytes / MB:,.1f} MB · deployed "
+        + (
+            f"{result.measured_bytes / MB:,.1f} MB measured on the GPU"
+            if deploy.measured_bytes is not None
+            else f"{result.measured_bytes / MB:,.1f} MB held"
+        )
+        + f" (accounting {result.accounted_bytes / MB:,.1f} MB; {result.fp16_bytes / result.measured_bytes:.2f}x smaller)"
+        + (f"  ·  peak during the deployed image {deployed.peak_bytes / MB:,.0f} MB" if deployed.peak_bytes else ""),
+        f"**deploy**: {deploy.report.describe()}; {deploy.fused_attentions} attentions with fused projections"
+        + (f", {deploy.grouped_blocks} blocks with grouped unpacking" if deploy.grouped_blocks else "")
+        + (f"; deployed in {deploy.seconds:.1f} s" if result.redeployed else "; reused (same config as before)"),
+    ]
+    options = run_options_text(result.config)
+    if options:
+        lines.append(f"run options: {options}")
+    lines += [f"note: {note}" for note in result.notes]
+    return "  \n".join(lines)
 
 
 def _aligned(checker, image: torch.Tensor, prompt: str) -> bool | None:
@@ -492,21 +534,22 @@ def config_summary(config: PrecisionConfig, inventory: UNetInventory) -> str:
 __all__ = [
     "PUBLISHED_LABEL",
     "ConfigError",
+    "DeployOutOfMemoryError",
     "InfeasibleBudgetError",
     "ModelInfo",
     "ModelWorkspace",
     "SensitivitySource",
     "allocate",
+    "compare_report",
     "config_summary",
     "export_config",
-    "run_options_text",
-    "with_run_options",
-    "yaml_refusal",
-    "image_metrics",
     "import_config",
     "infeasible_message",
     "most_sensitive",
     "pareto_figure",
     "published_source",
+    "run_options_text",
     "sensitivity_figures",
+    "with_run_options",
+    "yaml_refusal",
 ]

@@ -145,7 +145,15 @@ def build_demo(
         return config.to_dict(), "Loaded. " + services.config_summary(config, source.inventory)
 
     def compare(
-        config_dict, preset, prompt, seed, steps, size, weight_scales, fp8, progress=gr.Progress(track_tqdm=True)  # noqa: B008
+        config_dict,
+        preset,
+        prompt,
+        seed,
+        steps,
+        size,
+        weight_scales,
+        fp8,
+        progress=gr.Progress(track_tqdm=True),  # noqa: B008
     ):
         if not prompt.strip():
             raise gr.Error("Type a prompt first.")
@@ -163,40 +171,18 @@ def build_demo(
             weight, act = {PRESETS[1]: (8, 8), PRESETS[2]: (4, 8), PRESETS[3]: (8, None)}[preset]
             config = PrecisionConfig.uniform(workspace.layers, weight, act, model_id=workspace.model_id)
         config = services.with_run_options(config, workspace.inventory, weight_scales, fp8)
+
+        def on_stage(stage: str) -> None:
+            progress(None, desc=stage)
+
         try:
-            out = workspace.compare(config, prompt, int(seed), int(steps), int(size))
+            out = workspace.compare(config, prompt, int(seed), int(steps), int(size), on_stage)
         except ConfigError as err:
             raise gr.Error(f"This config does not fit the loaded model: {err}") from None
-        m = out["metrics"]
-        backend = (
-            "CPU reference path (fake-quant simulation)"
-            if workspace.device.type == "cpu"
-            else "CUDA (fake-quant simulation)"
-        )
-        fp_name = "FP (computed in FP32 on CPU)" if workspace.device.type == "cpu" else "FP16"
-        judged = ""
-        if "clip_fp" in m:
-            verdict = {
-                True: "all attributes right",
-                False: "attributes wrong",
-                None: "caption not in the model's language",
-            }
-            judged = (
-                f"**CLIP score** (embedded CLIP) FP {m['clip_fp']:.1f} · quantized {m['clip_quant']:.1f} · "
-                f"**alignment checker** FP: {verdict[m['aligned_fp']]}, quantized: {verdict[m['aligned_quant']]}  \n"
-            )
-        report = (
-            f"**SSIM** {m['ssim']:.4f} · **PSNR** {m['psnr']:.2f} dB  \n"
-            + judged
-            + f"**{fp_name}**: {out['fp_seconds']:.2f} s, {out['fp_mb']:,.2f} MB UNet weights in FP16 · "
-            f"**quantized**: {out['quant_seconds']:.2f} s, {out['quant_mb']:,.2f} MB "
-            f"({out['fp_mb'] / out['quant_mb']:.2f}x smaller)  \n"
-            f"quantized image computed on: **{backend}**"
-        )
-        options = services.run_options_text(config)
-        if options:
-            report += f" with {options}"
-        return (out["fp"], out["quant"]), out["diff"], report
+        except services.DeployOutOfMemoryError as err:
+            return gr.skip(), gr.skip(), gr.skip(), f"**Not deployed**: {err}"
+        report = services.compare_report(out, workspace.device.type)
+        return (out["fp"], out["quant"]), out["simulated"], out["diff"], report
 
     # ---- layout --------------------------------------------------------------------------------------
     with gr.Blocks(title="MixDQ Studio") as demo:
@@ -281,14 +267,19 @@ def build_demo(
                     step=64,
                     label="resolution (px)",
                 )
-            generate = gr.Button("Generate FP vs quantized", variant="primary", elem_id="generate")
+            generate = gr.Button("Generate FP vs deployed", variant="primary", elem_id="generate")
             with gr.Row():
-                slider = gr.ImageSlider(label="full precision | quantized", type="pil", format="png")
-                diff = gr.Image(label="|difference| x4", type="pil", format="png")
+                slider = gr.ImageSlider(
+                    label="full precision | deployed (packed weights, kernels)", type="pil", format="png"
+                )
+                simulated = gr.Image(label="fake-quant simulation", type="pil", format="png")
+                diff = gr.Image(label="|FP − deployed| x4", type="pil", format="png")
             report = gr.Markdown(elem_id="compare-report")
         with gr.Tab("Export / Import"):
             export_button = gr.Button("Export current config", elem_id="export")
-            files = gr.File(label="config JSON and MixDQ yaml (JSON only with MSE scales or FP8)", file_count="multiple")
+            files = gr.File(
+                label="config JSON and MixDQ yaml (JSON only with MSE scales or FP8)", file_count="multiple"
+            )
             export_status = gr.Markdown()
             upload = gr.File(label="load a config JSON", file_types=[".json"], type="filepath")
             import_status = gr.Markdown()
@@ -330,7 +321,7 @@ def build_demo(
         generate.click(
             compare,
             [config_state, preset, prompt, seed, steps, size, weight_scales, fp8],
-            [slider, diff, report],
+            [slider, simulated, diff, report],
             api_name="compare",
             concurrency_id="gpu",
             concurrency_limit=1,

@@ -4,35 +4,51 @@ import math
 from pathlib import Path
 
 from mixdq.config import PrecisionConfig
-from studio.services import ModelWorkspace, image_metrics
+from mixdq.evaluate.compare import pair_metrics
+from studio.services import ModelWorkspace, compare_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_image_metrics_identical_images():
+def test_pair_metrics_identical_images():
     import torch
 
     image = torch.rand(3, 32, 32)
-    metrics = image_metrics(image, image)
+    metrics = pair_metrics(image, image)
     assert metrics["psnr"] == math.inf and abs(metrics["ssim"] - 1.0) < 1e-6
 
 
 def test_compare_on_the_embedded_model(tmp_path):
+    """Compare renders FP, the simulation and the deployed model (CPU reference path) from the same noise."""
     from mixdq.models import load_pipeline
 
     workspace = ModelWorkspace.from_pipeline(load_pipeline(device="cpu"), tmp_path)
-    fp_only = PrecisionConfig(model_id=workspace.model_id)  # nothing quantized: both images must match
+    fp_only = PrecisionConfig(model_id=workspace.model_id)  # nothing quantized: all three images must match
     out = workspace.compare(
         fp_only, "a large red circle in the center, on a white background", seed=3, steps=1, size=128
     )
-    m = out["metrics"]
-    assert m["psnr"] == math.inf and m["clip_fp"] == m["clip_quant"]
+    result, m = out["result"], out["metrics"]
+    assert result.deployed_vs_fp16["psnr"] == math.inf and result.deployed_vs_simulated["psnr"] == math.inf
+    assert m["clip_fp"] == m["clip_quant"]
     assert m["aligned_fp"] is True and m["aligned_quant"] is True  # the embedded model draws this caption right
     w8 = PrecisionConfig.uniform(workspace.layers, 8, None, model_id=workspace.model_id)
-    out = workspace.compare(w8, "a photo of a cat", seed=3, steps=1, size=128)
+    stages = []
+    out = workspace.compare(w8, "a photo of a cat", seed=3, steps=1, size=128, on_stage=stages.append)
+    result = out["result"]
     assert out["metrics"]["aligned_fp"] is None  # not a caption the checker can read
-    assert 30 < out["metrics"]["psnr"] < math.inf and out["quant_mb"] < out["fp_mb"] / 1.9
-    assert out["fp"].size == (128, 128) and out["diff"].size == (128, 128)
+    assert 30 < result.deployed_vs_fp16["psnr"] < math.inf
+    # W8A16 deployed = its simulation up to float rounding of the packed-weight matmul
+    assert result.deployed_vs_simulated["psnr"] > 60
+    assert result.redeployed and "packing weights (deploy)" in stages
+    # bytes the deployed UNet holds (float32 scales, row sums) within 15% of the exact accounting, ~2x below FP
+    assert result.accounted_bytes <= result.measured_bytes < 1.15 * result.accounted_bytes
+    assert result.measured_bytes < result.fp16_bytes / 1.7
+    assert "PyTorch integer reference path on the CPU" in result.kernel_path
+    assert out["fp"].size == (128, 128) and out["diff"].size == (128, 128) and out["simulated"].size == (128, 128)
+    again = workspace.compare(w8, "a photo of a cat", seed=3, steps=1, size=128)["result"]
+    assert not again.redeployed and again.deploy is result.deploy  # same config: the deployed UNet is reused
+    report = compare_report(out, "cpu")
+    assert "deployed vs simulation" in report and f"{result.measured_bytes / 1e6:,.1f} MB held" in report
 
 
 def test_shipped_table_is_used_only_for_its_own_model(tmp_path, random_pipe):
