@@ -91,14 +91,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixdq.compile import STAGES, compile_repeated_blocks  # noqa: E402
 from mixdq.config import PrecisionConfig  # noqa: E402
 from mixdq.deploy import DeployReport, deploy  # noqa: E402
-from mixdq.fuse import fuse_qkv_projections  # noqa: E402
+from mixdq.deploy.compile import STAGES, compile_repeated_blocks  # noqa: E402
+from mixdq.deploy.fuse import fuse_qkv_projections  # noqa: E402
+from mixdq.deploy.unpack_groups import group_unpacking  # noqa: E402
 from mixdq.inventory import layer_inventory  # noqa: E402
 from mixdq.memory import MB  # noqa: E402
 from mixdq.quant import QuantMode, collect_act_ranges, quant_layers, quantize_, set_mode  # noqa: E402
-from mixdq.unpack_groups import group_unpacking  # noqa: E402
 
 FULL_UNET_CONFIG = ROOT / "assets" / "sdxl-turbo" / "unet_config.json"
 TINY_UNET_CONFIG = ROOT / "assets" / "tiny-sdxl" / "unet" / "config.json"

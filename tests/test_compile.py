@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from mixdq.compile import compile_repeated_blocks
 from mixdq.deploy import deploy_layer
+from mixdq.deploy.compile import compile_repeated_blocks
 from tests.test_deploy import fake_quant_layer
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 import kernels
 from kernels import fp8
-from mixdq.deploy import DeployedFP8CodesLinear, DeployedLinear
+from mixdq.deploy.layers import DeployedFP8CodesLinear, DeployedLinear
 from mixdq.quant.api import unet_of
 
 # the block whose linears are unpacked together: SDXL's transformer block holds 7 of them after q / k / v
