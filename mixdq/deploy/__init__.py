@@ -34,7 +34,7 @@ cached vector within :data:`BOS_MATCH_RTOL` (the same vector from another batch 
 the last bits); a vector that matches none is an error, never a silent low-precision fallback.
 """
 
-from mixdq.deploy.api import DeployedLayerReport, DeployReport, deploy, deploy_layer
+from mixdq.deploy.api import LAYER_CLASSES, DeployedLayerReport, DeployReport, deploy, deploy_layer, layer_class
 from mixdq.deploy.bos import BOS_MATCH_RTOL, BosCacheMissError
 from mixdq.deploy.compile import REPEATED_BLOCKS, STAGES, compile_repeated_blocks
 from mixdq.deploy.fuse import fuse_qkv_projections
@@ -51,6 +51,7 @@ from mixdq.deploy.policy import (
     DEFAULT_CONV_PATH,
     DEFAULT_LINEAR_PATH,
     LINEAR_PATHS,
+    DeployOptions,
     auto_linear_path,
     check_deployable,
     check_linear_path,
@@ -64,10 +65,12 @@ __all__ = [
     "DEFAULT_CONV_PATH",
     "DEFAULT_LINEAR_PATH",
     "DEPLOYED_TYPES",
+    "LAYER_CLASSES",
     "LINEAR_PATHS",
     "REPEATED_BLOCKS",
     "STAGES",
     "BosCacheMissError",
+    "DeployOptions",
     "DeployReport",
     "DeployedConv2d",
     "DeployedFP8CodesLinear",
@@ -84,6 +87,7 @@ __all__ = [
     "fuse_qkv_projections",
     "group_unpacking",
     "grouped_blocks",
+    "layer_class",
     "linear_path_for",
     "ungroup_unpacking",
 ]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import kernels
-from mixdq.config import PrecisionConfig
+from mixdq.config import WEIGHT_BITS, PrecisionConfig
 from mixdq.deploy.layers import (
     DEPLOYED_TYPES,
     DeployedConv2d,
@@ -23,10 +23,10 @@ from mixdq.deploy.policy import (
     CONV_PATHS,
     DEFAULT_CONV_PATH,
     DEFAULT_LINEAR_PATH,
+    DeployOptions,
     check_deployable,
     check_fp8_device,
     check_linear_path,
-    linear_path_for,
 )
 from mixdq.inventory import layer_inventory, non_layer_param_count
 from mixdq.memory import MB, layer_weight_bytes, weight_memory
@@ -40,6 +40,30 @@ def _nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# which module replaces a layer with quantized weights, by (kind, weight bits, FP8): FP8 is for A8 linears only
+# (check_deployable refuses the rest); a layer with FP weights has no entry, it stays a QuantLayer (W16A8) or goes
+# back to its float module (see deploy_layer)
+LAYER_CLASSES: dict[tuple[str, int, bool], type[nn.Module]] = {
+    **{("linear", bits, False): DeployedLinear for bits in WEIGHT_BITS},
+    **{("conv", bits, False): DeployedConv2d for bits in WEIGHT_BITS},
+    ("linear", 8, True): DeployedFP8Linear,  # e4m3 weights
+    **{("linear", bits, True): DeployedFP8CodesLinear for bits in WEIGHT_BITS if bits != 8},  # codes unpacked
+}
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``"conv"`` for an ``nn.Conv2d``, else ``"linear"``: the first part of a :data:`LAYER_CLASSES` key."""
+    return "conv" if isinstance(module, nn.Conv2d) else "linear"
+
+
+def layer_class(kind: str, weight_bits: int, fp8: bool) -> type[nn.Module]:
+    """The :data:`LAYER_CLASSES` entry of a layer with quantized weights."""
+    key = (kind, weight_bits, bool(fp8))
+    if key not in LAYER_CLASSES:
+        raise ValueError(f"no deployed layer for (kind, weight bits, fp8) = {key}; valid: {sorted(LAYER_CLASSES)}.")
+    return LAYER_CLASSES[key]
+
+
 def deploy_layer(
     layer: QuantLayer,
     backend: str = "auto",
@@ -48,7 +72,7 @@ def deploy_layer(
     linear_path: str | Mapping[int, str] = DEFAULT_LINEAR_PATH,
     fp8_fast_accum: bool = False,
 ) -> nn.Module:
-    """The module that replaces one fake-quant layer (see the module docstring for the three cases).
+    """The module that replaces one fake-quant layer (see the :mod:`mixdq.deploy` docstring for the cases).
 
     A BOS-aware layer precomputes the full-precision output of the all-zeros vector, of the token-0 vectors
     the fake layer cached, and of ``extra_bos`` ``(K, C_in)`` (the pipeline's BOS state).
@@ -56,15 +80,9 @@ def deploy_layer(
     check_deployable(layer, extra_bos)
     if layer.weight_bits is None:
         return layer if layer.act_bits is not None else layer.fp_module
-    if isinstance(layer.fp_module, nn.Conv2d):
-        return DeployedConv2d(layer, backend, conv_path)
-    if layer.fp8:
-        kind = DeployedFP8Linear if layer.weight_bits == 8 else DeployedFP8CodesLinear
-        module = kind(layer, backend, extra_bos)
-        module.fast_accum = fp8_fast_accum
-        return module
-    path = linear_path_for(linear_path, layer.weight_bits, layer.act_bits)
-    return DeployedLinear(layer, backend, extra_bos, path)
+    cls = layer_class(layer_kind(layer.fp_module), layer.weight_bits, layer.fp8)
+    options = DeployOptions(backend, conv_path, linear_path, fp8_fast_accum)
+    return cls.from_quant_layer(layer, options, extra_bos)
 
 
 @dataclass(frozen=True)

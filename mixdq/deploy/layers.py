@@ -5,7 +5,7 @@ See the package docstring (:mod:`mixdq.deploy`) for what each holds and how it c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 import kernels
 from kernels import fp8
 from mixdq.deploy.bos import BosAwareForward
-from mixdq.deploy.policy import CONV_PATHS, DEFAULT_CONV_PATH
+from mixdq.deploy.policy import CONV_PATHS, DEFAULT_CONV_PATH, DeployOptions, linear_path_for
 from mixdq.quant.layers import QuantLayer
 from mixdq.quant.primitives import act_qparams, fp8_act_qparams, quantize_weight
 
@@ -142,6 +142,12 @@ class DeployedLinear(BosAwareForward, PackedLayer):
         self.linear_path = linear_path
         self._register_bos(layer, extra_bos)
 
+    @classmethod
+    def from_quant_layer(cls, layer: QuantLayer, options: DeployOptions, extra_bos: torch.Tensor | None = None) -> Self:
+        """The deployed layer on the path ``options.linear_path`` gives this layer's bits."""
+        path = linear_path_for(options.linear_path, layer.weight_bits, layer.act_bits)
+        return cls(layer, options.backend, extra_bos, path)
+
     def resolved_backend(self) -> str:
         """``"dequant + matmul"`` on the dequant path, else where the integer GEMM runs (see PackedLayer)."""
         return "dequant + matmul" if self.linear_path == "dequant" else super().resolved_backend()
@@ -184,6 +190,13 @@ class FP8Matmul:
     in_features: int
     out_features: int
     fast_accum: bool = False
+
+    @classmethod
+    def from_quant_layer(cls, layer: QuantLayer, options: DeployOptions, extra_bos: torch.Tensor | None = None) -> Self:
+        """The deployed layer, accumulating the fast way if ``options.fp8_fast_accum``."""
+        module = cls(layer, options.backend, extra_bos)
+        module.fast_accum = options.fp8_fast_accum
+        return module
 
     def _register_act_scales(self, act_range: torch.Tensor) -> None:
         """``act_scale`` / ``act_inv_scale`` (0-d, e4m3's per-tensor activation scale) and ``out_scale``."""
@@ -338,6 +351,11 @@ class DeployedConv2d(PackedLayer):
         self.kernel_size = conv.kernel_size
         self.stride = conv.stride
         self.padding = conv.padding
+
+    @classmethod
+    def from_quant_layer(cls, layer: QuantLayer, options: DeployOptions, extra_bos: torch.Tensor | None = None) -> Self:
+        """The deployed conv on ``options.conv_path`` (``extra_bos`` unused: convs are never BOS-aware)."""
+        return cls(layer, options.backend, options.conv_path)
 
     def resolved_backend(self) -> str:
         """``"dequant + conv"`` on the dequant path, else where the integer GEMM runs (see PackedLayer)."""

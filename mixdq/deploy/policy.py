@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,6 +48,17 @@ def linear_path_for(linear_path: str | Mapping[int, str], weight_bits: int, act_
     """``"gemm"`` or ``"dequant"`` for one layer: a mapping without its bit-width, or "auto", means the rule."""
     path = linear_path.get(weight_bits, "auto") if isinstance(linear_path, Mapping) else linear_path
     return auto_linear_path(weight_bits, act_bits) if path == "auto" else path
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """How deployed layers compute: :func:`~mixdq.deploy.deploy`'s ``backend`` and path arguments, in one value
+    that every layer class reads the part of it needs (``from_quant_layer``)."""
+
+    backend: str = "auto"
+    conv_path: str = DEFAULT_CONV_PATH
+    linear_path: str | Mapping[int, str] = DEFAULT_LINEAR_PATH
+    fp8_fast_accum: bool = False
 
 
 def check_deployable(layer: QuantLayer, extra_bos: torch.Tensor | None = None) -> None:
