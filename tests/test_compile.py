@@ -1,4 +1,4 @@
-"""Regional compilation (mixdq.compile): copies of a repeated block share one compiled graph, deployed too.
+"""Regional compilation (mixdq.deploy.compile): copies of a repeated block share one compiled graph, deployed too.
 
 A deployed layer's activation quantizers differ from layer to layer. Read as Python numbers, Dynamo guarded
 on them, so every copy of a block compiled on its own (and past the recompile limit ran eagerly); read from

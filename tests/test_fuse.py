@@ -1,4 +1,4 @@
-"""mixdq.fuse: deployed q / k / v (cross-attention: k / v) fused into one layer compute the same images."""
+"""mixdq.deploy.fuse: deployed q / k / v (cross-attention: k / v) fused into one layer compute the same images."""
 
 import copy
 

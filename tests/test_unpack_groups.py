@@ -1,4 +1,4 @@
-"""mixdq.unpack_groups: a block's 4- / 2-bit linears (FP8, or on the dequant path) unpacked in one launch make
+"""mixdq.deploy.unpack_groups: a block's 4- / 2-bit linears (FP8, or on the dequant path) unpacked in one launch make
 the same images.
 
 On CPU the grouped kernel runs in Triton's interpreter (tests/conftest.py): the kernel tests and the one-block

@@ -6,8 +6,8 @@ memory and is slower than FP16. ``deploy`` makes the chosen precision real, in p
 * a layer with quantized weights becomes a :class:`DeployedLinear` / :class:`DeployedConv2d` holding the
   integer codes packed along K (int8, two int4 or four int2 per byte, :class:`kernels.PackedWeight`), one
   float32 scale and (for the A8 epilogue) one int32 row sum per output channel, the bias, and the static
-  activation scale / zero-point of each input part. Its ``forward`` takes one of two paths, chosen per layer
-  by what measured faster on an H200 (``linear_path`` / ``conv_path``): the integer GEMM
+  activation scale / zero-point of each input part. Its ``forward`` takes one of two paths, the faster one
+  for the layer by default (``linear_path`` / ``conv_path``, :mod:`mixdq.deploy.policy`): the integer GEMM
   (``kernels.quant_linear`` / ``kernels.conv2d_quant``: Triton on CUDA, the PyTorch integer reference
   elsewhere), by default for W8A8 linears; or the dequant path (:mod:`kernels.dequant`: the packed weight
   unpacked per call, a float matmul / conv on the A8-rounded input), by default for convs, packed int4 /

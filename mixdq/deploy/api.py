@@ -180,12 +180,12 @@ def deploy(
     ``quantization_off`` and sensitivity sweeps do not apply to the result; deploy a copy to keep both.
     On CUDA the UNet must be float16/bfloat16 (the Triton kernels' activation types). ``conv_path``:
     how quantized convs compute (:class:`DeployedConv2d`; both hold packed weights): ``"dequant"`` (default,
-    measured faster, see :data:`DEFAULT_CONV_PATH`) or ``"gemm"`` (the integer GEMM on patches).
+    the faster one, see :data:`DEFAULT_CONV_PATH`) or ``"gemm"`` (the integer GEMM on patches).
     ``linear_path``: how integer linears compute (:class:`DeployedLinear`): ``"auto"`` (default: the
-    measured faster path per layer kind), ``"gemm"`` or ``"dequant"``, or a mapping from weight bits to one of
+    faster path per layer kind), ``"gemm"`` or ``"dequant"``, or a mapping from weight bits to one of
     them (see :data:`LINEAR_PATHS`). ``fp8_fast_accum``: FP8 layers multiply with cuBLAS's fast
-    accumulation (measured faster on an H200; each GEMM's error ~3e-3 relative instead of ~4e-4, which the
-    fake-quant model does not simulate: off by default).
+    accumulation (faster, but each GEMM's error is ~3e-3 relative instead of ~4e-4, which the fake-quant model
+    does not simulate: off by default; bench/results/fp8_recipe_probe_h200_2026-11-28.md).
     """
     if backend not in kernels.BACKENDS:
         raise ValueError(f"backend must be one of {list(kernels.BACKENDS)}, got {backend!r}.")

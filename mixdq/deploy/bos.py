@@ -56,7 +56,8 @@ class BosAwareForward:
     def _bos_rows(self, token0: torch.Tensor) -> torch.Tensor:
         """Full-precision outputs ``(B, C_out)`` for token-0 inputs ``(B, C_in)``, from the precomputed cache."""
         # squared distances as plain elementwise ops + a reduction, which Inductor fuses into one small kernel
-        # (cdist + norm + their launches cost ~0.9 ms per SDXL step over the 140 layers on an H200)
+        # (cdist + norm are several launches per layer, a visible cost over an SDXL step's 140 BOS-aware layers;
+        # bench/results/gpu_unet_h200_2026-11-28.md)
         keys = self.bos_inputs.float()
         distance2, index = (token0.float()[:, None, :] - keys[None]).square().sum(-1).min(dim=1)
         hit = distance2 <= BOS_MATCH_RTOL**2 * keys.square().sum(-1)[index]

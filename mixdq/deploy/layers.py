@@ -126,7 +126,7 @@ class DeployedLinear(BosAwareForward, PackedLayer):
 
     kind = "linear"
     # on the dequant path: this layer's dequantized weight, unpacked with the rest of its block during the
-    # block's forward (:mod:`mixdq.unpack_groups`), else None: the layer unpacks its own
+    # block's forward (:mod:`mixdq.deploy.unpack_groups`), else None: the layer unpacks its own
     prefetched_weight: torch.Tensor | None = None
 
     def __init__(
@@ -246,7 +246,7 @@ class FP8Matmul:
 
 class DeployedFP8Linear(FP8Matmul, BosAwareForward, nn.Module):
     """A W8A8 ``nn.Linear`` of a config's ``fp8`` list: e4m3 weight and activations, one scale each (a layer
-    fused along N by :mod:`mixdq.fuse` holds its parts' weight scales row by row, ``(N,)``).
+    fused along N by :mod:`mixdq.deploy.fuse` holds its parts' weight scales row by row, ``(N,)``).
 
     On a CUDA GPU with FP8 tensor cores the product is one cuBLAS call (``torch._scaled_mm``, bias and FP16
     output fused); elsewhere, and for shapes cuBLAS FP8 rejects, the same codes are dequantized and multiplied
@@ -301,7 +301,7 @@ class DeployedFP8CodesLinear(FP8Matmul, BosAwareForward, PackedLayer):
 
     kind = "linear"
     # this layer's e4m3 codes, unpacked with the rest of its block during the block's forward
-    # (:mod:`mixdq.unpack_groups`), else None: the layer unpacks its own
+    # (:mod:`mixdq.deploy.unpack_groups`), else None: the layer unpacks its own
     prefetched_weight: torch.Tensor | None = None
 
     def __init__(self, layer: QuantLayer, backend: str, extra_bos: torch.Tensor | None = None) -> None:

@@ -12,17 +12,16 @@ from kernels import fp8
 from mixdq.quant.layers import CalibrationRequiredError, QuantLayer
 
 # how a deployed quantized conv computes: integer GEMM on patches, or float conv on the unpacked weight.
-# The default is measured: on an H200 (1024 px SDXL UNet, W8A8, compiled) the dequant path's step took 20.90 ms
-# against 23.27 ms with the int8 GEMM convs (bench/results/gpu_unet_h200_2026-11-28.md, calls 7 and 8); on
-# the CPU the integer reference is the slower one too.
+# The default is the faster one: cuDNN on the unpacked weight beats the int8 GEMM on patches on the GPU, and the
+# integer reference is the slower one on the CPU too (bench/results/gpu_unet_h200_2026-11-28.md).
 CONV_PATHS = ("gemm", "dequant")
 DEFAULT_CONV_PATH = "dequant"
 
 # how a deployed quantized linear computes: our Triton integer GEMM, or cuBLAS on the weight unpacked per call
 # (kernels.linear_dequant): one path for every linear, or one per weight bit-width, e.g. {4: "dequant"}.
-# "auto" (the default) is what measured faster on an H200 (1024 px SDXL UNet, compiled; bench/results/
-# gpu_unet_h200_2026-11-28.md, session 5): the int8 GEMM for W8A8, the dequant path for packed int4 / int2
-# weights and for weight-only layers, whose Triton GEMMs ran 2-4x slower than FP16 cuBLAS at the UNet's shapes.
+# "auto" (the default) takes the faster one per layer: the int8 GEMM for W8A8, the dequant path for packed
+# int4 / int2 weights and for weight-only layers, whose Triton GEMMs are slower than FP16 cuBLAS at the UNet's
+# shapes (bench/results/gpu_unet_h200_2026-11-28.md).
 LINEAR_PATHS = ("auto", "gemm", "dequant")
 DEFAULT_LINEAR_PATH = "auto"
 
