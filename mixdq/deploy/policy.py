@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kernels import fp8
+from mixdq.config import WEIGHT_BITS
 from mixdq.quant.layers import CalibrationRequiredError, QuantLayer
 
 # how a deployed quantized conv computes: integer GEMM on patches, or float conv on the unpacked weight.
@@ -35,10 +36,10 @@ def check_linear_path(linear_path: str | Mapping[int, str]) -> None:
     """Raise ``ValueError`` unless ``linear_path`` is one of :data:`LINEAR_PATHS` or a {bits: path} mapping."""
     paths = linear_path.values() if isinstance(linear_path, Mapping) else [linear_path]
     bad = [p for p in paths if p not in LINEAR_PATHS]
-    bad_bits = [b for b in linear_path if b not in (2, 4, 8)] if isinstance(linear_path, Mapping) else []
+    bad_bits = [b for b in linear_path if b not in WEIGHT_BITS] if isinstance(linear_path, Mapping) else []
     if bad or bad_bits:
         raise ValueError(
-            f"linear_path must be one of {list(LINEAR_PATHS)} or a mapping of weight bits (2, 4, 8) to one; "
+            f"linear_path must be one of {list(LINEAR_PATHS)} or a mapping of weight bits {WEIGHT_BITS} to one; "
             f"got {linear_path!r}."
         )
 
