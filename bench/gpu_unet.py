@@ -49,8 +49,8 @@ What is measured
   measured faster); ``_fp8``: the config's W8A8 linears in FP8 e4m3 on cuBLAS (``with_fp8_linears``);
   ``_fp8all``: every A8 linear in FP8 (``with_fp8_linears(low_bit=True)``: 4/2-bit codes unpacked to e4m3);
   ``_dqlow`` / ``_dqlin``: 4/2-bit (all) integer linears dequantized per call for cuBLAS; ``_qkv``: q / k / v
-  fused (``mixdq.fuse``); ``_grp`` (with ``_fp8all``, ``_dqlow`` or ``_dqlin``): each transformer block's 4/2-bit
-  linears that unpack per call (FP8 codes; dequant) unpacked in one launch per kind (``mixdq.unpack_groups``); ``_regional`` / ``_stages``: ``mixdq.compile.compile_repeated_blocks`` regions.
+  fused (``mixdq.deploy.fuse``); ``_grp`` (with ``_fp8all``, ``_dqlow`` or ``_dqlin``): each transformer block's 4/2-bit
+  linears that unpack per call (FP8 codes; dequant) unpacked in one launch per kind (``mixdq.deploy.unpack_groups``); ``_regional`` / ``_stages``: ``mixdq.deploy.compile.compile_repeated_blocks`` regions.
   ``--rewarm``: compiled rows also time a second warm-up after ``torch._dynamo.reset()`` (warm caches).
 * Ours = ``mixdq.deploy``: ``quantize_`` with activation ranges from a short ``QuantMode.CALIBRATE`` pass on
   random inputs, one fake-quant forward per resolution (fills the BOS token-0 cache of the cross-attention
@@ -91,14 +91,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixdq.compile import STAGES, compile_repeated_blocks  # noqa: E402
 from mixdq.config import PrecisionConfig  # noqa: E402
 from mixdq.deploy import DeployReport, deploy  # noqa: E402
-from mixdq.fuse import fuse_qkv_projections  # noqa: E402
+from mixdq.deploy.compile import STAGES, compile_repeated_blocks  # noqa: E402
+from mixdq.deploy.fuse import fuse_qkv_projections  # noqa: E402
+from mixdq.deploy.unpack_groups import group_unpacking  # noqa: E402
 from mixdq.inventory import layer_inventory  # noqa: E402
 from mixdq.memory import MB  # noqa: E402
 from mixdq.quant import QuantMode, collect_act_ranges, quant_layers, quantize_, set_mode  # noqa: E402
-from mixdq.unpack_groups import group_unpacking  # noqa: E402
 
 FULL_UNET_CONFIG = ROOT / "assets" / "sdxl-turbo" / "unet_config.json"
 TINY_UNET_CONFIG = ROOT / "assets" / "tiny-sdxl" / "unet" / "config.json"
@@ -363,7 +363,7 @@ def mixed(setup: Setup) -> Callable[[nn.Module], PrecisionConfig]:
 
 def compiled(built: Built, mode: str = "compiled") -> Built:
     """``torch.compile`` in the default mode with static shapes (each resolution compiles once): the whole UNet,
-    or (``mode="regional"``) each repeated block (:func:`mixdq.compile.compile_repeated_blocks`)."""
+    or (``mode="regional"``) each repeated block (:func:`mixdq.deploy.compile.compile_repeated_blocks`)."""
     if mode == "regional":
         compile_repeated_blocks(built.module, dynamic=False)
     elif mode == "stages":

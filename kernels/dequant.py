@@ -54,7 +54,7 @@ def linear_dequant(
     """``x [..., K]`` -> ``[..., N]`` by a float matmul with the dequantized weight (see the module docstring).
 
     ``dequantized``: that weight already made (``[N, K]``, x's dtype; a block's grouped unpacking,
-    :mod:`mixdq.unpack_groups`), else it is unpacked here."""
+    :mod:`mixdq.deploy.unpack_groups`), else it is unpacked here."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.in_features}")
     if act_qparams is not None:

@@ -15,7 +15,7 @@ covers ~2^17 of dynamic range, which is why one scale per tensor suffices where 
 4- and 2-bit weights are not re-quantized: their integer codes (|q| <= 8) are e4m3 values exactly, so a W4A8 /
 W2A8 layer in FP8 keeps its own grid and per-channel scales, and only its activations become e4m3; cuBLAS
 multiplies with the "row-wise" recipe (a scale per output channel, ``scale_b (1, N)``), which also carries FP8
-layers fused along N (:mod:`mixdq.fuse`). Measured on an H200: ``bench/results/gpu_unet_h200_2026-11-28.md``.
+layers fused along N (:mod:`mixdq.deploy.fuse`). Measured on an H200: ``bench/results/gpu_unet_h200_2026-11-28.md``.
 """
 
 from __future__ import annotations

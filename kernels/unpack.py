@@ -146,7 +146,8 @@ def unpack_group(
     """Several packed 4- / 2-bit weights (single K part each) as ``codes * scale`` in ``dtype`` (``scales`` None:
     the bare codes, e.g. in e4m3), flattened and concatenated in order into one 1-D tensor, by one kernel launch
     per :data:`GROUP_SLOTS` weights: a block's weights in one launch instead of one small launch each (see
-    :func:`mixdq.unpack_groups.group_unpacking`). Each weight's values equal :func:`unpack_dequant`'s bit for bit."""
+    :func:`mixdq.deploy.unpack_groups.group_unpacking`). Each weight's values equal :func:`unpack_dequant`'s bit
+    for bit."""
     if not (len(datas) == len(bits) == len(ks)) or not datas or (scales is not None and len(scales) != len(datas)):
         raise ValueError("unpack_group needs one bit width, one K (and one scale) per packed weight, at least one")
     for data, b, k in zip(datas, bits, ks):

@@ -1,4 +1,4 @@
-"""Regional compilation (mixdq.compile): copies of a repeated block share one compiled graph, deployed too.
+"""Regional compilation (mixdq.deploy.compile): copies of a repeated block share one compiled graph, deployed too.
 
 A deployed layer's activation quantizers differ from layer to layer. Read as Python numbers, Dynamo guarded
 on them, so every copy of a block compiled on its own (and past the recompile limit ran eagerly); read from
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from mixdq.compile import compile_repeated_blocks
 from mixdq.deploy import deploy_layer
+from mixdq.deploy.compile import compile_repeated_blocks
 from tests.test_deploy import fake_quant_layer
 
 

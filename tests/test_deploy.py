@@ -513,9 +513,9 @@ def test_inventory_is_unchanged_by_deploy(fresh_random_pipe):
 
 @torch.no_grad()
 def test_regionally_compiled_deployed_pipeline_makes_the_same_images(deployed_pipe):
-    """mixdq.compile.compile_repeated_blocks on a deployed pipeline (the GPU benchmark's fast-warm-up path): the
+    """mixdq.deploy.compile.compile_repeated_blocks on a deployed pipeline (the GPU benchmark's fast-warm-up path): the
     mixed config's blocks trace without graph breaks and generate what the eager deployed pipeline generates."""
-    from mixdq.compile import REPEATED_BLOCKS, STAGES, compile_repeated_blocks
+    from mixdq.deploy.compile import REPEATED_BLOCKS, STAGES, compile_repeated_blocks
 
     unet = deployed_pipe.pipe.unet
     kinds = [type(m).__name__ for m in unet.modules()]

@@ -1,4 +1,4 @@
-"""mixdq.fuse: deployed q / k / v (cross-attention: k / v) fused into one layer compute the same images."""
+"""mixdq.deploy.fuse: deployed q / k / v (cross-attention: k / v) fused into one layer compute the same images."""
 
 import copy
 
@@ -7,7 +7,7 @@ import torch
 from mixdq.calibrate import calibrate
 from mixdq.config import PrecisionConfig
 from mixdq.deploy import DeployedFP8CodesLinear, DeployedFP8Linear, DeployedLinear, deploy
-from mixdq.fuse import fuse_qkv_projections
+from mixdq.deploy.fuse import fuse_qkv_projections
 from mixdq.inventory import layer_inventory
 from tests.test_deploy import CALIBRATION_PROMPTS, generate
 

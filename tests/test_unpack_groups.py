@@ -1,4 +1,4 @@
-"""mixdq.unpack_groups: a block's 4- / 2-bit linears (FP8, or on the dequant path) unpacked in one launch make
+"""mixdq.deploy.unpack_groups: a block's 4- / 2-bit linears (FP8, or on the dequant path) unpacked in one launch make
 the same images.
 
 On CPU the grouped kernel runs in Triton's interpreter (tests/conftest.py): the kernel tests and the one-block
@@ -13,9 +13,9 @@ import kernels.unpack
 from kernels import PackedWeight, reference
 from mixdq.config import PrecisionConfig
 from mixdq.deploy import deploy
-from mixdq.fuse import fuse_qkv_projections
+from mixdq.deploy.fuse import fuse_qkv_projections
+from mixdq.deploy.unpack_groups import block_members, group_unpacking, grouped_blocks, ungroup_unpacking
 from mixdq.inventory import layer_inventory
-from mixdq.unpack_groups import block_members, group_unpacking, grouped_blocks, ungroup_unpacking
 from tests.test_deploy import generate
 from tests.test_fuse import calibrated_copy
 
@@ -181,7 +181,7 @@ def test_slices_are_released_when_a_block_fails(kind_pipe):
 @torch.no_grad()
 def test_grouped_blocks_compile_regionally_with_the_same_images(kind_pipe):
     """The hooks trace under torch.compile of each block (fullgraph) and the images do not change."""
-    from mixdq.compile import compile_repeated_blocks
+    from mixdq.deploy.compile import compile_repeated_blocks
 
     _, pipe = kind_pipe
     expected = generate(pipe)

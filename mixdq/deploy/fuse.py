@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixdq.deploy import DeployedFP8CodesLinear, DeployedFP8Linear, DeployedLinear
+from mixdq.deploy.layers import DeployedFP8CodesLinear, DeployedFP8Linear, DeployedLinear
 from mixdq.quant.api import unet_of
 
 # per fusable type, what fused layers must share (everything but their weights, biases and BOS outputs)

@@ -1,7 +1,8 @@
 """Regional compilation: ``torch.compile`` each repeated block of a UNet, not the whole UNet.
 
-A whole-UNet compile traces every layer into one graph: ~90 s of warm-up for the FP16 SDXL UNet on an H200 and
-~220-260 s for a deployed one (Dynamo traces ~800 custom layers, Inductor generates and compiles one large graph).
+A whole-UNet compile traces every layer into one graph: minutes of warm-up for a deployed SDXL UNet (Dynamo
+traces ~800 custom layers, Inductor generates and compiles one large graph;
+``bench/results/gpu_unet_h200_2026-11-28.md``).
 The UNet is mostly copies of a few blocks (``BasicTransformerBlock``, ``ResnetBlock2D``): compiled one by
 one, blocks of the same structure and shapes share one compiled graph, so the warm-up is paid per distinct block
 (the PyTorch "regional compilation" recipe; diffusers' ``compile_repeated_blocks`` does it for the transformer
@@ -24,7 +25,7 @@ from mixdq.quant.api import unet_of
 # diffusers' classes whose instances make up most of an SDXL-style UNet
 REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 # coarser regions: each Transformer2DModel whole (its norm, proj_in and proj_out compiled with its blocks, which
-# otherwise run eagerly between them: ~3 ms of a W8A8 FP8 step on an H200), plus the resnets and samplers; in
+# otherwise run eagerly between them, a visible share of a step), plus the resnets and samplers; in
 # an SDXL UNet its transformers come in two structures (640 x 2 blocks, 1280 x 10 blocks)
 STAGES = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 

@@ -3,20 +3,19 @@
 Two deployed linear layers unpack their packed weight on every call: W4A8 / W2A8 FP8 linears
 (:class:`~mixdq.deploy.DeployedFP8CodesLinear`, codes to e4m3) and 4- / 2-bit linears on the dequant path
 (:class:`~mixdq.deploy.DeployedLinear`, ``codes * scale`` to the input's dtype: deploy's default for them, and
-every weight-only linear of W4A16). In the MixDQ ~W4A8 SDXL UNet that is ~450 small kernels per step, 1.67 ms of
-GPU time on an H200 where their memory traffic alone would take about half of that: each launch is too small to
-fill the GPU (``bench/results/gpu_unet_h200_2026-11-28.md``, session 6 profile). Grouped, a forward pre-hook on
-each repeated block unpacks every such layer of the block in one launch per kind
-(:meth:`kernels.PackedWeight.codes_fp8_group`, :meth:`kernels.PackedWeight.dequantize_group`) and hands each
-layer its slice (``prefetched_weight``); the layers use it instead of unpacking their own, so the numbers are
-unchanged (the same values, bit for bit). A forward hook drops the slices when the block returns (also on an
-exception), so the unpacked weights live for one block's forward: the static weight memory stays packed, the
-peak grows by one block's unpacked weights (~35 MB of e4m3 in SDXL). Measured on an H200: 1.7-2.8x faster per
-block, the mixed FP8 UNet step 0.5 ms faster (session 7).
+every weight-only linear of W4A16). In the MixDQ ~W4A8 SDXL UNet that is ~450 small kernels per step, each too
+small to fill the GPU, so they take about twice what their memory traffic needs
+(``bench/results/gpu_unet_h200_2026-11-28.md``). Grouped, a forward pre-hook on each repeated block unpacks every
+such layer of the block in one launch per kind (:meth:`kernels.PackedWeight.codes_fp8_group`,
+:meth:`kernels.PackedWeight.dequantize_group`) and hands each layer its slice (``prefetched_weight``); the layers
+use it instead of unpacking their own, so the numbers are unchanged (the same values, bit for bit). A forward hook
+drops the slices when the block returns (also on an exception), so the unpacked weights live for one block's
+forward: the static weight memory stays packed, the peak grows by one block's unpacked weights (~35 MB of e4m3 in
+SDXL).
 
-The layers are looked up when the block runs, so fusing (:func:`mixdq.fuse.fuse_qkv_projections`) before or
+The layers are looked up when the block runs, so fusing (:func:`mixdq.deploy.fuse.fuse_qkv_projections`) before or
 after grouping gives the same result. Works eagerly, in CUDA graphs and under ``torch.compile`` (whole UNet or
-:func:`mixdq.compile.compile_repeated_blocks`).
+:func:`mixdq.deploy.compile.compile_repeated_blocks`).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from torch import nn
 
 import kernels
 from kernels import fp8
-from mixdq.deploy import DeployedFP8CodesLinear, DeployedLinear
+from mixdq.deploy.layers import DeployedFP8CodesLinear, DeployedLinear
 from mixdq.quant.api import unet_of
 
 # the block whose linears are unpacked together: SDXL's transformer block holds 7 of them after q / k / v
