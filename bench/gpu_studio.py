@@ -28,10 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mixdq.config import PrecisionConfig  # noqa: E402
-from mixdq.evaluate.compare import median_step_ms  # noqa: E402
-from mixdq.memory import MB  # noqa: E402
-from studio import services  # noqa: E402
+from mixdq.config import PrecisionConfig
+from mixdq.evaluate.compare import median_step_ms
+from mixdq.memory import MB
+from studio import services
 
 MIXED_CONFIG = ROOT / "bench" / "configs" / "sdxl_turbo_w4a8.json"
 PROMPT = "a large red circle on the left, on a blue background"

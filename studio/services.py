@@ -26,7 +26,7 @@ from PIL import Image
 from mixdq.allocate import AUTO, AllocationResult, Allocator, InfeasibleBudgetError
 from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
-from mixdq.deployed_runner import DeployOutOfMemoryError
+from mixdq.deploy.runner import DeployOutOfMemoryError
 from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
 from mixdq.memory import MB, average_weight_bits, weight_memory
 from mixdq.models import EMBEDDED_MODEL_ID, ModelNotAvailableError
@@ -405,7 +405,7 @@ class ModelWorkspace:
     def runner(self):
         """FP16, simulated and deployed UNets of the pipeline (made on first use; holds the deployed copy)."""
         if self._runner is None:
-            from mixdq.deployed_runner import DeployedRunner
+            from mixdq.deploy.runner import DeployedRunner
 
             self._runner = DeployedRunner(self.pipe)
         return self._runner

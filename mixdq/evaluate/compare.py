@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mixdq.config import PrecisionConfig
-from mixdq.deployed_runner import DeployedRunner, DeployedUNet, Generation, config_key, fp8_fallback
+from mixdq.deploy.runner import DeployedRunner, DeployedUNet, Generation, config_key, fp8_fallback
 from mixdq.evaluate.metrics import psnr, ssim
 from mixdq.inventory import layer_inventory, non_layer_param_count
 from mixdq.memory import weight_memory

@@ -24,10 +24,10 @@ from torch import nn
 
 from kernels import fp8
 from mixdq.config import PrecisionConfig
-from mixdq.deploy import DeployReport, deploy
-from mixdq.fuse import fuse_qkv_projections
+from mixdq.deploy.api import DeployReport, deploy
+from mixdq.deploy.fuse import fuse_qkv_projections
+from mixdq.deploy.unpack_groups import group_unpacking
 from mixdq.quant.api import quantization_off, unet_of
-from mixdq.unpack_groups import group_unpacking
 
 MAX_GRAPHS = 2  # captured shapes kept per UNet: each holds its own activation memory pool
 
