@@ -34,6 +34,18 @@ Ops:  fp16       F.linear on float16 (cuBLAS)                       baseline
       w4_fp8, w2_fp8  kernels.fp8.fp8_linear under torch.compile (deploy's W4A8 / W2A8 FP8 layers): x to
                  e4m3, the packed codes unpacked to e4m3 (kernels.unpack), row-wise cuBLAS FP8
 Every our-op output is also checked against kernels.reference on the GPU (max |err| / max |ref|).
+
+``--fp8-lowbit``: only the W4A8 / W2A8 FP8 paths, at the fused deployed UNet's linear shapes (FP8_LOWBIT_SHAPES)
+for 512 and 1024 px, each as all-4-bit and as all-2-bit, one JSON line per (px, bits, shape) appended to
+``<prefix>.jsonl`` as it is measured, ``<prefix>.md`` rewritten after each with the per-step sums:
+
+      fp16           F.linear on float16 (cuBLAS), for scale
+      rowwise        cuBLAS row-wise FP8 ``_scaled_mm`` on the weight's codes already unpacked to e4m3 (the
+                     ceiling of the unpack-then-GEMM path); rowwise_fast: ``use_fast_accum=True``
+      unpack_rowwise the path deployed today: kernels.unpack (codes -> e4m3 in memory) + rowwise
+      fused          kernels.gemm_fp8_lowbit (codes unpacked in registers in the GEMM), exact accumulation,
+                     default tile rule and orientation; fused_fast: fast accumulation; fused_other: exact,
+                     the other MMA orientation (whether kernels.gemm_fp8_lowbit.swap_ab chose well)
 """
 
 from __future__ import annotations
@@ -212,6 +224,110 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
     return row
 
 
+# the deployed UNet's linears after q/k/v fusion (mixdq.fuse): (M at 1024 px, N, K, count per UNet step). Width
+# 1280: 60 transformer blocks (down 2x10, mid 10, up 3x10) and 12 proj_in / proj_out; width 640: 10 blocks
+# (down 2x2, up 3x2) and 10; per block: to_qkv, attn1 / attn2 to_out, attn2 to_q, attn2 to_kv (77 text tokens),
+# GEGLU in (8 x width), ff out
+FP8_LOWBIT_SHAPES = [
+    (1024, 1280, 1280, 192),
+    (1024, 3840, 1280, 60),
+    (1024, 10240, 1280, 60),
+    (1024, 1280, 5120, 60),
+    (77, 2560, 2048, 60),
+    (4096, 640, 640, 40),
+    (4096, 1920, 640, 10),
+    (4096, 5120, 640, 10),
+    (4096, 640, 2560, 10),
+    (77, 1280, 2048, 10),
+]
+FP8_LOWBIT_OPS = ["fp16", "rowwise", "rowwise_fast", "unpack_rowwise", "fused", "fused_fast", "fused_other"]
+
+
+def bench_fp8_lowbit(M: int, N: int, K: int, bits: int, repeats: int, dev: str = "cuda") -> dict:
+    """GPU time (us) and error of each FP8_LOWBIT_OPS op on one shape with a random ``bits``-bit weight."""
+    from kernels.gemm_fp8_lowbit import fp8_lowbit_linear, rule_config, swap_ab
+    from kernels.tiles import device_sms
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x16 = torch.randn(M, K, device=dev, generator=g, dtype=torch.float16)
+    w16 = torch.randn(N, K, device=dev, generator=g, dtype=torch.float16) / K**0.5
+    q, s = reference.quantize_weight(w16, bits)
+    w = PackedWeight.from_codes(q, s.float(), bits)
+    act_scale = x16.float().abs().amax() / 448
+    x = (x16.float() / act_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    out_scale = (w.scale * act_scale).float()
+    codes_t = w.codes_fp8("triton").t()
+    ones, scale_b = torch.ones(M, 1, device=dev), out_scale.reshape(1, N)
+    rowwise = lambda fast, codes_t=codes_t: torch._scaled_mm(
+        x, codes_t, ones, scale_b, out_dtype=torch.float16, use_fast_accum=fast
+    )
+    ops = {
+        "fp16": lambda: F.linear(x16, w16),
+        "rowwise": lambda: rowwise(False),
+        "rowwise_fast": lambda: rowwise(True),
+        "unpack_rowwise": lambda: rowwise(False, w.codes_fp8("triton").t()),
+        "fused": lambda: fp8_lowbit_linear(x, w, out_scale),
+        "fused_fast": lambda: fp8_lowbit_linear(x, w, out_scale, fast_accum=True),
+        "fused_other": lambda: fp8_lowbit_linear(x, w, out_scale, swap=not swap_ab(M)),
+    }
+    ref = (x.float() @ w.codes().float().T) * out_scale
+    row = {"M": M, "N": N, "K": K, "bits": bits, "us": {}, "rel_err": {}, "errors": {}}
+    for name, fn in ops.items():
+        try:
+            if name != "fp16":
+                row["rel_err"][name] = rel_err(fn(), ref)
+            row["us"][name] = gpu_time_us(fn, repeats)
+        except Exception as e:  # noqa: BLE001 (one op failing on one shape must not lose the others)
+            row["errors"][name] = f"{type(e).__name__}: {e}"[:300]
+    sms = device_sms(x)
+    row["configs"] = {"fused": str(rule_config(M, N, swap_ab(M), sms)), "swap": swap_ab(M),
+                      "fused_other": str(rule_config(M, N, not swap_ab(M), sms))}  # fmt: skip
+    return row
+
+
+def fp8_lowbit_markdown(meta: dict, rows: list[dict]) -> str:
+    """Per-shape GPU times and, per (px, bits), the sum over one UNet step with the shapes' counts."""
+    fmt = lambda v: "—" if v is None else f"{v:.1f}"
+    head = "| px | bits | M | N | K | count | " + " | ".join(FP8_LOWBIT_OPS) + " | fused err |"
+    lines = [f"# Low-bit FP8 linears per shape — {meta['gpu']}", "",
+             f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · `{meta['command']}`", "",
+             "GPU time per call (µs): CUDA graph of back-to-back calls, median of replays. — = not run (see JSON).",
+             "Sums: every low-bit linear of the step at this bit width (a mixed config lies between the two).", "",
+             head, "|" + "---|" * (head.count("|") - 1)]  # fmt: skip
+    for r in rows:
+        cells = [fmt(r["us"].get(c)) for c in FP8_LOWBIT_OPS]
+        err = r["rel_err"].get("fused")
+        lines.append(f"| {r['px']} | {r['bits']} | {r['M']} | {r['N']} | {r['K']} | {r['count']} | "
+                     + " | ".join(cells) + f" | {'—' if err is None else f'{err:.1e}'} |")  # fmt: skip
+    lines += ["", "| px | bits | " + " | ".join(f"{c} (ms/step)" for c in FP8_LOWBIT_OPS) + " |",
+              "|" + "---|" * (2 + len(FP8_LOWBIT_OPS))]  # fmt: skip
+    for px, bits in sorted({(r["px"], r["bits"]) for r in rows}):
+        group = [r for r in rows if (r["px"], r["bits"]) == (px, bits)]
+        sums = [fmt(sum(r["us"][c] * r["count"] for r in group) / 1000) if all(c in r["us"] for r in group) else "—"
+                for c in FP8_LOWBIT_OPS]  # fmt: skip
+        lines.append(f"| {px} | {bits} | " + " | ".join(sums) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_fp8_lowbit(args, meta: dict) -> None:
+    """The ``--fp8-lowbit`` mode: every (px, bits, shape), a JSON line appended after each."""
+    jsonl, md = Path(f"{args.out_prefix}.jsonl"), Path(f"{args.out_prefix}.md")
+    jsonl.write_text("")
+    rows = []
+    for px in (int(p) for p in args.fp8_lowbit_px.split(",")):
+        for bits in (4, 2):
+            for M, N, K, count in FP8_LOWBIT_SHAPES:
+                m = M if M == 77 else M * px**2 // 1024**2
+                row = bench_fp8_lowbit(m, N, K, bits, args.repeats) | {"px": px, "count": count}
+                rows.append(row)
+                with jsonl.open("a") as f:
+                    f.write(json.dumps(row | {"meta": meta}) + "\n")
+                md.write_text(fp8_lowbit_markdown(meta, rows))
+                print(f"{px}px W{bits} ({m},{N},{K}) " + " ".join(f"{k}={v:.1f}" for k, v in row["us"].items()),
+                      row["errors"] or "", flush=True)  # fmt: skip
+            torch.cuda.empty_cache()
+
+
 def chosen_config(kernel, M: int, N: int, x: torch.Tensor):
     """The tile the launch used: the autotuner's pick with --autotune, else the default rule's."""
     from kernels.tiles import autotune_enabled, device_sms, rule_config
@@ -276,6 +392,13 @@ def main() -> None:
     parser.add_argument(
         "--sweep-tiles", default="", help="comma-separated ops (e.g. w8a8,w4a8,w4a16) to time with every tile too"
     )
+    parser.add_argument(
+        "--fp8-lowbit",
+        action="store_true",
+        help="only the W4A8 / W2A8 FP8 paths: the fused kernel vs unpacking + cuBLAS FP8, at the deployed UNet's "
+        "shapes (writes <prefix>.jsonl and <prefix>.md)",
+    )
+    parser.add_argument("--fp8-lowbit-px", default="512,1024", help="resolutions of --fp8-lowbit, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_kernels.py needs a CUDA GPU")
@@ -300,6 +423,10 @@ def main() -> None:
         "act_scale": ACT_SCALE,
         "act_zp": ACT_ZP,
     }
+    args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    if args.fp8_lowbit:
+        run_fp8_lowbit(args, meta)
+        return
     # latent tokens scale with pixels; the 77 text tokens do not
     shapes = [(m if m == 77 else m * args.px**2 // 1024**2, n, k, c) for m, n, k, c in UNET_SHAPES]
     if not args.no_peak:

@@ -10,6 +10,8 @@ reference, :mod:`kernels.reference`, elsewhere):
   :func:`conv2d_dequant` / :func:`linear_dequant` the alternative (:mod:`kernels.dequant`): the weight
   unpacked to 16 bits per call, the input rounded to its A8 grid, and a float conv / matmul.
 * :mod:`kernels.fp8`: FP8 e4m3 linear layers on cuBLAS (``torch._scaled_mm``).
+* :func:`fp8_lowbit_linear` e4m3 ``x [M, K]`` x packed 4- / 2-bit weight -> ``[M, N]`` on FP8 tensor cores, the
+  codes unpacked inside the GEMM (:mod:`kernels.gemm_fp8_lowbit`).
 
 Importing this package imports neither triton nor any kernel module; they load on first Triton use.
 ``backend="triton"`` forces the kernels (on CPU that needs ``TRITON_INTERPRET=1`` set before triton loads),
@@ -43,6 +45,7 @@ __all__ = [
     "conv2d_dequant",
     "conv2d_quant",
     "conv_weight_matrix",
+    "fp8_lowbit_linear",
     "has_triton_gpu",
     "linear_dequant",
     "pack_codes",
@@ -57,6 +60,7 @@ __all__ = [
     "unpack_int2",
     "unpack_int4",
 ]
+
 
 def quantize_act(
     x: torch.Tensor, scale: float, zp: int, bits: int = 8, out: torch.Tensor | None = None, *, backend: str = "auto"
@@ -137,3 +141,28 @@ def quant_linear_codes(
     else:
         y = reference.gemm_a8_codes(x2, weight, act_params, bias, out_dtype)
     return y.view(*lead, -1)
+
+
+def fp8_lowbit_linear(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    out_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    *,
+    fast_accum: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``(x @ codes.T) * out_scale + bias`` for e4m3 ``x [M, K]`` and a 4- / 2-bit ``weight`` of one K part, in
+    ``out_dtype``; ``out_scale [N]`` float32 is the weight's scale per row times x's scale. ``"torch"``: the codes
+    unpacked and multiplied in float32 (``fast_accum`` has no effect there)."""
+    if resolve_backend(x, backend) == "triton":
+        import kernels.ops  # noqa: F401 (registers torch.ops.mixdq.*)
+
+        if weight.k_split is not None:
+            raise ValueError(f"fp8_lowbit_linear takes weights of one K part, got k_split={weight.k_split}")
+        return torch.ops.mixdq.fp8_lowbit_linear(
+            x, weight.data, out_scale, bias, weight.bits, weight.in_features, out_dtype, fast_accum
+        )
+    y = (x.float() @ weight.codes().float().T) * out_scale.float()
+    return (y if bias is None else y + bias.float()).to(out_dtype)

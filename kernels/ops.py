@@ -123,6 +123,29 @@ def _(data, scales, bits, in_features, dtype):
     return data[0].new_empty(sum(d.shape[0] * k for d, k in zip(data, in_features)), dtype=dtype)
 
 
+@torch.library.custom_op("mixdq::fp8_lowbit_linear", mutates_args=())
+def fp8_lowbit_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    out_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    weight_bits: int,
+    in_features: int,
+    out_dtype: torch.dtype,
+    fast_accum: bool = False,
+) -> torch.Tensor:
+    """W4A8 / W2A8 on FP8 tensor cores, e4m3 ``x [M, K]`` x packed codes ``[N, bytes]`` unpacked in the GEMM ->
+    ``[M, N]`` in ``out_dtype`` (:mod:`kernels.gemm_fp8_lowbit`)."""
+    from kernels.gemm_fp8_lowbit import fp8_lowbit_launch as launch
+
+    return launch(x, qweight, weight_bits, in_features, out_scale, bias, out_dtype, fast_accum)
+
+
+@fp8_lowbit_linear.register_fake
+def _(x, qweight, out_scale, bias, weight_bits, in_features, out_dtype, fast_accum=False):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=out_dtype)
+
+
 @torch.library.custom_op("mixdq::gemm_a16", mutates_args=())
 def gemm_a16(
     x: torch.Tensor,

@@ -4,6 +4,7 @@ Run by tests/test_kernels_compile_sm90.py in a subprocess without ``TRITON_INTER
 the kernels are interpreted functions, which cannot be compiled).
 """
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def compile_for_hopper(kernel, config: triton.Config, pointer_types: dict, **con
         elif name in pointer_types and not name.endswith("_ptr"):  # e.g. TMA tensor descriptors
             signature[name] = pointer_types[name]
         elif name.endswith("_ptr"):
-            signature[name] = (pointer_types | POINTERS).get(name, "*i8")
+            signature[name] = (POINTERS | pointer_types).get(name, "*i8")
         elif "scale" in name or name in ("inv_scale", "zp"):
             signature[name] = "fp32"
         else:
@@ -106,6 +107,25 @@ def cases():
         yield f"unpack group {out[1:]}", unpack_group_kernel, one, grouped | {"out_ptr": out}, flags
 
 
+def fp8_lowbit_cases():
+    """The fused low-bit FP8 GEMM in both MMA orientations, at each orientation's largest tile."""
+    from kernels.gemm_fp8_lowbit import fp8_lowbit_kernel
+
+    pointers = {"x_ptr": "*fp8e4nv", "w_ptr": "*u8", "out_scale_ptr": "*fp32", "bias_ptr": "*fp16"}
+    for swap in (False, True):
+        config = largest([c for c in fp8_lowbit_kernel.configs if c.kwargs["SWAP"] == swap])
+        for bits in (4, 2):
+            flags = {"W_BITS": bits, "HAS_BIAS": True, "SWAP_AB": swap, "FAST_ACCUM": False}
+            yield f"fp8_lowbit W{bits} swap={swap}", fp8_lowbit_kernel, config, pointers, flags
+
+
+def e4m3_wgmma_count(ptx: str) -> int | str:
+    """wgmma instructions on e4m3 operands in ``ptx``; an error string if any MMA fell back to ``mma.sync``."""
+    if "mma.sync" in ptx:
+        return "mma.sync in the PTX: the FP8 dot did not lower to wgmma"
+    return ptx.count(".e4m3.e4m3 ")
+
+
 def one_stage_bytes(config: triton.Config, x_bytes: int) -> int:
     """Shared memory of one K step's operand tiles: x ``[BM, BK]`` and an int8 weight ``[BN, BK]``."""
     k = config.kwargs
@@ -114,9 +134,12 @@ def one_stage_bytes(config: triton.Config, x_bytes: int) -> int:
 
 def main() -> None:
     results = {}
-    for name, kernel, config, pointers, flags in cases():
+    for name, kernel, config, pointers, flags in itertools.chain(cases(), fp8_lowbit_cases()):
         try:
-            results[name] = compile_for_hopper(kernel, config, pointers, **flags).metadata.shared
+            compiled = compile_for_hopper(kernel, config, pointers, **flags)
+            results[name] = compiled.metadata.shared
+            if name.startswith("fp8_lowbit"):
+                results[f"{name}: e4m3 wgmma"] = e4m3_wgmma_count(compiled.asm["ptx"])
         except Exception as err:  # noqa: BLE001 (reported per case; the test names the failing path)
             results[name] = f"{type(err).__name__}: {err}"[-2000:]
         if name.endswith("largest tile"):

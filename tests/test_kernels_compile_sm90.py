@@ -5,7 +5,7 @@ real compiler rejects: on an H200, two ``return`` statements of different tile s
 ``if`` failed to compile although every interpreted test passed. Triton ships ``ptxas``, so every code path
 (weight bits x MMA orientation x K split) is compiled here to a cubin for sm_90 (tests/compile_sm90.py, in a
 subprocess without TRITON_INTERPRET), and the largest tiles are checked against the 227 KB of shared memory
-an H100 / H200 block may use.
+an H100 / H200 block may use; the fused low-bit FP8 GEMM's dots must lower to wgmma.
 """
 
 import json
@@ -34,8 +34,9 @@ def compiled() -> dict:
 def test_every_kernel_path_compiles_for_hopper(compiled):
     failures = {name: result for name, result in compiled.items() if not isinstance(result, int)}
     assert not failures, "\n\n".join(f"{name}: {error}" for name, error in failures.items())
-    # 6 A8 paths, 3 weight-only, 2 largest tiles (+ their one-stage sizes), the TMA GEMM, 4 unpack + 2 grouped
-    assert len(compiled) == 20
+    # 6 A8 paths, 3 weight-only, 2 largest tiles (+ their one-stage sizes), the TMA GEMM, 4 unpack + 2 grouped,
+    # 4 fused low-bit FP8 paths (+ their wgmma counts)
+    assert len(compiled) == 28
 
 
 def test_k_loop_is_software_pipelined(compiled):
@@ -48,8 +49,17 @@ def test_k_loop_is_software_pipelined(compiled):
     assert compiled["gemm_a8 TMA persistent"] >= 3 * (128 * 128 + 256 * 128)
 
 
+def test_fp8_lowbit_dots_run_on_wgmma(compiled):
+    """The unpacked-in-registers weight still reaches Hopper's FP8 wgmma (no mma.sync fallback): at least one
+    instruction per K-slice of a chunk (int4: 2, int2: 4), in both orientations."""
+    for bits in (4, 2):
+        for swap in (False, True):
+            count = compiled[f"fp8_lowbit W{bits} swap={swap}: e4m3 wgmma"]
+            assert isinstance(count, int) and count >= 8 // bits, (bits, swap, count)
+
+
 def test_tiles_fit_in_hopper_shared_memory(compiled):
     for name, shared in compiled.items():
-        if isinstance(shared, int) and not name.endswith("one stage"):
+        if isinstance(shared, int) and not name.endswith(("one stage", "wgmma")):
             # the unpacking kernels are elementwise: they may need no shared memory at all
             assert (0 if name.startswith("unpack") else 1) <= shared <= SHARED_MEMORY_PER_BLOCK, name
