@@ -223,6 +223,57 @@ def _shard(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """What the studio's Compare does, from the shell: FP16, simulated and deployed images with their costs."""
+    import json
+
+    from PIL import Image
+
+    from mixdq.calibrate import calibrate
+    from mixdq.config import ConfigError, PrecisionConfig
+    from mixdq.deploy.runner import DeployedRunner
+    from mixdq.evaluate.compare import compare, median_step_ms
+    from mixdq.inventory import layer_inventory
+    from mixdq.memory import MB
+    from mixdq.models import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device)
+    try:
+        config = PrecisionConfig.load(args.config)
+        config.validate(layer_inventory(pipe.unet))
+    except ConfigError as err:
+        raise SystemExit(f"error: {args.config}: {err}") from None
+    size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
+    ranges = calibrate(pipe, num_inference_steps=args.steps, cache_dir=args.cache_dir) if config.act_bits else None
+    result = compare(DeployedRunner(pipe), config, ranges, args.prompt, args.seed, args.steps, size, print)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("fp16", "simulated", "deployed"):
+        image = getattr(result, name).image
+        Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
+            args.out / f"{name}.png"
+        )
+    summary = {
+        "kernel_path": result.kernel_path,
+        "deploy": result.deploy.report.describe(),
+        "deploy_seconds": result.deploy.seconds,
+        "step_ms": {"fp16": median_step_ms(result.fp16), "deployed": median_step_ms(result.deployed)},
+        "timing_method": result.deployed.timing_method,
+        "image_seconds": {"fp16": result.fp16.seconds, "deployed": result.deployed.seconds},
+        "unet_mb": {
+            "fp16": result.fp16_bytes / MB,
+            "deployed": result.measured_bytes / MB,
+            "accounted": result.accounted_bytes / MB,
+        },
+        "deployed_vs_fp16": result.deployed_vs_fp16,
+        "simulated_vs_fp16": result.simulated_vs_fp16,
+        "deployed_vs_simulated": result.deployed_vs_simulated,
+        "notes": list(result.notes),
+    }
+    (args.out / "compare.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    print(f"images and compare.json in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mixdq",
@@ -277,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None, help="none | embedded | ARCH:WEIGHTS_FILE (open_clip); default: embedded for the embedded model, else none")
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="results stem: writes STEM.csv and STEM.json (default ./evaluation)")
     p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser(
+        "compare",
+        help="FP16, fake-quant simulation and deployed (packed weights, kernels) images: times, memory, metrics",
+    )
+    _model_args(p)
+    _sampling_args(p, steps=4, seed=0)
+    p.add_argument("--prompt", required=True, help='e.g. "a red circle on the left, on a yellow background"')
+    p.add_argument("--config", type=Path, required=True, help="precision config JSON (from `allocate` or the studio)")
+    p.add_argument("--out", type=Path, default=Path("outputs/compare"), help="folder for the PNGs and compare.json")
+    p.set_defaults(handler=cmd_compare)
 
     add_allocate_parser(sub)
     return parser
