@@ -58,6 +58,7 @@ def row_of(name: str, px: int, click: int, seconds: float, out: dict) -> dict[st
         "px": px,
         "click": click,
         "click_seconds": round(seconds, 3),
+        "compiled": deployed.compiled,
         "redeployed": result.redeployed,
         "deploy_seconds": round(deploy.seconds, 3),
         "capture_seconds_fp16": round(fp16.warmup_seconds, 3),
@@ -89,15 +90,17 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"# Studio Compare on the kernels: {meta['device']}, {meta['date']}\n\n"
         f"`{meta['command']}` at commit {meta['commit']}; model {meta['model']}; {meta['steps']} step(s), batch 1, "
         "seed 0. GPU ms per UNet step: median over the image's steps, CUDA-graph replays timed with CUDA events, "
-        "FP16 and deployed in the same process (FP16 eager + CUDA graph, not torch.compile). Click 1 = a new "
-        "config (deploy from the FP16 weights held once + CUDA-graph capture + FP16 / simulated / deployed images); "
+        "FP16 and deployed in the same process, both eager + CUDA graph, or both regionally compiled + CUDA graph "
+        "where the row says compiled. Click 1 = a new "
+        "config (deploy from the FP16 weights held once + compile where compiled + CUDA-graph capture + FP16 / "
+        "simulated / deployed images); "
         "click 2 = the same config again.\n\n"
         "| config | px | click | click s | deploy s | capture s | FP16 ms | deployed ms | speed-up | image s FP16 / "
         "deployed | UNet MB FP16 / measured / accounted | peak MB FP16 / deployed | PSNR dep-FP16 / sim-FP16 / "
         "dep-sim |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = [
-        f"| {r['config']} | {r['px']} | {r['click']} | {r['click_seconds']:.1f} | "
+        f"| {r['config']}{' (compiled)' if r.get('compiled') else ''} | {r['px']} | {r['click']} | {r['click_seconds']:.1f} | "
         f"{r['deploy_seconds'] if r['redeployed'] else '(reused)'} | {r['capture_seconds_deployed']:.1f} | "
         f"{r['step_ms_fp16']:.2f} | {r['step_ms_deployed']:.2f} | {r['speedup']:.2f}x | "
         f"{r['image_seconds_fp16']:.3f} / {r['image_seconds_deployed']:.3f} | "
@@ -120,6 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mixdq-cache"))
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run)")
+    parser.add_argument(
+        "--compiled", action="store_true", help="the page's torch.compile option: FP16 and deployed compiled"
+    )
     parser.add_argument("--commit", default="unknown")
     return parser.parse_args(argv)
 
@@ -159,7 +165,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for click in (1, 2):
                 begin = time.perf_counter()
                 try:
-                    out = workspace.compare(config, PROMPT, 0, args.steps, px, on_stage=lambda s: print("  " + s))
+                    out = workspace.compare(
+                        config, PROMPT, 0, args.steps, px, on_stage=lambda s: print("  " + s), compiled=args.compiled
+                    )
                 except Exception as err:  # noqa: BLE001 - one failing config must not lose the others' rows
                     rows.append({"config": name, "px": px, "click": click, "error": f"{type(err).__name__}: {err}"})
                     print(f"{name} {px}: {rows[-1]['error']}", flush=True)

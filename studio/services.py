@@ -411,7 +411,14 @@ class ModelWorkspace:
         return self._runner
 
     def compare(
-        self, config: PrecisionConfig, prompt: str, seed: int, steps: int, size: int, on_stage=lambda _: None
+        self,
+        config: PrecisionConfig,
+        prompt: str,
+        seed: int,
+        steps: int,
+        size: int,
+        on_stage=lambda _: None,
+        compiled: bool = False,
     ) -> dict:
         """FP16, fake-quant simulation and deployed images from the same noise (:func:`mixdq.evaluate.compare`),
         their difference, and the embedded model's CLIP score and caption alignment of FP16 and deployed."""
@@ -420,7 +427,7 @@ class ModelWorkspace:
         config.validate(self.layers)
         with self.lock:
             ranges = self.act_ranges(steps) if config.act_bits else None
-            result = compare(self.runner, config, ranges, prompt, seed, steps, size, on_stage)
+            result = compare(self.runner, config, ranges, prompt, seed, steps, size, on_stage, compiled)
         fp, deployed = result.fp16.image, result.deployed.image
         metrics = {}
         scorer, checker = self.judges()
@@ -454,6 +461,7 @@ def compare_report(out: dict, device_type: str) -> str:
     step_unit = "GPU ms" if deployed.timing_method.startswith("cuda") else "ms (CPU wall clock)"
     method = {"cuda_graph": "CUDA graph replays, CUDA events", "cuda_events": "eager, CUDA events"}
     how = method.get(deployed.timing_method, "wall clock")
+    how = ("torch.compile'd blocks, " if deployed.compiled else "eager PyTorch, ") + how
 
     def dist(d: dict) -> str:
         return f"SSIM {d['ssim']:.4f} · PSNR {d['psnr']:.2f} dB"

@@ -176,7 +176,7 @@ def build_demo(
             progress(None, desc=stage)
 
         try:
-            out = workspace.compare(config, prompt, int(seed), int(steps), int(size), on_stage)
+            out = workspace.compare(config, prompt, int(seed), int(steps), int(size), on_stage, bool(compiled))
         except ConfigError as err:
             raise gr.Error(f"This config does not fit the loaded model: {err}") from None
         except services.DeployOutOfMemoryError as err:
@@ -267,7 +267,13 @@ def build_demo(
                     step=64,
                     label="resolution (px)",
                 )
-            generate = gr.Button("Generate FP vs deployed", variant="primary", elem_id="generate")
+            with gr.Row():
+                generate = gr.Button("Generate FP vs deployed", variant="primary", elem_id="generate", scale=3)
+                compiled = gr.Checkbox(
+                    False,
+                    label="torch.compile FP16 and deployed (GPU: timed as they would ship; 1-3 min warm-up per config)",
+                    visible=workspace.device.type == "cuda",
+                )
             with gr.Row():
                 slider = gr.ImageSlider(
                     label="full precision | deployed (packed weights, kernels)", type="pil", format="png"
@@ -320,7 +326,7 @@ def build_demo(
         )
         generate.click(
             compare,
-            [config_state, preset, prompt, seed, steps, size, weight_scales, fp8],
+            [config_state, preset, prompt, seed, steps, size, weight_scales, fp8, compiled],
             [slider, simulated, diff, report],
             api_name="compare",
             concurrency_id="gpu",

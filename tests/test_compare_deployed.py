@@ -102,3 +102,29 @@ def test_cli_compare_writes_three_images_and_the_numbers(tmp_path):
     assert summary["kernel_path"].startswith("PyTorch integer reference path on the CPU")
     assert summary["unet_mb"]["deployed"] < summary["unet_mb"]["fp16"] / 1.7
     assert summary["deployed_vs_simulated"]["psnr"] > 60 and summary["timing_method"] == "cpu_wall"
+
+
+def test_compiled_mode_times_both_unets_compiled(monkeypatch, fresh_random_pipe, w8):
+    """With the page's torch.compile option the deployed UNet and a plain FP16 copy are compiled (regionally), and
+    the FP16 image comes from that copy: both sides timed the same way. (torch.compile itself is recorded here,
+    not run: its speed is measured on the GPU, bench/gpu_studio.py --compiled.)"""
+    import importlib
+
+    from torch import nn
+
+    compile_module = importlib.import_module("mixdq.deploy.compile")  # `mixdq.deploy` the attribute is the function
+
+    compiled_unets = []
+    monkeypatch.setattr(compile_module, "compile_repeated_blocks", lambda unet, **kw: compiled_unets.append(unet) or 1)
+    runner = DeployedRunner(fresh_random_pipe)
+    eager = compare(runner, w8, None, PROMPT, 1, 1, 64)
+    assert not runner.compiled and not eager.deployed.compiled and not eager.fp16.compiled
+    result = compare(runner, w8, None, PROMPT, 1, 1, 64, compiled=True)
+    assert runner.compiled and result.deployed.compiled and result.fp16.compiled and not result.simulated.compiled
+    baseline, deployed = compiled_unets
+    assert deployed is runner.current.unet and baseline is runner._fp16_compiled
+    quantizable = (nn.Linear, nn.Conv2d)
+    assert all(type(m) in quantizable for m in baseline.modules() if isinstance(m, quantizable))  # plain FP16 layers
+    assert result.fp16.image.equal(eager.fp16.image)  # the plain copy computes the same FP16 image
+    compare(runner, w8, None, PROMPT, 1, 1, 64, compiled=True)
+    assert len(compiled_unets) == 2  # compiled once per deploy, the baseline once per runner

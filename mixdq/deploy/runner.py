@@ -225,8 +225,9 @@ class Generation:
     seconds: float  # end to end (text encoders + UNet steps + VAE), wall clock, after any capture
     step_ms: tuple[float, ...]  # per UNet call (see CallTimes.method)
     timing_method: str
-    warmup_seconds: float  # CUDA-graph capture this image needed first (0 once captured)
+    warmup_seconds: float  # CUDA-graph capture (and compile) this image needed first (0 once captured)
     peak_bytes: int | None  # peak GPU memory allocated during the image (CUDA)
+    compiled: bool = False  # the UNet ran torch.compile'd blocks (regional compile)
 
 
 @contextlib.contextmanager
@@ -253,6 +254,8 @@ class DeployedRunner:
         self.use_graphs = use_graphs
         self.current: DeployedUNet | None = None
         self._forwards: dict[int, GraphedForward] = {}
+        self._compiled: set[int] = set()  # ids of deployed UNets whose blocks are compiled
+        self._fp16_compiled: nn.Module | None = None  # a plain FP16 copy, compiled: the compiled baseline
 
     @property
     def kernel_path(self) -> str:
@@ -311,31 +314,64 @@ class DeployedRunner:
         if self.current is None:
             return
         self._forwards.pop(id(self.current.unet), None)
+        self._compiled.discard(id(self.current.unet))
         self.current = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @property
+    def compiled(self) -> bool:
+        """True when the deployed UNet (and so the FP16 baseline it is timed against) runs compiled."""
+        return self.current is not None and id(self.current.unet) in self._compiled
+
+    @torch.no_grad()
+    def compile(self, on_stage: Callable[[str], None] = lambda _: None) -> None:
+        """Regional ``torch.compile`` of the deployed UNet, and of a plain FP16 copy as its baseline (made once,
+        an extra FP16 UNet in memory), so that both are timed compiled: eager PyTorch leaves the deployed
+        layers' activation quantization unfused, which makes a deployed UNet look slower than it is. The
+        compile itself runs lazily at the next image of each shape (its warm-up: minutes on a cold cache)."""
+        from mixdq.deploy.compile import compile_repeated_blocks
+
+        if self.current is None:
+            raise RuntimeError("nothing is deployed yet: call deploy(config, act_ranges) first.")
+        if self._fp16_compiled is None:
+            on_stage("building the compiled FP16 baseline")
+            plain = copy.deepcopy(self.fp_unet)
+            deploy(plain, PrecisionConfig())  # every layer back to its plain nn.Linear / nn.Conv2d
+            compile_repeated_blocks(plain)
+            self._fp16_compiled = plain
+        if not self.compiled:
+            on_stage("compiling the deployed UNet's blocks (torch.compile, regional)")
+            compile_repeated_blocks(self.current.unet)
+            self._forwards.pop(id(self.current.unet), None)  # graphs of the eager blocks
+            self._compiled.add(id(self.current.unet))
+
     @torch.no_grad()
     def generate(self, which: str, prompt: str, seed: int, steps: int, size: int, **pipe_kwargs) -> Generation:
         """One image from ``which`` UNet: ``"fp16"`` (exact FP), ``"simulated"`` (the fake-quant UNet as
-        :func:`mixdq.quantize_` left it) or ``"deployed"`` (needs :meth:`deploy`). Same noise for all three."""
+        :func:`mixdq.quantize_` left it) or ``"deployed"`` (needs :meth:`deploy`). Same noise for all three.
+        Once :meth:`compile` ran for the current deploy, ``"fp16"`` and ``"deployed"`` run compiled."""
+        mode = contextlib.nullcontext()
         if which == "deployed":
             if self.current is None:
                 raise RuntimeError("nothing is deployed yet: call deploy(config, act_ranges) first.")
-            unet, mode = self.current.unet, contextlib.nullcontext()
+            unet = self.current.unet
+        elif which == "fp16" and self.compiled:
+            unet = self._fp16_compiled
         elif which in ("fp16", "simulated"):
             unet = self.fp_unet
-            mode = quantization_off(unet) if which == "fp16" else contextlib.nullcontext()
+            mode = quantization_off(unet) if which == "fp16" else mode
         else:
             raise ValueError(f"which must be 'fp16', 'simulated' or 'deployed', got {which!r}.")
+        compiled = which != "simulated" and self.compiled
         graphed = which != "simulated"  # fake-quant layers are the reference, not a speed: timed as they run
         forward = self._forward_of(unet, graphed)
         with swapped_unet(self.pipe, unet), mode, _installed(unet, forward):
             image, warmup, seconds, peak, times = self._image(forward, prompt, seed, steps, size, pipe_kwargs)
             if warmup > 0:  # this image waited for a capture: time one that only replays
                 image, _, seconds, peak, times = self._image(forward, prompt, seed, steps, size, pipe_kwargs)
-        return Generation(image, seconds, tuple(times.ms()), times.method, warmup, peak)
+        return Generation(image, seconds, tuple(times.ms()), times.method, warmup, peak, compiled)
 
     def _forward_of(self, unet: nn.Module, graphed: bool) -> GraphedForward:
         key = id(unet) if graphed else -id(unet)

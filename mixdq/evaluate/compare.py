@@ -69,11 +69,14 @@ def compare(
     steps: int,
     size: int,
     on_stage: Callable[[str], None] = lambda _: None,
+    compiled: bool = False,
 ) -> Comparison:
     """FP16, fake-quant and deployed images of ``prompt`` from the same noise, with times, memory and metrics.
 
     The pipeline's UNet is left fake-quantized with ``config`` (the simulation), the deployed copy is kept for
     the next call with the same config (a new config re-deploys from the FP weights without reloading).
+    ``compiled``: time the deployed UNet and the FP16 baseline compiled (:meth:`DeployedRunner.compile`; the
+    first image of each config and shape waits for the compile).
     """
     pipe = runner.pipe
     layers = layer_inventory(runner.fp_unet)
@@ -84,6 +87,8 @@ def compare(
     on_stage("simulating (fake-quant)")
     quantize_(pipe, config, act_ranges)
     deployed_unet = runner.deploy(config, act_ranges, on_stage)
+    if compiled:
+        runner.compile(on_stage)
     on_stage("FP16 image")
     fp16 = runner.generate("fp16", prompt, seed, steps, size)
     on_stage("simulated image")
