@@ -331,11 +331,11 @@ class PrecisionConfig:
             weight_bits={n: b for n, b in weight_map.items() if n not in fp_weight},
             act_bits={n: b for n, b in act_map.items() if n not in fp_act},
             protected=protected,
-            model_id=model_id,
         )
-        if layers is not None:
+        if layers is not None:  # before the model id is set: MixDQ's yaml does not say which model it was made for
             config.validate(layers, model_id, source=" + ".join(sources[: 1 if act_yaml is None else 2]))
             config.fingerprint = inventory_fingerprint(layers)
+        config.model_id = model_id
         return config
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,13 @@ def read_text(path: Path, name: str, what: str) -> str:
         missing = not path.exists()
         raise ConfigError(f"{what} file not found: {name}" if missing else f"{what} {name} is not a regular file.")
     too_big = f"{what} file {name} is larger than {MAX_CONFIG_BYTES // 2**20} MB, the limit for a config."
-    if path.stat().st_size > MAX_CONFIG_BYTES:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
         raise ConfigError(too_big)
     with path.open("rb") as handle:
-        data = handle.read(MAX_CONFIG_BYTES + 1)
+        data = handle.read(size + 1)  # not read(cap): that would allocate the whole cap for any file
+        if len(data) > size:  # it grew since stat (or is a /proc file of size 0): read on, within the cap
+            data += handle.read(MAX_CONFIG_BYTES + 1 - len(data))
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(too_big)
     try:
@@ -106,21 +110,25 @@ def parse_json(text: str, source: str) -> Any:
         raise ConfigError(f"{source} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from None
     except RecursionError:
         raise _too_deep(source) from None
-    # Nesting needs brackets: a text with few of them cannot be too deep, which spares the walk.
-    if text.count("[") + text.count("{") > MAX_DEPTH:
-        _check_depth(data, source)
+    if text.count("[") + text.count("{") > MAX_DEPTH:  # fewer brackets cannot nest too deep
+        _check_depth(text, source)
     return data
 
 
-def _check_depth(data: Any, source: str) -> None:
-    stack = [(data, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise _too_deep(source)
-        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_EMPTY_PAIR = re.compile(r"\[\]|\{\}")
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse JSON text (already parsed) that nests deeper than :data:`MAX_DEPTH`, at C speed: with strings
+    and everything but brackets removed, each pass deletes the innermost empty pairs, one level of nesting."""
+    brackets = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", text))
+    for _ in range(MAX_DEPTH):
+        brackets = _EMPTY_PAIR.sub("", brackets)
+        if not brackets:
+            return
+    raise _too_deep(source)
 
 
 def _too_deep(source: str) -> ConfigError:
@@ -157,16 +165,17 @@ def _flat_mapping(loader: Any, source: str) -> dict[str, Any]:
             )
         return event
 
-    def scalar(event: yaml.Event, what: str) -> Any:
+    def scalar(event: yaml.Event, what: Callable[[], str]) -> Any:
+        implicit = getattr(event, "implicit", True)  # a tuple for scalars, a bool for collections
+        if getattr(event, "tag", None) is not None and not (any(implicit) if isinstance(implicit, tuple) else implicit):
+            raise ConfigError(f"{source}: explicit yaml tag {quote(event.tag)}{_at(event)} is not allowed.")
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             kind = "mapping" if isinstance(event, yaml.MappingStartEvent) else "list"
-            raise ConfigError(f"{source}: {what} is a {kind}{_at(event)}; MixDQ yaml maps layer names to bits.")
-        if event.tag is not None and not any(event.implicit):
-            raise ConfigError(f"{source}: explicit yaml tag {quote(event.tag)}{_at(event)} is not allowed.")
+            raise ConfigError(f"{source}: {what()} is a {kind}{_at(event)}; MixDQ yaml maps layer names to bits.")
         tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
         if tag == _INT_TAG and len(event.value) > MAX_INT_DIGITS:
             raise ConfigError(
-                f"{source}: {what} is an integer of {len(event.value)} digits; integers have at most "
+                f"{source}: {what()} is an integer of {len(event.value)} digits; integers have at most "
                 f"{MAX_INT_DIGITS} digits."
             )
         # The tag's own constructor, not construct_object, whose cache would keep every node of the file.
@@ -178,12 +187,12 @@ def _flat_mapping(loader: Any, source: str) -> dict[str, Any]:
             raise ConfigError(f"{source} is empty; MixDQ yaml maps layer names to bits.")
     event = next_event()
     if not isinstance(event, yaml.MappingStartEvent):
-        kind = "a list" if isinstance(event, yaml.SequenceStartEvent) else quote(scalar(event, "the document"))
+        kind = "a list" if isinstance(event, yaml.SequenceStartEvent) else quote(scalar(event, lambda: "the document"))
         raise ConfigError(f"{source} must map layer names to bits, got {kind}.")
     result: dict[str, Any] = {}
     while not isinstance(event := next_event(), yaml.MappingEndEvent):
-        key = scalar(event, "a key")
-        value = scalar(next_event(), f"the value of {quote(key)}")
+        key = scalar(event, lambda: "a key")
+        value = scalar(next_event(), lambda key=key: f"the value of {quote(key)}")  # built on error only
         if not isinstance(key, str):
             key = str(key)
         if key in result:
