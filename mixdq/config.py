@@ -130,12 +130,16 @@ class PrecisionConfig:
                 f"{this}."
             )
         known = {i.name for i in layers}
-        named = [*self.weight_bits, *self.act_bits, *self.protected, *self.fp8]
-        unknown = [name for name in named if name not in known]
-        if unknown and 2 * len(unknown) > len(named):
+        entries = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "protected": self.protected}
+        unknown = [
+            (what, name) for what, names in (entries | {"fp8": self.fp8}).items() for name in names if name not in known
+        ]
+        named = sum(map(len, entries.values())) + len(self.fp8)
+        if len(unknown) >= 2 and 2 * len(unknown) > named:  # most names unknown: not a typo, another model
+            what, name = unknown[0]
             raise ConfigError(
-                f"{len(unknown)} of the {len(named)} layer entries are not layers of this UNet (e.g. "
-                f"{quote(unknown[0])}): the config was made for another model ({made_for}); {this}."
+                f"{what}: unknown layer {quote(name)}; {len(unknown)} of the {named} layer entries are not layers of "
+                f"this UNet, so the config was made for another model ({made_for}); {this}."
             )
         for what, entries, candidates in (
             ("weight_bits", self.weight_bits, WEIGHT_BITS),

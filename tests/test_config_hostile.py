@@ -324,8 +324,9 @@ def test_a_yaml_pair_for_another_model_says_so(valid, layers, tmp_path):
     (tmp_path / "t_act.yaml").write_text(act_yaml)
     message = refuse(tmp_path / "t", layers, name="turbo")
     unknown = {i.name for i in turbo} - {i.name for i in layers}
-    assert message.startswith(
-        f"turbo_weight.yaml + turbo_act.yaml: {2 * len(unknown)} of the {2 * len(turbo)} layer entries are not layers "
-        "of this UNet (e.g. "
+    assert message.startswith("turbo_weight.yaml + turbo_act.yaml: weight_bits: unknown layer 'down_blocks.")
+    assert f"; {2 * len(unknown)} of the {2 * len(turbo)} layer entries are not layers of this UNet, " in message
+    assert message.endswith(
+        f"so the config was made for another model (model not recorded); this is tiny (architecture "
+        f"{inventory_fingerprint(layers)}, {len(layers)} layers)."
     )
-    assert "the config was made for another model (model not recorded); this is tiny (architecture " in message
