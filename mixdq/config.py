@@ -27,8 +27,6 @@ MIXDQ_YAML_PREFIX = "model."
 SCHEMA_VERSION = 1
 FORMAT_NAME = "mixdq-studio/precision-config"
 
-__all__ = ["ConfigError", "PrecisionConfig", "mixdq_yaml_pair"]
-
 
 @dataclass
 class PrecisionConfig:
@@ -130,11 +128,14 @@ class PrecisionConfig:
                 f"{this}."
             )
         known = {i.name for i in layers}
-        entries = {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "protected": self.protected}
-        unknown = [
-            (what, name) for what, names in (entries | {"fp8": self.fp8}).items() for name in names if name not in known
-        ]
-        named = sum(map(len, entries.values())) + len(self.fp8)
+        listed = {
+            "weight_bits": self.weight_bits,
+            "act_bits": self.act_bits,
+            "protected": self.protected,
+            "fp8": self.fp8,
+        }
+        unknown = [(what, name) for what, names in listed.items() for name in names if name not in known]
+        named = sum(map(len, listed.values()))
         if len(unknown) >= 2 and 2 * len(unknown) > named:  # most names unknown: not a typo, another model
             what, name = unknown[0]
             raise ConfigError(
@@ -259,7 +260,7 @@ class PrecisionConfig:
         :meth:`to_mixdq_yaml` is exported; :func:`mixdq_yaml_pair` gives the rule). Files are read within the
         bounds of :mod:`mixdq.config_io` (size, nesting, integer length, duplicate keys, no yaml aliases).
         ``name`` is the file as the user knows it (an upload's own name, not its temporary path); every
-        :class:`ConfigError` starts with it. With ``layers`` the config is also validated for that model, which
+        :class:`ConfigError` names it. With ``layers`` the config is also validated for that model, which
         ``model_id`` names.
         """
         path = Path(path)

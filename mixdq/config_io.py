@@ -15,7 +15,7 @@ import yaml
 
 # A config file larger than this is refused before it is read (an SDXL config is about 100 KB).
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
-# JSON objects and arrays nest at most this deep (a PrecisionConfig needs 4 levels; metadata gets the rest).
+# JSON objects and arrays nest at most this deep (a PrecisionConfig with its allocation metadata uses 5).
 MAX_DEPTH = 64
 # Integers have at most this many digits (bits, sizes and seeds all fit; Python refuses > 4300 digits itself).
 MAX_INT_DIGITS = 32
