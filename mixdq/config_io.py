@@ -68,10 +68,13 @@ def read_text(path: Path, name: str, what: str) -> str:
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(too_big)
-    with path.open("rb") as handle:
-        data = handle.read(size + 1)  # not read(cap): that would allocate the whole cap for any file
-        if len(data) > size:  # it grew since stat (or is a /proc file of size 0): read on, within the cap
-            data += handle.read(MAX_CONFIG_BYTES + 1 - len(data))
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(size + 1)  # not read(cap): that would allocate the whole cap for any file
+            if len(data) > size:  # it grew since stat (or is a /proc file of size 0): read on, within the cap
+                data += handle.read(MAX_CONFIG_BYTES + 1 - len(data))
+    except OSError as err:
+        raise ConfigError(f"{what} file {name} cannot be read: {err.strerror or err}.") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(too_big)
     try:

@@ -265,6 +265,16 @@ def test_binary_and_non_regular_files(layers, tmp_path):
     assert refuse(tmp_path / "missing.json", layers) == f"config file not found: {NAME}.json"
 
 
+def test_an_unreadable_file_is_a_config_error(layers, tmp_path, monkeypatch):
+    path = write(tmp_path, "{}")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "open", denied)
+    assert refuse(path, layers) == f"config file {NAME}.json cannot be read: Permission denied."
+
+
 # ---- which paths name a MixDQ yaml pair ----------------------------------------------------------------------------
 def test_the_yaml_pair_rule(valid, layers, tmp_path):
     weight_yaml, act_yaml = valid.to_mixdq_yaml(layers)
