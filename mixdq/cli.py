@@ -11,6 +11,8 @@ from pathlib import Path
 
 from mixdq.allocate.cli import add_parser as add_allocate_parser
 
+# What --config accepts (mixdq.config_io.mixdq_yaml_pair has the rule for yaml pairs).
+CONFIG_FORMS = "JSON, or a MixDQ yaml pair: STEM.weight.yaml (or STEM_weight.yaml), that STEM, or a folder of one pair"
 DEFAULT_CACHE = Path(os.environ.get("MIXDQ_CACHE_DIR", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixdq-studio"))
 
 
@@ -60,20 +62,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from mixdq.calibrate import calibrate
-    from mixdq.config import ConfigError, PrecisionConfig
+    from mixdq.config import PrecisionConfig
+    from mixdq.inventory import layer_inventory
     from mixdq.models import TURBO_SAMPLING, load_pipeline
     from mixdq.quant import quantization_off, quantize_
 
+    # Read before the model loads, so that a bad file fails at once.
+    config = PrecisionConfig.load(args.config) if args.config is not None else None
     pipe = load_pipeline(args.model, device=args.device)
-    config = None
-    if args.config is not None:
-        try:
-            config = PrecisionConfig.load(args.config)
-            from mixdq.inventory import layer_inventory
-
-            config.validate(layer_inventory(pipe.unet))
-        except ConfigError as err:
-            raise SystemExit(f"error: {args.config}: {err}") from None
+    if config is not None:
+        config.validate(layer_inventory(pipe.unet), pipe.model_id, source=str(args.config))
     size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
@@ -135,7 +133,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from mixdq.config import ConfigError, PrecisionConfig
+    from mixdq.config import PrecisionConfig
     from mixdq.evaluate import embedded_checker, evaluate, save_results
     from mixdq.inventory import layer_inventory
     from mixdq.models import EMBEDDED_MODEL_DIR, load_pipeline
@@ -147,16 +145,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.naive) - set(names))
     if unknown:
         raise SystemExit(f"error: --naive {unknown[0]!r} is not a --config name; names: {names}.")
+    configs: dict[str, PrecisionConfig | None] = {"FP": None}
+    configs.update((name, PrecisionConfig.load(path)) for name, path in args.config)  # before the model loads
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     layers = layer_inventory(pipe.unet)
-    configs: dict[str, PrecisionConfig | None] = {"FP": None}
     for name, path in args.config:
-        try:
-            configs[name] = PrecisionConfig.load(path)
-            configs[name].validate(layers)
-        except ConfigError as err:
-            raise SystemExit(f"error: {path}: {err}") from None
+        configs[name].validate(layers, pipe.model_id, source=str(path))
     prompts = _read_prompts(args.prompts)
     # The embedded model's captions carry their ground truth, so it gets the alignment checker and its CLIP.
     embedded = args.model is None or Path(args.model).resolve() == EMBEDDED_MODEL_DIR.resolve()
@@ -293,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _sampling_args(p, steps=4, seed=0)
     p.add_argument("--prompt", required=True, help='e.g. "a red circle on the left, on a yellow background"')
-    p.add_argument("--config", type=Path, default=None, help="precision config JSON (from `allocate` or the studio)")
+    p.add_argument("--config", type=Path, default=None, help=f"precision config from `allocate` or the studio: {CONFIG_FORMS}")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
     p.set_defaults(handler=cmd_generate)
 
@@ -317,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip ViT-L-14:/path/open_clip_pytorch_model.bin --steps 1 --size 512 --out results/turbo",
     )
     _model_args(p)
-    p.add_argument("--config", type=_named_path, action="append", default=[], metavar="NAME=PATH", help="a precision config JSON, repeatable")
+    p.add_argument("--config", type=_named_path, action="append", default=[], metavar="NAME=PATH", help=f"a precision config, repeatable: {CONFIG_FORMS}")
     p.add_argument("--naive", action="append", default=[], metavar="NAME", help="evaluate config NAME without BOS handling (MixDQ's naive baseline), repeatable")
     p.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line (default for the embedded model: assets/prompts.txt)")
     p.add_argument("--calibration-prompts", type=Path, default=None, help="prompts for activation calibration (default: assets/prompts.txt)")
@@ -346,10 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mixdq.config import ConfigError
     from mixdq.models import ModelNotAvailableError
 
     try:
         return args.handler(args) or 0
-    except ModelNotAvailableError as err:
+    except (ModelNotAvailableError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,13 +4,13 @@ the MixDQ authors' yaml format, and is validated against a model's layer invento
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mixdq.config_io import ConfigError, mixdq_yaml_pair, parse_flat_yaml, parse_json, quote, read_text, shorten
 from mixdq.inventory import LayerInfo, inventory_fingerprint
 
 # Candidate bit-widths, the single source of truth for every module that chooses bits.
@@ -18,17 +18,14 @@ WEIGHT_BITS: tuple[int, ...] = (2, 4, 8)
 # How weight scales are chosen (mixdq.quant.primitives): MixDQ's min-max, or per-row MSE clipping.
 WEIGHT_CLIPS: tuple[str, ...] = ("minmax", "mse")
 ACT_BITS: tuple[int, ...] = (4, 8)
-# In MixDQ yaml files a layer kept in floating point is written with this bit-width.
+# In MixDQ yaml files a layer kept in floating point is written with this bit-width (and read at 16 or 32).
 MIXDQ_YAML_FP_BITS = 16
+MIXDQ_YAML_FP_READ: tuple[int, ...] = (MIXDQ_YAML_FP_BITS, 32)
 # MixDQ's yaml keys carry the UNet's attribute name as prefix.
 MIXDQ_YAML_PREFIX = "model."
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "mixdq-studio/precision-config"
-
-
-class ConfigError(ValueError):
-    """A precision config that cannot be applied; the message names the first offending entry."""
 
 
 @dataclass
@@ -108,42 +105,69 @@ class PrecisionConfig:
         config.validate(layers)
         return config
 
-    def validate(self, layers: list[LayerInfo]) -> None:
-        """Raise :class:`ConfigError` naming the first entry that does not fit ``layers``."""
+    def validate(self, layers: list[LayerInfo], model_id: str = "", source: str | None = None) -> None:
+        """Raise :class:`ConfigError` naming the first entry that does not fit ``layers``.
+
+        ``model_id`` names the loaded model in the message when the config was made for another one; ``source``
+        (the config's file) starts every message.
+        """
+        try:
+            self._validate(layers, model_id)
+        except ConfigError as err:
+            if source is None:
+                raise
+            raise ConfigError(f"{source}: {err}") from None
+
+    def _validate(self, layers: list[LayerInfo], model_id: str) -> None:
         fingerprint = inventory_fingerprint(layers)
+        this = f"this is {shorten(model_id) or 'the loaded model'} (architecture {fingerprint}, {len(layers)} layers)"
+        made_for = shorten(self.model_id) or "model not recorded"
         if self.fingerprint is not None and self.fingerprint != fingerprint:
             raise ConfigError(
-                f"this config was made for another model ({self.model_id or 'unknown model'}, "
-                f"architecture {self.fingerprint}); the loaded UNet has architecture {fingerprint}."
+                f"this config was made for another model ({made_for}, architecture {shorten(str(self.fingerprint))}); "
+                f"{this}."
             )
         known = {i.name for i in layers}
+        listed = {
+            "weight_bits": self.weight_bits,
+            "act_bits": self.act_bits,
+            "protected": self.protected,
+            "fp8": self.fp8,
+        }
+        unknown = [(what, name) for what, names in listed.items() for name in names if name not in known]
+        named = sum(map(len, listed.values()))
+        if len(unknown) >= 2 and 2 * len(unknown) > named:  # most names unknown: not a typo, another model
+            what, name = unknown[0]
+            raise ConfigError(
+                f"{what}: unknown layer {quote(name)}; {len(unknown)} of the {named} layer entries are not layers of "
+                f"this UNet, so the config was made for another model ({made_for}); {this}."
+            )
         for what, entries, candidates in (
             ("weight_bits", self.weight_bits, WEIGHT_BITS),
             ("act_bits", self.act_bits, ACT_BITS),
         ):
             for name, bits in entries.items():
                 if name not in known:
-                    raise ConfigError(f"{what}: unknown layer {name!r} (not a Linear/Conv2d of this UNet).")
-                if isinstance(bits, bool) or not isinstance(bits, int) or bits not in candidates:
-                    raise ConfigError(f"{what}: layer {name!r} has bits {bits!r}; allowed: {list(candidates)}.")
+                    raise ConfigError(f"{what}: unknown layer {quote(name)} (not a Linear/Conv2d of this UNet).")
+                _check_bits(what, name, bits, candidates)
         for name in self.protected:
             if name not in known:
-                raise ConfigError(f"protected: unknown layer {name!r} (not a Linear/Conv2d of this UNet).")
+                raise ConfigError(f"protected: unknown layer {quote(name)} (not a Linear/Conv2d of this UNet).")
         if self.weight_clip not in WEIGHT_CLIPS:
-            raise ConfigError(f"weight_clip {self.weight_clip!r} not allowed; choose from {list(WEIGHT_CLIPS)}.")
+            raise ConfigError(f"weight_clip {quote(self.weight_clip)} not allowed; choose from {list(WEIGHT_CLIPS)}.")
         kinds = {i.name: i.kind for i in layers}
         for name in self.fp8:
             if name not in known:
-                raise ConfigError(f"fp8: unknown layer {name!r} (not a Linear/Conv2d of this UNet).")
+                raise ConfigError(f"fp8: unknown layer {quote(name)} (not a Linear/Conv2d of this UNet).")
             if kinds[name] != "linear":
                 raise ConfigError(
-                    f"fp8: layer {name!r} is a {kinds[name]}; FP8 e4m3 is offered for linear layers only."
+                    f"fp8: layer {quote(name)} is a {kinds[name]}; FP8 e4m3 is offered for linear layers only."
                 )
             bits = (self.layer_weight_bits(name), self.layer_act_bits(name))
             if name not in self.protected and (bits[0] is None or bits[1] != 8):
                 raise ConfigError(
-                    f"fp8: layer {name!r} is at W{bits[0] or 16}A{bits[1] or 16}; FP8 e4m3 replaces int8 in layers "
-                    "with quantized weights and 8-bit activations only. Remove it from 'fp8' or give it 8-bit "
+                    f"fp8: layer {quote(name)} is at W{bits[0] or 16}A{bits[1] or 16}; FP8 e4m3 replaces int8 in "
+                    "layers with quantized weights and 8-bit activations only. Remove it from 'fp8' or give it 8-bit "
                     "activations."
                 )
 
@@ -164,33 +188,41 @@ class PrecisionConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> PrecisionConfig:
+        """The config a :meth:`to_dict` mapping describes; every key and value is checked for its type, and bits
+        for their candidates (the layers themselves are checked against a model by :meth:`validate`)."""
         if not isinstance(data, dict):
             raise ConfigError(f"a precision config must be a JSON object, got {type(data).__name__}.")
         if data.get("format") != FORMAT_NAME:
             raise ConfigError(
-                f"not a MixDQ Studio precision config: 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}."
+                f"not a MixDQ Studio precision config: 'format' is {quote(data.get('format'))}, "
+                f"expected {FORMAT_NAME!r}."
             )
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if isinstance(version, bool) or version != SCHEMA_VERSION:
             raise ConfigError(
-                f"unsupported schema_version {version!r}; this version of MixDQ Studio reads {SCHEMA_VERSION}."
+                f"unsupported schema_version {quote(version)}; this version of MixDQ Studio reads {SCHEMA_VERSION}."
             )
-        for key, kind in (
-            ("weight_bits", dict),
-            ("act_bits", dict),
-            ("protected", list),
-            ("fp8", list),
-            ("metadata", dict),
-        ):
-            if not isinstance(data.get(key, kind()), kind):
-                raise ConfigError(f"'{key}' must be a JSON {'object' if kind is dict else 'array'}.")
+        unknown = [key for key in data if key not in _JSON_KEYS]
+        if unknown:
+            raise ConfigError(f"unknown key {quote(unknown[0])}; a precision config has {list(_JSON_KEYS)}.")
+        for key, kinds in _JSON_TYPES.items():
+            if key in data and not isinstance(data[key], kinds):
+                expected = " or ".join(_json_type(kind()) for kind in kinds)
+                raise ConfigError(f"{quote(key)} must be a JSON {expected}, got {_json_type(data[key])}.")
+        for key, candidates in (("weight_bits", WEIGHT_BITS), ("act_bits", ACT_BITS)):
+            for name, bits in data.get(key, {}).items():
+                _check_bits(key, name, bits, candidates)
+        for key in ("protected", "fp8"):
+            for index, name in enumerate(data.get(key, [])):
+                if not isinstance(name, str):
+                    raise ConfigError(f"{key}: entry {index} is {quote(name)}; expected a layer name (a string).")
         return cls(
             weight_bits=dict(data.get("weight_bits", {})),
             act_bits=dict(data.get("act_bits", {})),
             protected=list(data.get("protected", [])),
             fp8=list(data.get("fp8", [])),
-            weight_clip=str(data.get("weight_clip", "minmax")),
-            model_id=str(data.get("model_id", "")),
+            weight_clip=data.get("weight_clip", "minmax"),
+            model_id=data.get("model_id", ""),
             fingerprint=data.get("fingerprint"),
             metadata=dict(data.get("metadata", {})),
         )
@@ -200,13 +232,12 @@ class PrecisionConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "the config text") -> PrecisionConfig:
+        """Parse JSON text within the bounds of :func:`mixdq.config_io.parse_json`; errors start with ``source``."""
+        data = parse_json(text, source)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"{source} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}."
-            ) from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
     def save(self, path: str | Path) -> Path:
         """Write the config as JSON (``.json``) and return the path."""
@@ -215,9 +246,33 @@ class PrecisionConfig:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> PrecisionConfig:
-        """Read a JSON config file written by :meth:`save` (or by the studio's export)."""
-        return cls.from_json(_read_file(path, "config"), source=str(path))
+    def load(
+        cls,
+        path: str | Path,
+        layers: list[LayerInfo] | None = None,
+        *,
+        name: str | None = None,
+        model_id: str = "",
+    ) -> PrecisionConfig:
+        """Read a config file, the one entry point for the CLI, the studio and the library.
+
+        ``path`` is a JSON config (as :meth:`save` and the studio write it) or names a MixDQ yaml pair (as
+        :meth:`to_mixdq_yaml` is exported; :func:`mixdq_yaml_pair` gives the rule). Files are read within the
+        bounds of :mod:`mixdq.config_io` (size, nesting, integer length, duplicate keys, no yaml aliases).
+        ``name`` is the file as the user knows it (an upload's own name, not its temporary path); every
+        :class:`ConfigError` names it. With ``layers`` the config is also validated for that model, which
+        ``model_id`` names.
+        """
+        path = Path(path)
+        name = name or str(path)
+        pair = mixdq_yaml_pair(path, name)
+        if pair is not None:
+            (weight, weight_name), (act, act_name) = pair
+            return cls.load_mixdq_yaml(weight, act, layers, model_id, names=(weight_name, act_name))
+        config = cls.from_json(read_text(path, name, "config"), source=name)
+        if layers is not None:
+            config.validate(layers, model_id, source=name)
+        return config
 
     # ---- MixDQ yaml ---------------------------------------------------------------------------
     def to_mixdq_yaml(self, layers: list[LayerInfo]) -> tuple[str, str]:
@@ -247,11 +302,14 @@ class PrecisionConfig:
         act_path: str | Path | None = None,
         layers: list[LayerInfo] | None = None,
         model_id: str = "",
+        names: tuple[str, str] | None = None,
     ) -> PrecisionConfig:
-        """Load MixDQ-format yaml files (see :meth:`from_mixdq_yaml`)."""
-        weight_text = _read_file(weight_path, "MixDQ weight yaml")
-        act_text = _read_file(act_path, "MixDQ activation yaml") if act_path is not None else None
-        return cls.from_mixdq_yaml(weight_text, act_text, layers, model_id)
+        """Load MixDQ-format yaml files (see :meth:`from_mixdq_yaml`); ``names`` are the files as the user knows
+        them (default: their paths)."""
+        names = names or (str(weight_path), str(act_path))
+        weight_text = read_text(Path(weight_path), names[0], "MixDQ weight yaml")
+        act_text = read_text(Path(act_path), names[1], "MixDQ activation yaml") if act_path is not None else None
+        return cls.from_mixdq_yaml(weight_text, act_text, layers, model_id, sources=names)
 
     @classmethod
     def from_mixdq_yaml(
@@ -260,14 +318,17 @@ class PrecisionConfig:
         act_yaml: str | None = None,
         layers: list[LayerInfo] | None = None,
         model_id: str = "",
+        sources: tuple[str, str] = ("the weight yaml", "the activation yaml"),
     ) -> PrecisionConfig:
         """Load MixDQ-format yaml (weight bits, optionally activation bits).
 
         A layer at 16 (or 32) bits in both files is protected; at 16 in one file it keeps that side
-        in FP16. With ``layers`` the result is validated and fingerprinted for that model.
+        in FP16. Bits follow the JSON rule (integers, not ``4.0`` or ``true``) plus those two FP values. With
+        ``layers`` the result is validated and fingerprinted for that model (named by ``model_id``). Errors
+        start with the file's name from ``sources`` (weight, activation).
         """
-        weight_map = _parse_mixdq_yaml(weight_yaml, "the weight yaml")
-        act_map = _parse_mixdq_yaml(act_yaml, "the activation yaml") if act_yaml is not None else {}
+        weight_map = _parse_mixdq_yaml(weight_yaml, sources[0], WEIGHT_BITS)
+        act_map = _parse_mixdq_yaml(act_yaml, sources[1], ACT_BITS) if act_yaml is not None else {}
         fp_weight = {n for n, b in weight_map.items() if b >= MIXDQ_YAML_FP_BITS}
         fp_act = {n for n, b in act_map.items() if b >= MIXDQ_YAML_FP_BITS}
         protected = sorted(fp_weight & fp_act) if act_yaml is not None else []
@@ -275,40 +336,47 @@ class PrecisionConfig:
             weight_bits={n: b for n, b in weight_map.items() if n not in fp_weight},
             act_bits={n: b for n, b in act_map.items() if n not in fp_act},
             protected=protected,
-            model_id=model_id,
         )
-        if layers is not None:
-            config.validate(layers)
+        if layers is not None:  # before the model id is set: MixDQ's yaml does not say which model it was made for
+            config.validate(layers, model_id, source=" + ".join(sources[: 1 if act_yaml is None else 2]))
             config.fingerprint = inventory_fingerprint(layers)
+        config.model_id = model_id
         return config
 
 
-def _read_file(path: str | Path, what: str) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    try:
-        return path.read_text()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} file {path} is not a text file.") from None
+_JSON_KEYS: tuple[str, ...] = tuple(PrecisionConfig().to_dict())
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "weight_bits": (dict,),
+    "act_bits": (dict,),
+    "protected": (list,),
+    "fp8": (list,),
+    "weight_clip": (str,),
+    "model_id": (str,),
+    "fingerprint": (str, type(None)),
+    "metadata": (dict,),
+}
 
 
-def _parse_mixdq_yaml(text: str, source: str) -> dict[str, int]:
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _check_bits(where: str, name: str, bits: Any, allowed: tuple[int, ...]) -> None:
+    """The one rule for a bit value, in JSON and in yaml: an integer among ``allowed`` (``4.0`` and ``true`` are
+    not integers here, whatever Python's ``==`` says)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
+        raise ConfigError(f"{where}: layer {quote(name)} has bits {quote(bits)}; allowed: {list(allowed)}.")
+
+
+def _parse_mixdq_yaml(text: str, source: str, candidates: tuple[int, ...]) -> dict[str, int]:
     """``{layer name without 'model.': bits}`` from MixDQ yaml text."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source} is not valid yaml: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source} must map layer names to bits, got {type(data).__name__}.")
     result: dict[str, int] = {}
-    for key, bits in data.items():
-        name = str(key)
+    for name, bits in parse_flat_yaml(text, source).items():
         if not name.startswith(MIXDQ_YAML_PREFIX):
-            raise ConfigError(f"{source}: key {name!r} lacks the {MIXDQ_YAML_PREFIX!r} prefix of MixDQ layer names.")
-        if isinstance(bits, float) and math.isfinite(bits) and bits.is_integer():
-            bits = int(bits)
-        if isinstance(bits, bool) or not isinstance(bits, int):
-            raise ConfigError(f"{source}: layer {name!r} has bits {bits!r}; expected an integer.")
+            raise ConfigError(
+                f"{source}: key {quote(name)} lacks the {MIXDQ_YAML_PREFIX!r} prefix of MixDQ layer names."
+            )
+        _check_bits(source, name, bits, candidates + MIXDQ_YAML_FP_READ)
         result[name[len(MIXDQ_YAML_PREFIX) :]] = bits
     return result

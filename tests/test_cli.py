@@ -9,7 +9,7 @@ from PIL import Image
 
 from mixdq.cli import main
 from mixdq.config import PrecisionConfig
-from mixdq.inventory import layer_inventory
+from mixdq.inventory import inventory_fingerprint, layer_inventory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,25 +69,57 @@ def test_generate_fp_and_quantized_pngs(saved_pipe, tmp_path, capsys):
     assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())  # calibration was cached
 
 
-def test_generate_rejects_a_config_for_another_model(saved_pipe, tmp_path):
+def test_generate_rejects_a_config_for_another_model(saved_pipe, tmp_path, capsys):
     folder, layers = saved_pipe
-    config = PrecisionConfig.uniform(layers, 8, 8)
+    config = PrecisionConfig.uniform(layers, 8, 8, model_id="other/model")
     config.fingerprint = "0000000000000000"
     config.save(tmp_path / "other.json")
-    with pytest.raises(SystemExit, match="made for another model"):
-        main(
-            [
-                "generate",
-                "--model",
-                str(folder),
-                "--device",
-                "cpu",
-                "--prompt",
-                "x",
-                "--config",
-                str(tmp_path / "other.json"),
-            ]
-        )
+    argv = ["generate", "--model", str(folder), "--device", "cpu", "--prompt", "x", "--config"]
+    assert main([*argv, str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().split("\n")[-1]  # after the pipeline's progress bars
+    assert last.startswith(f"error: {tmp_path / 'other.json'}: this config was made for another model (other/model, ")
+    assert f"this is {folder} (architecture {inventory_fingerprint(layers)}" in last and err.count("error") == 1
+
+
+def test_generate_reads_the_exported_yaml_pair(saved_pipe, tmp_path, monkeypatch):
+    """`--config STEM` finds STEM_weight.yaml + STEM_act.yaml (as `allocate --yaml-out STEM` writes them)."""
+    import mixdq.calibrate
+
+    folder, layers = saved_pipe
+    config = PrecisionConfig.uniform(layers, 4, 8, protected=["conv_in"])
+    config.weight_bits["conv_out"] = 8
+    weight_yaml, act_yaml = config.to_mixdq_yaml(layers)
+    (tmp_path / "cfg_weight.yaml").write_text(weight_yaml)
+    (tmp_path / "cfg_act.yaml").write_text(act_yaml)
+    handed = []
+
+    def stop_at_calibration(pipe, weight_bits, **kwargs):
+        handed.append(weight_bits)
+        raise KeyboardInterrupt  # the config reached calibration; no need to generate
+
+    monkeypatch.setattr(mixdq.calibrate, "calibrate", stop_at_calibration)
+    argv = ["generate", "--model", str(folder), "--device", "cpu", "--prompt", "x", "--out", str(tmp_path / "out")]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--size", "64", "--config", str(tmp_path / "cfg")])
+    (loaded,) = handed
+    assert loaded.protected == ["conv_in"] and loaded.layer_weight_bits("conv_out") == 8
+    assert [loaded.layer_weight_bits(i.name) for i in layers] == [config.layer_weight_bits(i.name) for i in layers]
+    assert [loaded.layer_act_bits(i.name) for i in layers] == [config.layer_act_bits(i.name) for i in layers]
+
+
+def test_a_bad_config_is_one_line_and_status_2_before_the_model_loads(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "mixdq-studio/precision-config", "schema_version": 1, "weight_bits": {"a": 4.0}}')
+    run = subprocess.run(
+        [sys.executable, "-m", "mixdq", "generate", "--model", "no/such-model", "--prompt", "x", "--config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert run.stderr == f"error: {bad}: weight_bits: layer 'a' has bits 4.0; allowed: [2, 4, 8].\n"
 
 
 def test_missing_model_is_one_clear_line(capsys, monkeypatch):

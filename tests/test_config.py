@@ -106,7 +106,8 @@ def test_missing_and_binary_files(tmp_path):
         ("down_blocks.0.resnets.0.conv1: 4\n", "lacks the 'model.' prefix"),
         ("model.conv_in: four\n", "has bits 'four'"),
         ("- 1\n- 2\n", "must map layer names to bits"),
-        ("model.conv_in: [4\n", "is not valid yaml"),
+        ("model.conv_in: 4\n  x: 3\n", "is not valid yaml: mapping values are not allowed in this context at line 2"),
+        ("model.conv_in: [4\n", "the value of 'model.conv_in' is a list at line 1, column 16"),
     ],
 )
 def test_bad_mixdq_yaml(text, message):
