@@ -5,8 +5,10 @@
 
 Calibrates (all candidate activation bits), sweeps every layer at every candidate bit (weight-only,
 then activation-only) and writes the table plus a JSON with provenance, timings and the cost of one
-evaluation in batched-UNet-forward equivalents. Imports only what the sweep needs (no PuLP/Gradio), so
-it runs on a bare GPU machine with diffusers carried as a wheel.
+evaluation in batched-UNet-forward equivalents. Everything runs in IEEE FP32 (no TF32 for matmul or
+cuDNN, cuDNN deterministic: :func:`mixdq.numerics.fp32_numerics`); the JSON records those settings.
+Imports only what the sweep needs (no PuLP/Gradio), so it runs on a bare GPU machine with diffusers
+carried as a wheel.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import torch
 
 from mixdq.calibrate import calibrate, default_prompts
 from mixdq.models import load_pipeline
+from mixdq.numerics import fp32_numerics, numerics_settings
 from mixdq.sensitivity.sweep import SweepSettings, run_sweep
 from mixdq.sensitivity.table import write_table
 
 
+@fp32_numerics()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -75,6 +79,8 @@ def main() -> None:
         if pipe.unet.device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version() if pipe.unet.device.type == "cuda" else None,
+        "numerics": numerics_settings(),  # what the calibration and the sweep ran in (both record it too)
         "date": time.strftime("%Y-%m-%d"),
         "settings": {k: v for k, v in asdict(settings).items() if k != "prompts"} | {"num_prompts": len(prompts)},
         "calibration_seconds": calibration_seconds,

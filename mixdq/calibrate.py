@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from mixdq.config import ACT_BITS, PrecisionConfig
 from mixdq.inventory import inventory_fingerprint, layer_inventory
 from mixdq.models import ASSETS_DIR, TURBO_SAMPLING
+from mixdq.numerics import fp32_numerics, numerics_settings
 from mixdq.quant.api import collect_act_ranges, quant_layers, quantize_, set_mode
 from mixdq.quant.layers import QuantMode
 from mixdq.quant.primitives import EMA_MOMENTUM
@@ -100,6 +101,7 @@ def default_prompts() -> list[str]:
     return list(FALLBACK_PROMPTS)
 
 
+@fp32_numerics()
 def calibrate(
     pipe,
     prompts: list[str] | None = None,
@@ -120,7 +122,8 @@ def calibrate(
     weights at ``weight_bits`` (an int for all layers, a config for per-layer bits, ``None`` for FP), each
     layer observing its input (EMA, momentum 0.95) and then quantizing it with the updated range, so
     downstream layers see upstream quantization error as they will at inference. Sampling is guidance 0
-    (SDXL-Turbo style); each pass uses the same seeded noise.
+    (SDXL-Turbo style); each pass uses the same seeded noise. It runs in IEEE FP32 (no TF32, see
+    :func:`mixdq.numerics.fp32_numerics`), and the provenance records the settings.
 
     With ``cache_dir`` a result made with the same model, prompts, steps, seed, resolution, batch size,
     bits and quantizer is loaded instead of recomputed. Either way the UNet is left wrapped with the
@@ -159,6 +162,7 @@ def calibrate(
         "act_bits": sorted(act_bits),
         "weight_bits": _weight_spec(weight_bits),
         "quantizer": QUANTIZER_SETTINGS | {"bos_aware_text_embedding": bos_aware},
+        "numerics": numerics_settings(),
     }
     cache_path = _cache_path(cache_dir, provenance) if cache_dir is not None else None
     if cache_path is not None and _read_manifest(cache_path) == _manifest(provenance):

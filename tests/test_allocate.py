@@ -86,6 +86,23 @@ def test_fixed_k_outside_the_groups_bits_is_rejected():
         Allocator(weight_table(HAND)).allocate_side("weight", 5.0, k=-1.0)
 
 
+@pytest.mark.parametrize("k", [3.0, 0.1])
+def test_a_k_that_admits_no_budget_names_the_k_range_and_the_any_k_range_low_to_high(k):
+    # content bits {2,4,8} over quality bits {4,8}: K in 2/8 to 8/4; at K=3 no budget is feasible, and the
+    # range "at K=3" would read high to low (6.6667 to 4.4444), so the message gives the any-K range instead
+    allocator = Allocator(weight_table(HAND))
+    assert allocator.k_range("weight") == pytest.approx((0.25, 2.0))
+    with pytest.raises(
+        InfeasibleBudgetError, match=rf"at K={k:g} \(K = b_content / b_quality must lie within 0\.25 to 2 "
+    ) as info:
+        allocator.allocate_side("weight", 5.0, k=k)
+    assert "feasible budgets at any K: 3.3333 to 8.0000 bits" in str(info.value)
+    assert (info.value.low, info.value.high) == pytest.approx((10 / 3, 8.0))
+    with pytest.raises(InfeasibleBudgetError, match=rf"every weight budget is infeasible at K={k:g}"):
+        allocator.feasible_range("weight", k)
+    assert allocator.feasible_range("weight", 2.0) == pytest.approx((16 / 3, 16 / 3))  # the edge: content 8, quality 4
+
+
 @pytest.mark.parametrize("solver", ALL_METHODS)
 def test_ties_give_a_valid_deterministic_answer(solver):
     # two identical quality layers, budget for exactly one upgrade: either is optimal

@@ -7,6 +7,7 @@ printed (run with ``-s``) and recorded in the issue report.
 import argparse
 import itertools
 import json
+import re
 import time
 
 import numpy as np
@@ -119,6 +120,18 @@ def test_infeasible_budgets_name_the_range_in_bits_and_mb(allocator):
         allocator.allocate(weight_bits=2.0)
     with pytest.raises(InfeasibleBudgetError, match=r"^500 MB: weight budget"):
         allocator.allocate(weight_mb=500)
+
+
+def test_infeasible_ranges_read_low_to_high_even_at_a_k_that_admits_no_budget(allocator):
+    # K=3 on this data once printed "feasible budgets at K=3: 9.5887 to 6.4630 bits (3081.6 to 2079.0 MB ...)"
+    for kwargs in ({"weight_bits": 5.0}, {"weight_mb": 1500.0}):
+        with pytest.raises(InfeasibleBudgetError, match="K=3 .*feasible budgets at any K") as info:
+            allocator.allocate(**kwargs, k=3.0)
+        ranges = [(float(a), float(b)) for a, b in re.findall(r"(\d+(?:\.\d+)?) to (\d+(?:\.\d+)?)", str(info.value))]
+        assert len(ranges) == 3 and all(a <= b for a, b in ranges)  # K, bits and MB ranges
+        assert (info.value.low, info.value.high) == pytest.approx(allocator.feasible_range("weight"))
+    low, high = allocator.feasible_range("weight", 2.0)  # the top K: exactly one budget
+    assert low == pytest.approx(high)
 
 
 def test_mb_budget_round_trips_exactly(allocator):

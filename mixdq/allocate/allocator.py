@@ -128,9 +128,7 @@ class AllocationResult:
 class _Side:
     """Per-target data: group matrices, size bookkeeping and lazily built solvers."""
 
-    def __init__(
-        self, table: pd.DataFrame, target: str, protected: frozenset[str], metrics: Mapping[str, str]
-    ) -> None:
+    def __init__(self, table: pd.DataFrame, target: str, protected: frozenset[str], metrics: Mapping[str, str]) -> None:
         self.target = target
         self.matrices: dict[str, GroupMatrix] = {
             g: group_matrix(table, target, g, candidate_bits(target, g), exclude=protected, metric=metrics[g])
@@ -254,10 +252,26 @@ class Allocator:
         return self._sides[target]
 
     def feasible_range(self, target: str = "weight", k: float | str = AUTO) -> tuple[float, float]:
-        """(lowest, highest) overall average bits this allocator can reach for ``target`` at ``k``."""
+        """(lowest, highest) overall average bits this allocator can reach for ``target`` at ``k``.
+
+        Raises :class:`InfeasibleBudgetError` for a fixed ``k`` outside :meth:`k_range`, where no budget is feasible.
+        """
         side = self.side(target)
-        low, high = side.allocated_range(None if k == AUTO else _check_k(k))
+        fixed_k = None if k == AUTO else _check_k(k)
+        if fixed_k is not None and not self._k_reachable(target, fixed_k):
+            raise self._infeasible(target, None, fixed_k, "")
+        low, high = side.allocated_range(fixed_k)
         return side.to_overall(low), side.to_overall(high)
+
+    def k_range(self, target: str = "weight") -> tuple[float, float]:
+        """(lowest, highest) K = b_content / b_quality at which some ``target`` budget is feasible:
+        both group targets must lie within their groups' bits, e.g. weights 2/8 to 8/4."""
+        side = self.side(target)
+        return side.low["content"] / side.high["quality"], side.high["content"] / side.low["quality"]
+
+    def _k_reachable(self, target: str, k: float) -> bool:
+        low, high = self.k_range(target)
+        return low * (1 - 1e-12) <= k <= high * (1 + 1e-12)
 
     def k_grid(self, target: str, budget_bits: float, points: int = K_GRID_POINTS) -> list[float]:
         """``points`` K values spread evenly in content target over the range where both groups can meet
@@ -350,13 +364,20 @@ class Allocator:
             normalized[group] = normalized_objective(side.matrices[group].values, choice)[1]
         return allocation_score(normalized, side.share)
 
-    def _infeasible(self, target: str, budget_bits: float, k: float | None, why: str) -> InfeasibleBudgetError:
-        low, high = self.feasible_range(target, AUTO if k is None else k)
+    def _infeasible(self, target: str, budget_bits: float | None, k: float | None, why: str) -> InfeasibleBudgetError:
+        """The error for ``budget_bits`` (``None``: any budget) at ``k`` (``None``: auto), with the feasible
+        range low to high: at ``k``, or at any K when ``k`` itself admits no budget."""
         at_k = f" at K={k:.4g}" if k is not None else ""
-        message = (
-            f"{target} budget {budget_bits:.4f} average bits is infeasible{at_k} ({why}); "
-            f"feasible budgets{at_k}: {low:.4f} to {high:.4f} bits"
+        budget = (
+            f"{target} budget {budget_bits:.4f} average bits" if budget_bits is not None else f"every {target} budget"
         )
+        range_at = at_k
+        if k is not None and not self._k_reachable(target, k):
+            k_low, k_high = self.k_range(target)
+            why = f"K = b_content / b_quality must lie within {k_low:.4g} to {k_high:.4g} for {target} budgets"
+            range_at, k = " at any K", None
+        low, high = self.feasible_range(target, AUTO if k is None else k)
+        message = f"{budget} is infeasible{at_k} ({why}); feasible budgets{range_at}: {low:.4f} to {high:.4f} bits"
         if target == "weight" and self.scale is not None:
             message += f" ({self.scale.mb(low):.1f} to {self.scale.mb(high):.1f} MB of UNet weights)"
         counted = "counted at 16 bits" if target == "weight" else "not counted in the activation average"

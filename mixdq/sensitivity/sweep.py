@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mixdq.config import ACT_BITS, WEIGHT_BITS
 from mixdq.inventory import LayerInfo, inventory_fingerprint, layer_inventory
+from mixdq.numerics import fp32_numerics, numerics_settings
 from mixdq.quant import quant_layers, quantization_off, quantize_
 from mixdq.sensitivity.table import COLUMNS, GROUP_METRIC, validate_table
 
@@ -110,7 +111,11 @@ class _Reference:
             )
         size = (settings.height, settings.width)
         time_ids = pipe._get_add_time_ids(
-            size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
+            size,
+            (0, 0),
+            size,
+            dtype=embeds.dtype,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
         )
         self.cond = {
             "encoder_hidden_states": embeds,
@@ -200,6 +205,7 @@ def provenance(pipe, layers: Sequence[LayerInfo], settings: SweepSettings, act_r
         "quantizer": "weights per-channel symmetric min-max; activations per-tensor asymmetric EMA min-max; BOS-aware",
         "ssim": SSIM_WINDOW,
         "dtype": str(pipe.unet.dtype),
+        "numerics": numerics_settings(),  # TF32 or not changes every value (a ~70 dB SQNR floor with it)
     }
 
 
@@ -207,6 +213,7 @@ def cache_key(prov: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(prov, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@fp32_numerics()
 def run_sweep(
     pipe,
     act_ranges,
@@ -219,6 +226,7 @@ def run_sweep(
     """The sensitivity table of ``pipe``'s UNet (this shard's rows), and what it cost.
 
     ``act_ranges`` come from :func:`mixdq.calibrate.calibrate` (activation sweeps need them).
+    It runs in IEEE FP32 (:func:`mixdq.numerics.fp32_numerics`: no TF32), recorded in the provenance.
     With ``cache_dir``, a table with the same provenance is read back instead of recomputed.
     ``shard=(i, n)`` takes every n-th job starting at i; :func:`merge_shards` joins the parts.
     """
@@ -267,7 +275,9 @@ def run_sweep(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(path, index=False)
-        path.with_suffix(".json").write_text(json.dumps({"provenance": prov, "stats": asdict(stats)}, indent=2, default=str))
+        path.with_suffix(".json").write_text(
+            json.dumps({"provenance": prov, "stats": asdict(stats)}, indent=2, default=str)
+        )
     return table, stats
 
 
