@@ -77,3 +77,10 @@ def test_finetune_writes_a_sharded_pipeline_that_loads_and_consolidates(tmp_path
 def test_full_share_outside_0_1_is_rejected():
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--full-share", "1.5"])
+
+
+def test_the_gpu_recipe_parses():
+    from mixdq.tiny.finetune import RECIPE
+
+    args = parse_args(["--out", "x", "--init", str(ASSETS), *RECIPE])
+    assert (args.batch, args.lr, args.ema, args.warmup, args.full_share) == (128, 3e-4, 0.995, 50, 0.45)
