@@ -4,6 +4,8 @@ Why rules and not a classifier: the scene language is closed and the layout slot
 nearest-palette colour labels plus template matching read a rendered image exactly, and stay
 robust on blurry generated images (no trained weights to ship or to drift).
 
+A caption may leave attributes open (a partial `Scene`); only those it names are compared.
+
 Steps: background = the palette colour most common on the image border; foreground = pixels of
 another palette colour; each foreground pixel goes to its nearest position slot; a slot with
 enough pixels holds an object whose colour is the majority label and whose shape and size are
@@ -41,7 +43,7 @@ _SLOTS = torch.tensor([POSITIONS[p] for p in POSITION_NAMES])  # (P, 2)
 
 @dataclass(frozen=True)
 class CheckResult:
-    correct: bool  # every attribute of the caption right, and nothing extra
+    correct: bool  # every attribute the caption names right, and no extra object
     expected: Scene
     detected: Scene
 
@@ -99,7 +101,8 @@ def _match_template(mask: torch.Tensor, centroid: torch.Tensor, size: int) -> tu
 
 
 def check(image: torch.Tensor | np.ndarray, caption: str | Scene) -> CheckResult:
-    """Does the image show exactly what the caption says?"""
+    """Does the image show what the caption says? Only the attributes it names are scored: "a red
+    circle" is right for any size, place and background, but not beside a second object."""
     expected = parse_caption(caption) if isinstance(caption, str) else caption
     detected = detect(image)
-    return CheckResult(detected.canonical() == expected.canonical(), expected, detected)
+    return CheckResult(expected.matches(detected), expected, detected)

@@ -1,9 +1,14 @@
 """Procedural captioned scenes for the embedded tiny model.
 
-Every image is 1-3 flat shapes on a plain background, and its caption names every attribute
+Every image is 1-3 flat shapes on a plain background. Its full caption names every attribute
 (shape, colour, size, position, background), so the caption fixes the image up to a few pixels
 of jitter. That makes text alignment exactly measurable, and makes the conditional
 distribution almost a point mass, which is what lets a small UNet sample it in 1-4 steps.
+
+People type short prompts ("a red circle"), so training also uses partial captions: `describe`
+drops any of size, position and background (the image still has them, drawn at random), and
+`write_caption` words the result in one of several phrasings and synonyms. A partial `Scene` has
+None for each attribute its caption leaves open; `Scene.matches` compares it with a full one.
 
 Scenes are sampled with numpy from a seed (never stored); `render` draws them with torch on any
 device, so training renders its batches on the GPU.
@@ -11,6 +16,7 @@ device, so training renders its batches on the GPU.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -39,13 +45,26 @@ POSITIONS: dict[str, tuple[float, float]] = {  # (x, y) centre as fractions of t
     "center": (0.5, 0.5),
 }
 POSITION_NAMES: tuple[str, ...] = tuple(POSITIONS)
-POSITION_PHRASES: dict[str, str] = {
-    "left": "on the left",
-    "right": "on the right",
-    "top": "at the top",
-    "bottom": "at the bottom",
-    "center": "in the center",
+# Phrasings; the first of each is the canonical one (`Scene.caption`). Words outside
+# `caption_vocabulary()` (disc, box, big, side, middle) are not single tokens of the shipped tokenizer:
+# its byte-level BPE splits them into pieces it has ids for (never an unknown token), so a UNet
+# fine-tune learns them with the shipped tokenizer and text encoders unchanged.
+SHAPE_WORDS: dict[str, tuple[str, ...]] = {
+    "circle": ("circle", "disc"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
 }
+SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small",), "large": ("large", "big")}
+POSITION_WORDS: dict[str, tuple[str, ...]] = {
+    "left": ("on the left", "on the left side", "at the left", "left"),
+    "right": ("on the right", "on the right side", "at the right", "right"),
+    "top": ("at the top", "on the top", "top"),
+    "bottom": ("at the bottom", "on the bottom", "bottom"),
+    "center": ("in the center", "at the center", "in the middle", "center"),
+}
+POSITION_PHRASES: dict[str, str] = {p: words[0] for p, words in POSITION_WORDS.items()}
+BACKGROUND_FORMS = ("on {article} {color} background", "{color} background", "on {color}")
+KEEP_PROB = 0.5  # chance that a partial caption keeps each of size, position and background
 MAX_OBJECTS = 3
 OBJECT_COUNT_PROBS = (0.35, 0.40, 0.25)  # P(1), P(2), P(3) objects
 POSITION_JITTER = 0.012  # fraction of the side
@@ -56,57 +75,175 @@ SQUARE_HALF_SIDE = 0.886
 TRIANGLE_CIRCUMRADIUS = 1.2
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 @dataclass(frozen=True)
 class SceneObject:
+    """One shape; size or position None = the caption leaves it open."""
+
     shape: str
     color: str
-    size: str
-    position: str
+    size: str | None
+    position: str | None
 
     def phrase(self) -> str:
-        return f"a {self.size} {self.color} {self.shape} {POSITION_PHRASES[self.position]}"
+        words = [w for w in (self.size, self.color, self.shape) if w is not None]
+        position = [POSITION_PHRASES[self.position]] if self.position is not None else []
+        return " ".join([_article(words[0])] + words + position)
+
+    def matches(self, detected: SceneObject) -> bool:
+        """Does `detected` have every attribute this object names?"""
+        named = [(a, b) for a, b in zip(self._attributes(), detected._attributes()) if a is not None]
+        return all(a == b for a, b in named)
+
+    def _attributes(self) -> tuple[str | None, ...]:
+        return (self.shape, self.color, self.size, self.position)
 
 
 @dataclass(frozen=True)
 class Scene:
-    """Ground-truth attributes of one image; `caption()` is the text the model is trained on."""
+    """Attributes of one image (all set: ground truth) or of a caption (None = left open).
+    `caption()` is the canonical text for them."""
 
     objects: tuple[SceneObject, ...]
-    background: str
+    background: str | None
 
     def caption(self) -> str:
         phrases = [o.phrase() for o in self.objects]
         body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-        article = "an" if self.background[0] in "aeiou" else "a"
-        return f"{body}, on {article} {self.background} background"
+        if self.background is None:
+            return body
+        return f"{body}, on {_article(self.background)} {self.background} background"
 
     def canonical(self) -> tuple:
         """Order-free form, for comparing two scenes."""
-        return (self.background, tuple(sorted((o.position, o.shape, o.color, o.size) for o in self.objects)))
+        key = lambda o: tuple(a or "" for a in (o.position, o.shape, o.color, o.size))
+        return (self.background, tuple(sorted(key(o) for o in self.objects)))
+
+    def is_partial(self) -> bool:
+        return self.background is None or any(o.size is None or o.position is None for o in self.objects)
+
+    def matches(self, detected: Scene) -> bool:
+        """Does the full scene `detected` show every attribute this one names, and no extra object?"""
+        if self.background is not None and self.background != detected.background:
+            return False
+        if len(self.objects) != len(detected.objects):
+            return False
+        return any(
+            all(e.matches(d) for e, d in zip(self.objects, order)) for order in itertools.permutations(detected.objects)
+        )
 
 
+def describe(scene: Scene, rng: np.random.Generator, keep_prob: float = KEEP_PROB) -> Scene:
+    """A partial description of `scene`: each size, position and the background kept with `keep_prob`."""
+    keep = lambda value: value if rng.random() < keep_prob else None
+    objects = tuple(SceneObject(o.shape, o.color, keep(o.size), keep(o.position)) for o in scene.objects)
+    return Scene(objects, keep(scene.background))
+
+
+def write_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """`scene` (full or partial) in a random phrasing: synonyms, article or none, joiner, and the
+    background (if named) in one of its forms, before or after the objects."""
+    use_article = rng.random() < 0.75
+    phrases = []
+    for o in scene.objects:
+        words = [str(rng.choice(SIZE_WORDS[o.size]))] if o.size is not None else []
+        words += [o.color, str(rng.choice(SHAPE_WORDS[o.shape]))]
+        if o.position is not None:
+            words.append(str(rng.choice(POSITION_WORDS[o.position])))
+        phrases.append(" ".join(([_article(words[0])] if use_article else []) + words))
+    if len(phrases) > 1 and rng.random() < 0.5:
+        body = " and ".join(phrases)
+    else:
+        body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    if scene.background is None:
+        return body
+    form = str(rng.choice(BACKGROUND_FORMS))
+    background = form.format(article=_article(scene.background), color=scene.background)
+    if rng.random() < 0.25:
+        return f"{background}, {body}"
+    return f"{body} {background}" if form.startswith("on") and rng.random() < 0.5 else f"{body}, {background}"
+
+
+def caption_mix(scenes: list[Scene], rng: np.random.Generator, full_share: float) -> list[str]:
+    """Training captions: the canonical full caption with probability `full_share`, otherwise a
+    partial description of the scene in a random phrasing."""
+    return [s.caption() if rng.random() < full_share else write_caption(describe(s, rng), rng) for s in scenes]
+
+
+def partial_captions(scenes: list[Scene], rng: np.random.Generator) -> tuple[list[Scene], list[str]]:
+    """Descriptions that each leave at least one attribute open, and their random phrasings (evaluation)."""
+    described = []
+    for scene in scenes:
+        d = describe(scene, rng)
+        while not d.is_partial():
+            d = describe(scene, rng)
+        described.append(d)
+    return described, [write_caption(d, rng) for d in described]
+
+
+def _alternatives(words) -> str:
+    return "|".join(sorted(map(re.escape, words), key=len, reverse=True))  # longest first: "left side" before "left"
+
+
+def _inverse(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    return {w: name for name, ws in words.items() for w in ws}
+
+
+_SHAPE_OF, _SIZE_OF, _POSITION_OF = _inverse(SHAPE_WORDS), _inverse(SIZE_WORDS), _inverse(POSITION_WORDS)
+_COLOR = _alternatives(COLOR_NAMES)
 _OBJECT_RE = re.compile(
-    r"a (%s) (%s) (%s) (%s)"
-    % ("|".join(SIZE_NAMES), "|".join(COLOR_NAMES), "|".join(SHAPES), "|".join(POSITION_PHRASES.values()))
+    rf"(?:an? )?(?:({_alternatives(_SIZE_OF)}) )?({_COLOR}) ({_alternatives(_SHAPE_OF)})(?: ({_alternatives(_POSITION_OF)}))?"
 )
-_BACKGROUND_RE = re.compile(r"on an? (%s) background" % "|".join(COLOR_NAMES))
+_BACKGROUND = rf"on (?:an? )?(?P<on>{_COLOR})(?: background)?|(?P<bare>{_COLOR}) background"
+_LEADING_BACKGROUND_RE = re.compile(rf"(?:{_BACKGROUND})(?: ,)? (?P<rest>.+)")
+_TRAILING_BACKGROUND_RE = re.compile(rf"(?P<rest>.+?)(?: ,)? (?:{_BACKGROUND})")
+_OBJECT_SEPARATOR_RE = re.compile(r" (?:, and|,|and) ")
 
 
 def parse_caption(caption: str) -> Scene:
-    """Recover the attributes from a caption written in the generator's language."""
-    text = " ".join(caption.lower().split())
-    background = _BACKGROUND_RE.search(text)
-    objects = _OBJECT_RE.findall(text)
-    if background is None or not objects:
+    """Recover the attributes a caption names (None where it leaves one open); it must be written
+    in the generator's language, in any of `write_caption`'s phrasings."""
+    text = " ".join(caption.lower().strip().removesuffix(".").replace(",", " , ").split())
+    background = None
+    for pattern in (_LEADING_BACKGROUND_RE, _TRAILING_BACKGROUND_RE):
+        m = pattern.fullmatch(text)
+        if m is not None:
+            background, text = m.group("on") or m.group("bare"), m.group("rest")
+            break
+    matches = [_OBJECT_RE.fullmatch(part) for part in _OBJECT_SEPARATOR_RE.split(text)]
+    if not all(matches):
         raise ValueError(
             f"caption {caption!r} is not in the tiny dataset's language; expected e.g. "
-            f"{example_scene().caption()!r}"
+            f"{example_scene().caption()!r} or a part of it, such as 'a red circle'"
         )
-    phrase_to_position = {v: k for k, v in POSITION_PHRASES.items()}
-    return Scene(
-        objects=tuple(SceneObject(shape, color, size, phrase_to_position[pos]) for size, color, shape, pos in objects),
-        background=background.group(1),
+    objects = tuple(
+        SceneObject(_SHAPE_OF[shape], color, _SIZE_OF.get(size), _POSITION_OF.get(position))
+        for size, color, shape, position in (m.groups() for m in matches)
     )
+    _check_drawable(caption, Scene(objects, background))
+    return Scene(objects, background)
+
+
+def _check_drawable(caption: str, scene: Scene) -> None:
+    """The scene language's limits: 1-3 objects, every colour once, every position once."""
+    if len(scene.objects) > MAX_OBJECTS:
+        raise ValueError(
+            f"caption {caption!r} names {len(scene.objects)} objects; the tiny model draws 1 to {MAX_OBJECTS}"
+        )
+    colors = [o.color for o in scene.objects] + ([scene.background] if scene.background else [])
+    positions = [o.position for o in scene.objects if o.position is not None]
+    for kind, values, rule in (
+        ("colour", colors, "the objects and the background each have their own colour"),
+        ("position", positions, "each object has its own position"),
+    ):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(
+                f"caption {caption!r} names the {kind} {repeated[0]!r} twice; in the tiny model's scenes {rule}"
+            )
 
 
 def example_scene() -> Scene:
@@ -192,7 +329,7 @@ def shape_alpha(shape: torch.Tensor, center: torch.Tensor, radius: torch.Tensor,
 
 def render(batch: SceneBatch, size: int = 128, device: torch.device | str = "cpu") -> torch.Tensor:
     """Images (B, 3, size, size) float32 in [0, 1]."""
-    t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    t = lambda a: torch.as_tensor(a, device=device)
     alpha = shape_alpha(t(batch.shape), t(batch.center), t(batch.radius), size)  # (B, K, H, W)
     image = t(batch.background)[:, :, None, None].expand(-1, -1, size, size)
     for k in range(MAX_OBJECTS):  # objects never overlap, so the order does not matter

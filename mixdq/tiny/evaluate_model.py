@@ -1,9 +1,12 @@
 """Measure the embedded model: text alignment of generated images, the checker, CLIP score, CPU latency.
 
-    python -m mixdq.tiny.evaluate_model --model assets/tiny-sdxl --json metrics.json --grid assets/tiny-sdxl/sample_grid.png
+    python -m mixdq.tiny.evaluate_model --model assets/tiny-sdxl --json metrics.json \
+        --grid assets/tiny-sdxl/sample_grid.png --short-grid assets/tiny-sdxl/short_prompts.png
 
 Alignment = the share of images whose every caption attribute the checker reads back right, on
-held-out captions (a seed the training never draws from), per object count and step count.
+held-out captions (a seed the training never draws from), per object count and step count: full
+captions, partial ones (at least one of size, position, background left open, in random
+phrasings; only the named attributes count), and the short prompts of `mixdq.tiny.prompts`.
 """
 
 from __future__ import annotations
@@ -22,16 +25,21 @@ from PIL import Image
 from mixdq.models import TURBO_SAMPLING
 from mixdq.tiny.checker import check
 from mixdq.tiny.clip import TINY_CLIP_DIR, clip_score, load_tiny_clip
-from mixdq.tiny.data import Scene, render, sample_scenes
+from mixdq.tiny.data import Scene, parse_caption, partial_captions, render, sample_scenes
+from mixdq.tiny.prompts import SHORT_PROMPTS
 
 EVAL_SEED = 1_000_003  # held out: training draws from seeds 0-12
 CHECKER_SEED = 2_000_003
 GRID_SEED = 3_000_003
+PARTIAL_SEED = 5_000_003
+SHORT_GRID_SEEDS = 4  # images per short prompt in the grid
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "tiny-sdxl"
 
 
 @torch.no_grad()
-def generate(pipe: StableDiffusionXLPipeline, captions: list[str], steps: int, seed: int = 0, batch: int = 64) -> torch.Tensor:
+def generate(
+    pipe: StableDiffusionXLPipeline, captions: list[str], steps: int, seed: int = 0, batch: int = 64
+) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1]; image i uses noise seed `seed + i`, whatever the batching."""
     out = []
     for i in range(0, len(captions), batch):
@@ -52,9 +60,25 @@ def alignment(images: torch.Tensor, scenes: list[Scene]) -> float:
     return float(np.mean([check(img, scene).correct for img, scene in zip(images, scenes)]))
 
 
-def checker_accuracy(n: int) -> float:
-    batch = sample_scenes(n, np.random.default_rng(CHECKER_SEED))
-    return alignment(render(batch), batch.scenes)
+def checker_accuracy(n: int, partial: bool = False) -> float:
+    """The checker on rendered ground truth: full captions, or partial descriptions of them."""
+    rng = np.random.default_rng(CHECKER_SEED + partial)
+    batch = sample_scenes(n, rng)
+    expected = partial_captions(batch.scenes, rng)[0] if partial else batch.scenes
+    return alignment(render(batch), expected)
+
+
+def held_out_partial(n: int, objects: int) -> tuple[list[Scene], list[str]]:
+    """`n` partial captions of `objects`-object scenes from a seed the training never draws from."""
+    rng = np.random.default_rng(PARTIAL_SEED + objects)
+    return partial_captions(sample_scenes(n, rng, object_counts=(objects,)).scenes, rng)
+
+
+def short_prompt_images(pipe: StableDiffusionXLPipeline, seeds: int, steps: int = 4) -> tuple[torch.Tensor, list[str]]:
+    """Each short prompt with noise seeds 0..seeds-1, prompt-major."""
+    captions = [p for p in SHORT_PROMPTS for _ in range(seeds)]
+    images = torch.cat([generate(pipe, [p] * seeds, steps) for p in SHORT_PROMPTS])
+    return images, captions
 
 
 def cpu_latency(pipe: StableDiffusionXLPipeline, steps: int = 4, repeats: int = 5) -> float:
@@ -91,6 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for the latency measurement")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--grid", type=Path, default=None, help="write a 4x4 sample grid (4 steps) here")
+    p.add_argument(
+        "--short-grid",
+        type=Path,
+        default=None,
+        help=f"write the short prompts (up to {SHORT_GRID_SEEDS} seeds each, two prompts a row) here",
+    )
+    p.add_argument("--short-seeds", type=int, default=16, help="noise seeds per short prompt for their alignment")
     args = p.parse_args(argv)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model, dtype=torch.float32, local_files_only=True)
@@ -110,7 +141,27 @@ def main(argv: list[str] | None = None) -> None:
                 metrics[f"clip_score_{k}obj_{steps}step"] = clip_score(model, images, tokens).mean().item()
                 metrics[f"clip_score_{k}obj_rendered"] = clip_score(model, render(batch), tokens).mean().item()
             print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
+    for k in args.objects:
+        scenes, captions = held_out_partial(args.n, k)
+        for steps in args.steps:
+            metrics[f"alignment_partial_{k}obj_{steps}step"] = alignment(generate(pipe, captions, steps), scenes)
+        metrics[f"partial_caption_examples_{k}obj"] = captions[:8]
+        print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
+    seeds = args.short_seeds
+    images, captions = short_prompt_images(pipe, seeds)
+    correct = [check(img, parse_caption(c)).correct for img, c in zip(images, captions)]
+    metrics["alignment_short_prompts_4step"] = float(np.mean(correct))
+    metrics["alignment_per_short_prompt_4step"] = {
+        prompt: float(np.mean(correct[j * seeds : (j + 1) * seeds])) for j, prompt in enumerate(SHORT_PROMPTS)
+    }
+    metrics["short_prompt_seeds"] = seeds
+    if args.short_grid is not None:
+        shown = min(seeds, SHORT_GRID_SEEDS)
+        per_prompt = images.view(len(SHORT_PROMPTS), seeds, *images.shape[1:])[:, :shown]
+        save_grid(per_prompt.reshape(-1, *images.shape[1:]), args.short_grid, columns=2 * shown)
+        metrics["short_grid_prompts"] = list(SHORT_PROMPTS)
     metrics["checker_accuracy_rendered"] = checker_accuracy(args.checker_n)
+    metrics["checker_accuracy_rendered_partial"] = checker_accuracy(args.checker_n, partial=True)
     metrics["checker_n"] = args.checker_n
     if args.grid is not None:
         batch = sample_scenes(16, np.random.default_rng(GRID_SEED))

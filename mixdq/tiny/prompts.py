@@ -1,4 +1,5 @@
-"""Write the calibration captions (assets/prompts.txt): generator captions from a fixed seed.
+"""Prompts for the embedded model: the calibration captions (assets/prompts.txt, generator captions
+from a fixed seed) and the short prompts a new user would type, for the model card and the studio.
 
     python -m mixdq.tiny.prompts --out assets/prompts.txt --n 64
 """
@@ -13,6 +14,25 @@ import numpy as np
 from mixdq.tiny.data import sample_scenes
 
 PROMPTS_SEED = 4_000_003  # apart from the training, evaluation and grid seeds
+# Short and free-form, in forms `mixdq.tiny.data.parse_caption` reads; attributes left open vary with the seed.
+SHORT_PROMPTS: tuple[str, ...] = (
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow disc",
+    "a big white box",
+    "a small purple circle",
+    "an orange triangle on the left",
+    "a red circle in the middle",
+    "a blue box at the top",
+    "black circle, white background",
+    "a yellow square on a blue background",
+    "a red circle and a blue square",
+    "a green disc on the left and a white box on the right",
+    "on a black background, a large orange triangle",
+    "a purple triangle at the bottom on yellow",
+    "a red circle, a green square and a blue triangle",
+)
 
 
 def calibration_prompts(n: int = 64, seed: int = PROMPTS_SEED) -> list[str]:
