@@ -4,6 +4,9 @@ from the shell."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import os
 import re
 import sys
@@ -13,19 +16,44 @@ from mixdq.allocate.cli import add_parser as add_allocate_parser
 
 # What --config accepts (mixdq.config_io.mixdq_yaml_pair has the rule for yaml pairs).
 CONFIG_FORMS = "JSON, or a MixDQ yaml pair: STEM.weight.yaml (or STEM_weight.yaml), that STEM, or a folder of one pair"
-DEFAULT_CACHE = Path(os.environ.get("MIXDQ_CACHE_DIR", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixdq-studio"))
+# One cache for every command and the studio (app.py uses it too): `calibrate` fills it, `sensitivity` and
+# `generate` read the same activation ranges back (they ask for them with calibrate's default settings).
+DEFAULT_CACHE = Path(
+    os.environ.get("MIXDQ_CACHE_DIR", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixdq-studio")
+)
+# `calibrate`'s defaults: 4 steps (SDXL-Turbo's few-step sampling, as `generate`), noise seed 0.
+CALIBRATION_STEPS = 4
+CALIBRATION_SEED = 0
+# Commands that run the pipeline; `allocate` does too with --select-k.
+TORCH_COMMANDS = ("calibrate", "generate", "sensitivity", "evaluate", "compare")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="hub id or local folder of an SDXL pipeline (default: the embedded model)")
+    parser.add_argument(
+        "--model", default=None, help="hub id or local folder of an SDXL pipeline (default: the embedded model)"
+    )
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where calibration results are cached (default {DEFAULT_CACHE})")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help=f"where calibration results are cached (default {DEFAULT_CACHE})",
+    )
 
 
 def _sampling_args(parser: argparse.ArgumentParser, steps: int, seed: int) -> None:
-    parser.add_argument("--steps", type=int, default=steps, choices=range(1, 5), metavar="{1..4}", help=f"denoising steps (default {steps})")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=steps,
+        choices=range(1, 5),
+        metavar="{1..4}",
+        help=f"denoising steps (default {steps})",
+    )
     parser.add_argument("--seed", type=int, default=seed, help=f"noise seed (default {seed})")
-    parser.add_argument("--size", type=int, default=None, help="image height and width in pixels (default: the model's)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image height and width in pixels (default: the model's)"
+    )
 
 
 def _read_prompts(path: Path | None) -> list[str] | None:
@@ -93,7 +121,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if config is None:
         print(run("fp"))
         return
-    ranges = calibrate(pipe, num_inference_steps=args.steps, weight_bits=config, cache_dir=args.cache_dir, height=size, width=size)
+    # The ranges `calibrate --steps N` made (8-bit weights upstream, as in the studio's Compare), not ones
+    # made for this config: one calibration serves every config.
+    ranges = calibrate(
+        pipe, num_inference_steps=args.steps, seed=CALIBRATION_SEED, height=size, width=size, cache_dir=args.cache_dir
+    )
     quantize_(pipe, config, ranges)
     print(run("quant"))
     with quantization_off(pipe):
@@ -114,15 +146,26 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, device=args.device)
     prompts = (_read_prompts(args.prompts) or default_prompts())[: args.num_prompts]
     size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
-    ranges = calibrate(pipe, num_inference_steps=args.steps, seed=args.seed, height=size, width=size, cache_dir=args.cache_dir)
-    settings = SweepSettings(prompts=tuple(prompts), num_inference_steps=args.steps, seed=args.seed, height=size, width=size)
+    # The activation ranges `calibrate` made (its default steps and seed), whatever steps and seed the sweep
+    # samples with: each layer is measured with the ranges it will be deployed with.
+    ranges = calibrate(
+        pipe,
+        num_inference_steps=CALIBRATION_STEPS,
+        seed=CALIBRATION_SEED,
+        height=size,
+        width=size,
+        cache_dir=args.cache_dir,
+    )
+    settings = SweepSettings(
+        prompts=tuple(prompts), num_inference_steps=args.steps, seed=args.seed, height=size, width=size
+    )
     table, stats = run_sweep(
         pipe,
         ranges,
         settings,
         shard=(index, count),
         cache_dir=args.cache_dir,
-        act_ranges_key=ranges.provenance.get("prompts_sha256", ""),
+        act_ranges_key=hashlib.sha256(json.dumps(ranges.provenance, sort_keys=True).encode()).hexdigest()[:16],
     )
     write_table(table, args.out)
     equivalents = ", ".join(f"{m} {v:.1f}" for m, v in stats.unet_forward_equivalents().items())
@@ -197,7 +240,9 @@ def _clip_scorer(spec: str | None, embedded: bool):
         return embedded_clip_scorer()
     arch, _, weights = spec.partition(":")
     if not weights or not Path(weights).is_file():
-        raise SystemExit(f"error: --clip {spec!r}: expected none, embedded or ARCH:PATH with PATH an existing weights file.")
+        raise SystemExit(
+            f"error: --clip {spec!r}: expected none, embedded or ARCH:PATH with PATH an existing weights file."
+        )
     import open_clip
 
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights)
@@ -279,9 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="collect activation ranges (cached) for every layer and bit")
     _model_args(p)
-    _sampling_args(p, steps=4, seed=0)
-    p.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line (default: assets/prompts.txt)")
-    p.add_argument("--weight-bits", type=int, default=8, choices=[2, 4, 8], help="weight bits while calibrating (default 8)")
+    _sampling_args(p, steps=CALIBRATION_STEPS, seed=CALIBRATION_SEED)
+    p.add_argument(
+        "--prompts", type=Path, default=None, help="text file, one prompt per line (default: assets/prompts.txt)"
+    )
+    p.add_argument(
+        "--weight-bits", type=int, default=8, choices=[2, 4, 8], help="weight bits while calibrating (default 8)"
+    )
     p.set_defaults(handler=cmd_calibrate)
 
     p = sub.add_parser("generate", help="write FP16 (and, with --config, quantized) images as PNG")
@@ -295,11 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sensitivity", help="per-layer sensitivity sweep (SQNR for quality, SSIM for content layers)")
     _model_args(p)
     _sampling_args(p, steps=1, seed=42)
-    p.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line (default: assets/prompts.txt)")
+    p.add_argument(
+        "--prompts", type=Path, default=None, help="text file, one prompt per line (default: assets/prompts.txt)"
+    )
     p.add_argument("--num-prompts", type=int, default=16, help="prompts used from the list (default 16)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="run part i of n (e.g. 0/2); merge parts with --merge")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="merge shard tables (CSV) instead of sweeping")
-    p.add_argument("--out", type=Path, default=Path("sensitivity.csv"), help="table CSV to write (default ./sensitivity.csv)")
+    p.add_argument(
+        "--out", type=Path, default=Path("sensitivity.csv"), help="table CSV to write (default ./sensitivity.csv)"
+    )
     p.set_defaults(handler=cmd_sensitivity)
 
     p = sub.add_parser(
@@ -312,16 +365,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip ViT-L-14:/path/open_clip_pytorch_model.bin --steps 1 --size 512 --out results/turbo",
     )
     _model_args(p)
-    p.add_argument("--config", type=_named_path, action="append", default=[], metavar="NAME=PATH", help=f"a precision config, repeatable: {CONFIG_FORMS}")
-    p.add_argument("--naive", action="append", default=[], metavar="NAME", help="evaluate config NAME without BOS handling (MixDQ's naive baseline), repeatable")
-    p.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line (default for the embedded model: assets/prompts.txt)")
-    p.add_argument("--calibration-prompts", type=Path, default=None, help="prompts for activation calibration (default: assets/prompts.txt)")
+    p.add_argument(
+        "--config",
+        type=_named_path,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help=f"a precision config, repeatable: {CONFIG_FORMS}",
+    )
+    p.add_argument(
+        "--naive",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="evaluate config NAME without BOS handling (MixDQ's naive baseline), repeatable",
+    )
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help="text file, one prompt per line (default for the embedded model: assets/prompts.txt)",
+    )
+    p.add_argument(
+        "--calibration-prompts",
+        type=Path,
+        default=None,
+        help="prompts for activation calibration (default: assets/prompts.txt)",
+    )
     p.add_argument("--seeds", type=int, default=0, help="image i uses noise seed SEEDS + i (default 0)")
-    p.add_argument("--steps", type=int, default=1, choices=range(1, 5), metavar="{1..4}", help="denoising steps (default 1)")
+    p.add_argument(
+        "--steps", type=int, default=1, choices=range(1, 5), metavar="{1..4}", help="denoising steps (default 1)"
+    )
     p.add_argument("--size", type=int, default=None, help="image height and width in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
-    p.add_argument("--clip", default=None, help="none | embedded | ARCH:WEIGHTS_FILE (open_clip); default: embedded for the embedded model, else none")
-    p.add_argument("--out", type=Path, default=Path("evaluation"), help="results stem: writes STEM.csv and STEM.json (default ./evaluation)")
+    p.add_argument(
+        "--clip",
+        default=None,
+        help="none | embedded | ARCH:WEIGHTS_FILE (open_clip); default: embedded for the embedded model, else none",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("evaluation"),
+        help="results stem: writes STEM.csv and STEM.json (default ./evaluation)",
+    )
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser(
@@ -339,13 +426,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def cpu_threads():
+    """As app.py: torch on all cores but one unless OMP_NUM_THREADS says otherwise, so its OpenMP threads do not
+    spin against each other and the rest of a busy machine (several times slower on 2 busy cores).
+    The previous setting comes back afterwards, for callers of :func:`main` in a Python process."""
+    import torch
+
+    before = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mixdq.config import ConfigError
     from mixdq.models import ModelNotAvailableError
 
+    runs_pipeline = args.command in TORCH_COMMANDS or getattr(args, "select_k", None)
     try:
-        return args.handler(args) or 0
+        with cpu_threads() if runs_pipeline else contextlib.nullcontext():
+            return args.handler(args) or 0
     except (ModelNotAvailableError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

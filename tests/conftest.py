@@ -2,13 +2,16 @@
 
 import os
 
+import pytest
+import torch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+# Whether a GPU is usable, not whether one is named (CUDA_VISIBLE_DEVICES=0 on a machine without one): set before
+# any test module imports triton or kernels, whose @triton.jit reads it. torch.cuda.is_available() asks the driver
+# without creating a CUDA context and does not import triton.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

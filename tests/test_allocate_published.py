@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mixdq.allocate import QUALITY_MIN_BITS, Allocator, InfeasibleBudgetError
-from mixdq.allocate.cli import add_parser
+from mixdq.allocate.cli import PUBLISHED_SOURCE, add_parser
 from mixdq.allocate.exact import MIP_GAP, SOLVERS
 from mixdq.allocate.pareto import budget_grid, pareto_front
 from mixdq.config import PrecisionConfig
@@ -162,6 +162,9 @@ def test_pareto_front_is_monotone_and_reusable(allocator):
 
 
 def run_cli(argv):
+    """The allocate command on SDXL-Turbo's published data, unless ``argv`` names a --source."""
+    if "--source" not in argv:
+        argv = [*argv, "--source", PUBLISHED_SOURCE]
     parser = argparse.ArgumentParser(prog="python -m mixdq")
     add_parser(parser.add_subparsers())
     args = parser.parse_args(argv)

@@ -82,7 +82,19 @@ def test_clip_score_with_a_tiny_open_clip(tiny_clip_scorer):
     images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     texts = ["a red circle above a blue square", "a green triangle on a white background"]
     scores = clip_score(tiny_clip_scorer, images, texts)
-    assert scores.shape == (2,) and torch.isfinite(scores).all() and (scores.abs() <= 100).all()
+    # by hand, through the open_clip model: image i (as a uint8 PIL image) against text j, 100 x cosine
+    from PIL import Image
+
+    pil = [Image.fromarray((im.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()) for im in images]
+    model, preprocess, tokenizer = tiny_clip_scorer.model, tiny_clip_scorer.preprocess, tiny_clip_scorer.tokenizer
+    with torch.no_grad():
+        image_features = model.encode_image(torch.stack([preprocess(p) for p in pil]))
+        text_features = model.encode_text(tokenizer(texts))
+    dots = image_features @ text_features.T
+    cosines = dots / image_features.norm(dim=1)[:, None] / text_features.norm(dim=1)[None, :]
+    torch.testing.assert_close(scores, 100 * cosines.diagonal(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(clip_score(tiny_clip_scorer, images, texts[::-1]), 100 * cosines.flip(1).diagonal())
+    assert (scores - clip_score(tiny_clip_scorer, images, texts[::-1])).abs().max() > 0.01  # the pairing matters
     assert torch.equal(clip_score(tiny_clip_scorer, images.clone(), texts), scores)
     assert tiny_clip_scorer.encode_images(images).shape == (2, 32)
     with pytest.raises(ValueError, match="one text per image"):
@@ -97,15 +109,13 @@ def test_inception_fid_without_weights_is_one_clear_sentence(tmp_path):
 
 
 def test_embedded_judges_plug_in():
-    from mixdq.evaluate import embedded_checker, embedded_clip_scorer
-
-    tiny = pytest.importorskip("mixdq.tiny.clip")
-    if not (tiny.TINY_CLIP_DIR / tiny.WEIGHTS_FILE).is_file():
-        pytest.skip("the embedded model's CLIP is not in assets/tiny-clip")
     import numpy as np
 
+    from mixdq.evaluate import embedded_checker, embedded_clip_scorer
+    from mixdq.tiny import clip as tiny
     from mixdq.tiny.data import render, sample_scenes
 
+    assert (tiny.TINY_CLIP_DIR / tiny.WEIGHTS_FILE).is_file()  # it ships in assets/tiny-clip
     batch = sample_scenes(2, np.random.default_rng(0))
     images = render(batch, size=64)
     assert all(embedded_checker(image, scene) for image, scene in zip(images, batch.scenes))

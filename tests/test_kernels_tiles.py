@@ -4,8 +4,8 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels.gemm_wxa8 import get_gemm_a8_autotune_config  # noqa: E402
-from kernels.tiles import pick_gemm_config, prune_by_m, tile_count  # noqa: E402
+from kernels.gemm_wxa8 import get_gemm_a8_autotune_config
+from kernels.tiles import pick_gemm_config, prune_by_m, tile_count
 
 H100_SMS = 132
 
@@ -16,20 +16,23 @@ def full_configs() -> list:
             cfg(64, 64, 128), cfg(32, 128, 128), cfg(16, 64, 256)]  # fmt: skip
 
 
-def area(config) -> int:
-    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
-
-
-@pytest.mark.parametrize("M, N", [(16384, 1280), (4096, 640), (1024, 1280), (1024, 10240), (77, 1280), (1, 1280)])
-def test_picked_tile_is_the_largest_that_fills_a_wave(M, N):
-    configs = prune_by_m(full_configs(), {"M": M})
-    picked = pick_gemm_config(configs, M, N, H100_SMS)
-    filling = [c for c in configs if tile_count(c, M, N) >= H100_SMS]
-    if filling:
-        assert tile_count(picked, M, N) >= H100_SMS
-        assert area(picked) == max(area(c) for c in filling)
-    else:  # too small a problem for one wave: as many tiles as possible
-        assert tile_count(picked, M, N) == max(tile_count(c, M, N) for c in configs)
+# Worked by hand from full_configs() and 132 SMs: the largest tile (then deepest BLOCK_K) with >= 132 tiles,
+# else the most tiles; prune_by_m first drops BLOCK_M above max(16, next power of 2 of M).
+@pytest.mark.parametrize(
+    "M, N, tile, tiles",
+    [
+        (16384, 1280, (128, 256, 128), 128 * 5),  # the first 256-wide tile already fills the wave
+        (4096, 640, (128, 128, 128), 32 * 5),  # 128x256 has 32 * 3 = 96, 256x128 16 * 5 = 80 tiles
+        (1024, 1280, (64, 128, 128), 16 * 10),  # 128x128 has 8 * 10 = 80
+        (1024, 10240, (128, 256, 128), 8 * 40),
+        (77, 1280, (16, 64, 256), 5 * 20),  # no tile fills a wave: the most tiles (BLOCK_M <= 128 kept)
+        (1, 1280, (16, 64, 256), 1 * 20),  # only BLOCK_M = 16 survives the M cap
+    ],
+)
+def test_picked_tile_is_the_largest_that_fills_a_wave(M, N, tile, tiles):
+    picked = pick_gemm_config(prune_by_m(full_configs(), {"M": M}), M, N, H100_SMS)
+    assert (picked.kwargs["BLOCK_M"], picked.kwargs["BLOCK_N"], picked.kwargs["BLOCK_K"]) == tile
+    assert tile_count(picked, M, N) == tiles
 
 
 def test_examples_at_sdxl_shapes():

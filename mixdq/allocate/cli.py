@@ -9,6 +9,7 @@ from pathlib import Path
 from mixdq.allocate.allocator import AUTO, BAND, METHODS, AllocationResult, Allocator
 from mixdq.allocate.exact import MIP_GAP
 from mixdq.config import WEIGHT_CLIPS
+from mixdq.models import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
 from mixdq.sensitivity.published import (
     SDXL_TURBO_MODEL_ID,
     UNetInventory,
@@ -16,16 +17,19 @@ from mixdq.sensitivity.published import (
     load_published_table,
     sdxl_turbo_inventory,
 )
-from mixdq.sensitivity.table import read_table, select_protected
+from mixdq.sensitivity.table import SensitivityTableError, read_table, select_protected
 
+EMBEDDED_SOURCE = "embedded"
 PUBLISHED_SOURCE = "published-sdxl-turbo"
+EMBEDDED_TABLE = EMBEDDED_MODEL_DIR / "sensitivity.csv"  # the shipped sweep (see the README)
 DEFAULT_PROTECT_SHARE = 0.01
 
 EPILOG = f"""\
 examples:
-  python -m mixdq allocate --budget-bits 4.0 --out w4a8.json
-  python -m mixdq allocate --budget-mb 1300 --act-bits 8 --k 0.62 --solver highs --out cfg.json --yaml-out cfg
-  python -m mixdq allocate --source sens.csv --unet-config assets/tiny-sdxl --budget-bits 4 --out tiny.json
+  python -m mixdq allocate --budget-bits 4.0 --out w4a8.json         # the embedded model's shipped sweep
+  python -m mixdq allocate --source sens.csv --budget-mb 4.4 --out w4a8.json  # your sweep of the embedded model
+  python -m mixdq allocate --source {PUBLISHED_SOURCE} --budget-mb 1300 --act-bits 8 --k 0.62 --solver highs \
+      --out turbo.json --yaml-out turbo                                 # SDXL-Turbo, the MixDQ authors' data
   python -m mixdq allocate --source assets/tiny-sdxl/sensitivity.csv --unet-config assets/tiny-sdxl \
       --budget-bits 4 --select-k embedded --out tiny_w4a8.json       # K chosen by generated images
 
@@ -72,14 +76,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--source",
-        default=PUBLISHED_SOURCE,
-        help=f"'{PUBLISHED_SOURCE}' (default: the MixDQ authors' data) or a sensitivity table CSV",
+        default=EMBEDDED_SOURCE,
+        help=f"'{EMBEDDED_SOURCE}' (default: the embedded model's shipped sweep, for the model `generate` loads by "
+        f"default), '{PUBLISHED_SOURCE}' (SDXL-Turbo, the MixDQ authors' data) or a sensitivity table CSV",
     )
     parser.add_argument(
         "--unet-config",
         type=Path,
         metavar="PATH",
-        help="with a table --source: the model's UNet config.json (or a diffusers model folder) for exact MB",
+        help="with a table --source: the UNet config.json (or diffusers model folder) of the model the table was "
+        "measured on; default: the embedded model's",
     )
     parser.add_argument(
         "--protect-share",
@@ -160,8 +166,6 @@ def run_allocate(args: argparse.Namespace) -> int:
         config = result.config
         config.weight_clip = args.weight_clip
         if args.fp8 != "none":
-            if allocator.inventory is None:
-                raise ValueError("--fp8 needs the model's layers (which are linear); pass --unet-config.")
             config = config.with_fp8_linears(list(allocator.inventory.layers), low_bit=FP8_CHOICES[args.fp8])
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -176,14 +180,25 @@ def run_allocate(args: argparse.Namespace) -> int:
 
 
 def _allocator(args: argparse.Namespace) -> Allocator:
+    if args.source in (EMBEDDED_SOURCE, PUBLISHED_SOURCE) and args.unet_config is not None:
+        raise ValueError(f"--unet-config is for a table --source; '{args.source}' brings its model's layers.")
     if args.source == PUBLISHED_SOURCE:
         table, inventory, model_id = load_published_table(), sdxl_turbo_inventory(), SDXL_TURBO_MODEL_ID
     else:
-        table, inventory, model_id = read_table(args.source), _table_inventory(args.unet_config), ""
-    if args.yaml_out and inventory is None:
-        raise ValueError("--yaml-out needs the model's layers; pass --unet-config.")
+        # A table describes the model `sensitivity` swept: by default, like there, the embedded one.
+        table = read_table(EMBEDDED_TABLE if args.source == EMBEDDED_SOURCE else args.source)
+        embedded = args.unet_config is None
+        inventory = _table_inventory(EMBEDDED_MODEL_DIR if embedded else args.unet_config)
+        model_id = EMBEDDED_MODEL_ID if embedded else ""
     protected = select_protected(table, args.protect_share) if args.protect_share > 0 else []
-    return Allocator(table, protected, inventory, band=args.band, model_id=model_id)
+    try:
+        return Allocator(table, protected, inventory, band=args.band, model_id=model_id)
+    except SensitivityTableError as err:
+        model = args.unet_config or f"the embedded model ({EMBEDDED_MODEL_DIR})"
+        raise ValueError(
+            f"--source {args.source}: {err} It does not describe {model}; pass --unet-config PATH of the model "
+            "it was measured on (a diffusers model folder or its unet/config.json)."
+        ) from None
 
 
 def _select_k(args: argparse.Namespace, allocator: Allocator) -> AllocationResult:
@@ -194,8 +209,6 @@ def _select_k(args: argparse.Namespace, allocator: Allocator) -> AllocationResul
 
     if args.k != AUTO:
         raise ValueError("--select-k chooses K by generating images; drop --k (or drop --select-k to fix K).")
-    if args.budget_mb is not None and allocator.scale is None:
-        raise ValueError("--budget-mb needs the model's layers; pass --unet-config.")
     prompts = default_prompts()
     n = args.validation_prompts
     if not 0 < n < len(prompts):
@@ -217,9 +230,7 @@ def _select_k(args: argparse.Namespace, allocator: Allocator) -> AllocationResul
     return selection.result
 
 
-def _table_inventory(path: Path | None) -> UNetInventory | None:
-    if path is None:
-        return None
+def _table_inventory(path: Path) -> UNetInventory:
     config = path / "unet" / "config.json" if path.is_dir() else path
     if not config.is_file():
         raise ValueError(f"--unet-config: no UNet config at {config}; pass a config.json or a diffusers model folder.")
