@@ -153,6 +153,7 @@ def build_demo(
         size,
         weight_scales,
         fp8,
+        compiled=False,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008
     ):
         if not prompt.strip():
@@ -173,7 +174,7 @@ def build_demo(
         config = services.with_run_options(config, workspace.inventory, weight_scales, fp8)
 
         def on_stage(stage: str) -> None:
-            progress(None, desc=stage)
+            progress(0, desc=stage)
 
         try:
             out = workspace.compare(config, prompt, int(seed), int(steps), int(size), on_stage, bool(compiled))

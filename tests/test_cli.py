@@ -85,6 +85,7 @@ def test_generate_rejects_a_config_for_another_model(saved_pipe, tmp_path, capsy
 def test_generate_reads_the_exported_yaml_pair(saved_pipe, tmp_path, monkeypatch):
     """`--config STEM` finds STEM_weight.yaml + STEM_act.yaml (as `allocate --yaml-out STEM` writes them)."""
     import mixdq.calibrate
+    import mixdq.quant
 
     folder, layers = saved_pipe
     config = PrecisionConfig.uniform(layers, 4, 8, protected=["conv_in"])
@@ -94,11 +95,12 @@ def test_generate_reads_the_exported_yaml_pair(saved_pipe, tmp_path, monkeypatch
     (tmp_path / "cfg_act.yaml").write_text(act_yaml)
     handed = []
 
-    def stop_at_calibration(pipe, weight_bits, **kwargs):
-        handed.append(weight_bits)
-        raise KeyboardInterrupt  # the config reached calibration; no need to generate
+    def stop_at_quantization(pipe, config, ranges=None, **kwargs):
+        handed.append(config)
+        raise KeyboardInterrupt  # the config reached quantization; no need to generate
 
-    monkeypatch.setattr(mixdq.calibrate, "calibrate", stop_at_calibration)
+    monkeypatch.setattr(mixdq.calibrate, "calibrate", lambda *args, **kwargs: None)
+    monkeypatch.setattr(mixdq.quant, "quantize_", stop_at_quantization)
     argv = ["generate", "--model", str(folder), "--device", "cpu", "--prompt", "x", "--out", str(tmp_path / "out")]
     with pytest.raises(KeyboardInterrupt):
         main([*argv, "--size", "64", "--config", str(tmp_path / "cfg")])

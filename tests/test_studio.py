@@ -180,19 +180,21 @@ def test_import_rejects_bad_files_with_a_message(client, tmp_path):
 
 
 def test_compare_uniform_w8a8(client):
-    (fp_path, quant_path), _diff_path, report = client.predict(
+    (fp_path, quant_path), simulated_path, _diff_path, report = client.predict(
         "uniform W8A8", "a red circle", 0, 1, 64, api_name="/compare"
     )
     from PIL import Image
 
     assert Image.open(fp_path).size == (64, 64) and Image.open(quant_path).size == (64, 64)
-    ssim = float(re.search(r"\*\*SSIM\*\* (\d\.\d+)", report).group(1))
+    assert Image.open(simulated_path).size == (64, 64)
+    ssim = float(re.search(r"\*\*deployed vs [^*]+\*\*: SSIM (\d\.\d+)", report).group(1))
     assert 0.5 < ssim <= 1.0
-    assert "CPU reference path" in report and "x smaller" in report and "FP8" not in report
-    _, _, report = client.predict(
+    assert "PyTorch integer reference path on the CPU" in report and "**deployed vs simulation**" in report
+    assert "x smaller" in report and "FP8" not in report
+    _, _, _, report = client.predict(
         "uniform W8A8", "a red circle", 0, 1, 64, "MSE-clipped per row (ours)", True, api_name="/compare"
     )
-    assert "with MSE-clipped weight scales" in report and "linear layers in FP8 e4m3" in report
+    assert "run options: MSE-clipped weight scales" in report and "linear layers in FP8 e4m3" in report
 
 
 def test_browser_slider_compare_and_download(studio, tmp_path):
