@@ -267,12 +267,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     """What the studio's Compare does, from the shell: FP16, simulated and deployed images with their costs."""
     import json
 
-    from PIL import Image
-
     from mixdq.calibrate import calibrate
     from mixdq.config import ConfigError, PrecisionConfig
     from mixdq.deploy.runner import DeployedRunner
     from mixdq.evaluate.compare import compare, median_step_ms
+    from mixdq.evaluate.metrics import to_pil
     from mixdq.inventory import layer_inventory
     from mixdq.memory import MB
     from mixdq.models import load_pipeline
@@ -288,10 +287,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     result = compare(DeployedRunner(pipe), config, ranges, args.prompt, args.seed, args.steps, size, print)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("fp16", "simulated", "deployed"):
-        image = getattr(result, name).image
-        Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
-            args.out / f"{name}.png"
-        )
+        to_pil(getattr(result, name).image).save(args.out / f"{name}.png")
     summary = {
         "kernel_path": result.kernel_path,
         "deploy": result.deploy.report.describe(),

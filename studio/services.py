@@ -423,6 +423,7 @@ class ModelWorkspace:
         """FP16, fake-quant simulation and deployed images from the same noise (:func:`mixdq.evaluate.compare`),
         their difference, and the embedded model's CLIP score and caption alignment of FP16 and deployed."""
         from mixdq.evaluate.compare import compare
+        from mixdq.evaluate.metrics import to_pil
 
         config.validate(self.layers)
         with self.lock:
@@ -441,9 +442,9 @@ class ModelWorkspace:
             )
         return {
             "result": result,
-            "fp": _to_pil(fp),
-            "quant": _to_pil(deployed),
-            "simulated": _to_pil(result.simulated.image),
+            "fp": to_pil(fp),
+            "quant": to_pil(deployed),
+            "simulated": to_pil(result.simulated.image),
             "diff": _diff_image(fp, deployed),
             "metrics": metrics,
         }
@@ -517,10 +518,6 @@ def _aligned(checker, image: torch.Tensor, prompt: str) -> bool | None:
         return bool(checker(image, prompt))
     except ValueError:
         return None
-
-
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
 def _diff_image(a: torch.Tensor, b: torch.Tensor) -> Image.Image:

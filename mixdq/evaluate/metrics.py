@@ -155,7 +155,7 @@ class OpenClipScorer:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = torch.stack([self.preprocess(_to_pil(image)) for image in images]).to(self.device)
+        pixels = torch.stack([self.preprocess(to_pil(image)) for image in images]).to(self.device)
         return self.model.encode_image(pixels).float().cpu()
 
     @torch.no_grad()
@@ -164,7 +164,7 @@ class OpenClipScorer:
         return self.model.encode_text(tokens).float().cpu()
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
+def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> RGB PIL image (rounded to uint8, as a saved PNG would be)."""
     array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
