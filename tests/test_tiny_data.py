@@ -188,3 +188,14 @@ def test_new_synonyms_tokenize_into_known_pieces():
         pieces = tokenizer.tokenize(word)
         assert len(pieces) > 1 and all(p in vocab for p in pieces), (word, pieces)
         assert tokenizer.unk_token_id not in tokenizer.convert_tokens_to_ids(pieces)
+
+
+def test_bytes_to_unicode_is_clips_table():
+    """Our copy of the byte table must equal open_clip's, or the shipped tokenizer would read text differently."""
+    from open_clip.tokenizer import bytes_to_unicode as open_clip_table
+
+    from mixdq.tiny.vocab import bytes_to_unicode
+
+    ours = bytes_to_unicode()
+    assert list(ours.items()) == list(open_clip_table().items())  # order too: it fixes the token ids
+    assert len(set(ours.values())) == 256 and ours[ord("a")] == "a" and ours[ord(" ")] == "Ġ"

@@ -15,9 +15,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import load_file
 
+from mixdq.tiny import TINY_CLIP_DIR
 from mixdq.tiny.vocab import vocab_size
 
-TINY_CLIP_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny-clip"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 BPE_FILE = "bpe_merges.txt.gz"
