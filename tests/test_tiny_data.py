@@ -199,3 +199,33 @@ def test_bytes_to_unicode_is_clips_table():
     ours = bytes_to_unicode()
     assert list(ours.items()) == list(open_clip_table().items())  # order too: it fixes the token ids
     assert len(set(ours.values())) == 256 and ours[ord("a")] == "a" and ours[ord(" ")] == "Ġ"
+
+
+def test_complete_fills_open_attributes_with_the_defaults():
+    from mixdq.tiny.data import Scene, SceneObject, complete
+
+    one = complete(parse_caption("a red circle"))
+    assert one == Scene((SceneObject("circle", "red", "large", "center"),), "white")
+    two = complete(parse_caption("a white disc and a small blue box on the left"))
+    # the named place is taken, so the open object takes the next default; white is used, so black
+    assert two == Scene(
+        (SceneObject("circle", "white", "large", "right"), SceneObject("square", "blue", "small", "left")), "black"
+    )
+    full = parse_caption("a small red circle on the left, on a green background")
+    assert complete(full) == full
+
+
+def test_training_pairs_draw_what_each_caption_says():
+    from mixdq.tiny.data import training_pairs
+
+    scenes = sample_scenes(300, np.random.default_rng(1)).scenes
+    drawn, captions = training_pairs(scenes, np.random.default_rng(2), full_share=0.5, open_attributes="default")
+    partial = [(d, c) for d, c in zip(drawn, captions) if parse_caption(c).is_partial()]
+    assert 100 < len(partial) < 200  # about half the captions are partial
+    for d, c in zip(drawn, captions):
+        assert not d.is_partial() and parse_caption(c).matches(d)
+    assert sum(d != s for d, s in zip(drawn, scenes)) > 100  # defaults replaced random attributes
+    same, _ = training_pairs(scenes, np.random.default_rng(2), full_share=0.5, open_attributes="random")
+    assert same is scenes
+    with pytest.raises(ValueError, match="open_attributes"):
+        training_pairs(scenes, np.random.default_rng(2), 0.5, open_attributes="mean")

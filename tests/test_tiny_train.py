@@ -83,4 +83,36 @@ def test_the_gpu_recipe_parses():
     from mixdq.tiny.finetune import RECIPE
 
     args = parse_args(["--out", "x", "--init", str(ASSETS), *RECIPE])
-    assert (args.batch, args.lr, args.ema, args.warmup, args.full_share) == (128, 3e-4, 0.995, 50, 0.45)
+    assert args.batch == 128 and 0.0 < args.full_share < 1.0  # a batch as trained; both caption kinds
+
+
+def test_pack_splits_the_finetune_files_into_parts_that_rebuild_them(tmp_path):
+    import tarfile
+
+    from mixdq.tiny import finetune
+
+    model = tmp_path / "tiny-sdxl"
+    (model / "unet").mkdir(parents=True)
+    payload = bytes(range(256)) * (80 * 1024)  # 20 MiB: two parts
+    (model / "unet" / "weights.bin").write_bytes(payload)
+    (model / "metrics.json").write_text('{"a": 1}')
+    parts = finetune.pack(model, tmp_path, "run_a")
+    assert [p.name for p in parts] == ["run_a.tar.00", "run_a.tar.01"]
+    assert all(p.stat().st_size <= finetune.PART_BYTES for p in parts)
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(joined) as tar:
+        assert tar.extractfile("run_a/unet/weights.bin").read() == payload
+        assert tar.extractfile("run_a/metrics.json").read() == b'{"a": 1}'
+
+
+def test_default_open_attributes_lay_out_the_completed_scenes():
+    from mixdq.tiny.data import POSITIONS, SIZES, parse_caption
+    from mixdq.tiny.train import training_batches
+
+    batch, captions = next(training_batches(64, seed=0, full_share=0.0, open_attributes="default"))
+    assert all(parse_caption(c).matches(s) for s, c in zip(batch.scenes, captions))
+    for b, scene in enumerate(batch.scenes):  # the drawn layout is the completed scene's, up to jitter
+        for i, obj in enumerate(scene.objects):
+            assert abs(batch.center[b, i] - POSITIONS[obj.position]).max() < 0.02
+            assert abs(batch.radius[b, i] / SIZES[obj.size] - 1) < 0.04

@@ -6,8 +6,12 @@ of jitter. That makes text alignment exactly measurable, and makes the condition
 distribution almost a point mass, which is what lets a small UNet sample it in 1-4 steps.
 
 People type short prompts ("a red circle"), so training also uses partial captions: `describe`
-drops any of size, position and background (the image still has them, drawn at random), and
-`write_caption` words the result in one of several phrasings and synonyms. A partial `Scene` has
+drops any of size, position and background, and `write_caption` words the result in one of several
+phrasings and synonyms. What the image shows for an attribute the caption leaves open is a choice
+(`OPEN_ATTRIBUTES`): drawn at random, or a fixed default (`complete`: large, in the canonical places,
+on white). Defaults keep every caption's image a near point mass; random ones make the short
+caption's image a distribution whose mean (a blur of every place and size) is what a few-step
+sampler of a non-distilled model tends to draw. A partial `Scene` has
 None for each attribute its caption leaves open; `Scene.matches` compares it with a full one.
 
 Scenes are sampled with numpy from a seed (never stored); `render` draws them with torch on any
@@ -73,6 +77,16 @@ RADIUS_JITTER = 0.03  # relative
 # whose circumradius is 1.2 r (an equal-area triangle would not fit beside its neighbours).
 SQUARE_HALF_SIDE = 0.886
 TRIANGLE_CIRCUMRADIUS = 1.2
+
+
+OPEN_ATTRIBUTES = ("default", "random")  # what the training image shows where the caption is silent
+DEFAULT_SIZE = "large"
+DEFAULT_BACKGROUNDS = ("white", "black", "yellow", "blue")  # the first one no object uses
+DEFAULT_POSITIONS: dict[int, tuple[str, ...]] = {  # by object count; open objects take the first free place
+    1: ("center", "left", "right", "top", "bottom"),
+    2: ("left", "right", "center", "top", "bottom"),
+    3: ("left", "center", "right", "top", "bottom"),
+}
 
 
 def _article(word: str) -> str:
@@ -171,6 +185,42 @@ def caption_mix(scenes: list[Scene], rng: np.random.Generator, full_share: float
     """Training captions: the canonical full caption with probability `full_share`, otherwise a
     partial description of the scene in a random phrasing."""
     return [s.caption() if rng.random() < full_share else write_caption(describe(s, rng), rng) for s in scenes]
+
+
+def complete(described: Scene) -> Scene:
+    """The full scene a partial description stands for under the default rule: open sizes large,
+    open positions the first free ones of `DEFAULT_POSITIONS` (in caption order), an open background
+    the first of `DEFAULT_BACKGROUNDS` that no object uses. A full scene is returned unchanged."""
+    named = {o.position for o in described.objects if o.position is not None}
+    free = iter(p for p in DEFAULT_POSITIONS[len(described.objects)] if p not in named)
+    objects = tuple(
+        SceneObject(o.shape, o.color, o.size or DEFAULT_SIZE, o.position or next(free)) for o in described.objects
+    )
+    used = {o.color for o in described.objects}
+    background = described.background or next(c for c in DEFAULT_BACKGROUNDS if c not in used)
+    return Scene(objects, background)
+
+
+def training_pairs(
+    scenes: list[Scene], rng: np.random.Generator, full_share: float, open_attributes: str = "random"
+) -> tuple[list[Scene], list[str]]:
+    """The scenes to draw and their training captions. "random": `caption_mix` of the scenes as
+    drawn (the open attributes keep their random values). "default": each partial description's
+    scene is `complete`d, so the image shows the defaults for what its caption leaves open."""
+    if open_attributes not in OPEN_ATTRIBUTES:
+        raise ValueError(f"open_attributes must be one of {OPEN_ATTRIBUTES}, got {open_attributes!r}")
+    if open_attributes == "random":
+        return scenes, caption_mix(scenes, rng, full_share)
+    drawn, captions = [], []
+    for s in scenes:
+        if rng.random() < full_share:
+            drawn.append(s)
+            captions.append(s.caption())
+        else:
+            d = describe(s, rng)
+            drawn.append(complete(d))
+            captions.append(write_caption(d, rng))
+    return drawn, captions
 
 
 def partial_captions(scenes: list[Scene], rng: np.random.Generator) -> tuple[list[Scene], list[str]]:

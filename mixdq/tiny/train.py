@@ -10,7 +10,8 @@ of the timesteps taken from those the trailing 1-4-step sampler visits (999, 749
 Because a caption fixes its image up to jitter, the denoiser at t = 999 regresses the image
 itself, which is what makes 1-step sampling work. EMA weights are saved, in fp16.
 Captions: a `--full-share` of canonical full captions, the rest partial descriptions in random
-phrasings (`mixdq.tiny.data.caption_mix`), the open attributes drawn at random in the image.
+phrasings (`mixdq.tiny.data.training_pairs`), the open attributes drawn at random in the image or,
+with `--open-attributes default`, at their defaults.
 Fine-tuning (`--init`) trains the UNet alone: the text encoders and VAE stay frozen, so the
 shipped tokenizer and text encoders stay valid and only the UNet's weights change.
 Fixed seeds, data rendered on the training device, a log beside the weights.
@@ -31,7 +32,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from mixdq.tiny.components import IMAGE_SIZE, build_pipeline
-from mixdq.tiny.data import SceneBatch, caption_mix, render, sample_scenes
+from mixdq.tiny.data import OPEN_ATTRIBUTES, SceneBatch, layout, render, sample_scenes, training_pairs
 
 SAMPLER_TIMESTEPS = (999, 749, 499, 249)  # EulerAncestral, trailing spacing, 4 steps (1 step: 999)
 SAMPLER_TIMESTEP_PROBS = (0.4, 0.2, 0.2, 0.2)
@@ -128,14 +129,20 @@ def train_vae(args: argparse.Namespace, log: Log) -> AutoencoderKL:
 
 
 def training_batches(
-    batch: int, seed: int, full_share: float, object_counts: tuple[int, ...] | None = None
+    batch: int,
+    seed: int,
+    full_share: float,
+    object_counts: tuple[int, ...] | None = None,
+    open_attributes: str = "random",
 ) -> Iterator[tuple[SceneBatch, list[str]]]:
-    """Endless random scenes with their mixed captions; captions draw from their own stream, so
-    `full_share=1` gives the scene stream of a run without partial captions."""
+    """Endless random scenes with their mixed captions (`mixdq.tiny.data.training_pairs`); captions
+    draw from their own stream, so `full_share=1` gives the scene stream of a run without partial
+    captions. With default open attributes, the completed scenes are laid out again (new jitter)."""
     scene_rng, caption_rng = np.random.default_rng(seed + 2), np.random.default_rng(seed + 3)
     while True:
         scenes = sample_scenes(batch, scene_rng, object_counts)
-        yield scenes, caption_mix(scenes.scenes, caption_rng, full_share)
+        drawn, captions = training_pairs(scenes.scenes, caption_rng, full_share, open_attributes)
+        yield (scenes if drawn is scenes.scenes else layout(drawn, scene_rng)), captions
 
 
 def encode_latents(vae: AutoencoderKL, batch: SceneBatch, device: torch.device) -> torch.Tensor:
@@ -191,7 +198,7 @@ def train_unet(
     left in it. `batches` defaults to `training_batches` of the arguments."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    batches = batches or training_batches(args.batch, args.seed, args.full_share)
+    batches = batches or training_batches(args.batch, args.seed, args.full_share, open_attributes=args.open_attributes)
     pipe.vae.to(device).eval().requires_grad_(False)
     trained = [pipe.unet] + ([pipe.text_encoder, pipe.text_encoder_2] if train_text_encoders else [])
     frozen = [] if train_text_encoders else [pipe.text_encoder, pipe.text_encoder_2]
@@ -204,7 +211,7 @@ def train_unet(
     log(
         f"UNet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f} M params; text encoders "
         f"{'trained' if train_text_encoders else 'frozen'}; {args.steps} steps, batch {args.batch}, "
-        f"full captions {args.full_share:.0%}"
+        f"full captions {args.full_share:.0%}, open attributes {args.open_attributes}"
     )
     deadline = time.time() + args.unet_minutes * 60
     t0 = time.time()
@@ -267,6 +274,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     p.add_argument("--full-share", type=float, default=0.45, help="share of full captions; the rest are partial")
+    p.add_argument(
+        "--open-attributes",
+        choices=OPEN_ATTRIBUTES,
+        default="random",
+        help="what a partial caption's image shows where the caption is silent (mixdq.tiny.data)",
+    )
     p.add_argument(
         "--unet-minutes", type=float, default=9.0, help="safety stop for the UNet stage (EMA weights are saved)"
     )
