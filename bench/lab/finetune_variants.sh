@@ -11,4 +11,5 @@ python -m mixdq.tiny.finetune "$out/random" --minutes "$minutes" --open-attribut
   --skip-shipped > "$out/ft_random.log" 2>&1 &
 wait
 mv "$out"/default/ft_default.tar.* "$out"/random/ft_random.tar.* "$out"/ 2>/dev/null
+rm -rf "$out/default" "$out/random"  # at most 8 files come back: keep only the parts and the logs
 grep -h "time limit\|alignment" "$out"/ft_*.log | tail -20
