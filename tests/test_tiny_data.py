@@ -226,6 +226,6 @@ def test_training_pairs_draw_what_each_caption_says():
         assert not d.is_partial() and parse_caption(c).matches(d)
     assert sum(d != s for d, s in zip(drawn, scenes)) > 100  # defaults replaced random attributes
     same, _ = training_pairs(scenes, np.random.default_rng(2), full_share=0.5, open_attributes="random")
-    assert same is scenes
+    assert same == scenes  # "random" draws the scenes as given
     with pytest.raises(ValueError, match="open_attributes"):
         training_pairs(scenes, np.random.default_rng(2), 0.5, open_attributes="mean")

@@ -15,11 +15,11 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import load_file
 
-from mixdq.tiny import TINY_CLIP_DIR
+from mixdq.tiny import CLIP_WEIGHTS_FILE, TINY_CLIP_DIR
 from mixdq.tiny.vocab import vocab_size
 
 CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
+WEIGHTS_FILE = CLIP_WEIGHTS_FILE
 BPE_FILE = "bpe_merges.txt.gz"
 IMAGE_SIZE = 64
 

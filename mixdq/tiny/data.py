@@ -11,8 +11,8 @@ phrasings and synonyms. What the image shows for an attribute the caption leaves
 (`OPEN_ATTRIBUTES`): drawn at random, or a fixed default (`complete`: large, in the canonical places,
 on white). Defaults keep every caption's image a near point mass; random ones make the short
 caption's image a distribution whose mean (a blur of every place and size) is what a few-step
-sampler of a non-distilled model tends to draw. A partial `Scene` has
-None for each attribute its caption leaves open; `Scene.matches` compares it with a full one.
+sampler of a non-distilled model tends to draw. A partial `Scene` has None for each attribute its
+caption leaves open; `Scene.matches` compares it with a full one.
 
 Scenes are sampled with numpy from a seed (never stored); `render` draws them with torch on any
 device, so training renders its batches on the GPU.
@@ -184,7 +184,7 @@ def write_caption(scene: Scene, rng: np.random.Generator) -> str:
 def caption_mix(scenes: list[Scene], rng: np.random.Generator, full_share: float) -> list[str]:
     """Training captions: the canonical full caption with probability `full_share`, otherwise a
     partial description of the scene in a random phrasing."""
-    return [s.caption() if rng.random() < full_share else write_caption(describe(s, rng), rng) for s in scenes]
+    return training_pairs(scenes, rng, full_share, "random")[1]
 
 
 def complete(described: Scene) -> Scene:
@@ -204,22 +204,21 @@ def complete(described: Scene) -> Scene:
 def training_pairs(
     scenes: list[Scene], rng: np.random.Generator, full_share: float, open_attributes: str = "random"
 ) -> tuple[list[Scene], list[str]]:
-    """The scenes to draw and their training captions. "random": `caption_mix` of the scenes as
-    drawn (the open attributes keep their random values). "default": each partial description's
-    scene is `complete`d, so the image shows the defaults for what its caption leaves open."""
+    """The scenes to draw and their training captions: the canonical full caption with probability
+    `full_share`, otherwise a partial description in a random phrasing. Its image is the scene as
+    drawn ("random": the open attributes keep their random values) or the description `complete`d
+    ("default": the image shows the defaults for what its caption leaves open)."""
     if open_attributes not in OPEN_ATTRIBUTES:
         raise ValueError(f"open_attributes must be one of {OPEN_ATTRIBUTES}, got {open_attributes!r}")
-    if open_attributes == "random":
-        return scenes, caption_mix(scenes, rng, full_share)
     drawn, captions = [], []
     for s in scenes:
         if rng.random() < full_share:
             drawn.append(s)
             captions.append(s.caption())
-        else:
-            d = describe(s, rng)
-            drawn.append(complete(d))
-            captions.append(write_caption(d, rng))
+            continue
+        d = describe(s, rng)
+        drawn.append(complete(d) if open_attributes == "default" else s)
+        captions.append(write_caption(d, rng))
     return drawn, captions
 
 

@@ -23,7 +23,7 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from mixdq.models import TURBO_SAMPLING
-from mixdq.tiny import TINY_CLIP_DIR
+from mixdq.tiny import CLIP_WEIGHTS_FILE, TINY_CLIP_DIR
 from mixdq.tiny.checker import check
 from mixdq.tiny.data import Scene, parse_caption, partial_captions, render, sample_scenes
 from mixdq.tiny.prompts import SHORT_PROMPTS
@@ -104,21 +104,17 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 4) -> None:
 
 
 def _load_clip(folder: Path):
-    """The tiny CLIP, or None where its weights or open_clip are missing (a bare GPU machine scores alignment only)."""
-    if not (folder / "open_clip_model.safetensors").exists():
+    """(model, tokenizer, clip_score) of the tiny CLIP, or None where its weights or open_clip are
+    missing (a bare GPU machine scores alignment only)."""
+    if not (folder / CLIP_WEIGHTS_FILE).exists():
         return None
     try:
-        from mixdq.tiny.clip import load_tiny_clip
+        from mixdq.tiny.clip import clip_score, load_tiny_clip
     except ImportError as e:
         print(f"CLIP scores skipped: {e}")
         return None
-    return load_tiny_clip(folder)
-
-
-def _clip_score(model, images: torch.Tensor, tokens) -> torch.Tensor:
-    from mixdq.tiny.clip import clip_score
-
-    return clip_score(model, images, tokens)
+    model, _, tokenizer = load_tiny_clip(folder)
+    return model, tokenizer, clip_score
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,10 +150,10 @@ def main(argv: list[str] | None = None) -> None:
             images = generate(pipe, batch.captions(), steps)
             metrics[f"alignment_{k}obj_{steps}step"] = alignment(images, batch.scenes)
             if clip is not None:
-                model, _, tokenizer = clip
+                model, tokenizer, clip_score = clip
                 tokens = tokenizer(batch.captions())
-                metrics[f"clip_score_{k}obj_{steps}step"] = _clip_score(model, images, tokens).mean().item()
-                metrics[f"clip_score_{k}obj_rendered"] = _clip_score(model, render(batch), tokens).mean().item()
+                metrics[f"clip_score_{k}obj_{steps}step"] = clip_score(model, images, tokens).mean().item()
+                metrics[f"clip_score_{k}obj_rendered"] = clip_score(model, render(batch), tokens).mean().item()
             print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
     for k in args.objects:
         scenes, captions = held_out_partial(args.n, k)

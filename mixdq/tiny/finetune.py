@@ -23,8 +23,8 @@ from mixdq.tiny import evaluate_model, train
 from mixdq.tiny.data import OPEN_ATTRIBUTES
 
 SHIPPED = evaluate_model.DEFAULT_MODEL
-# The first run (2026-12-04: lr 3e-4, full share 0.45, random open attributes) lost full-caption
-# alignment (95 % -> 70 %): a gentler rate and more full captions keep what the model knows.
+# A gentler rate than from-scratch training and half full captions, so the fine-tune keeps what the
+# model knows of full captions (the run that showed it: assets/tiny-sdxl/README.md, Training, step 4).
 RECIPE = ["--batch", "128", "--ema", "0.995", "--warmup", "50", "--full-share", "0.5"]
 EVALUATION = ["--n", "256", "--objects", "1", "2", "--steps", "4", "1", "--short-seeds", "16"]
 PART_BYTES = 15 * 2**20

@@ -142,7 +142,7 @@ def training_batches(
     while True:
         scenes = sample_scenes(batch, scene_rng, object_counts)
         drawn, captions = training_pairs(scenes.scenes, caption_rng, full_share, open_attributes)
-        yield (scenes if drawn is scenes.scenes else layout(drawn, scene_rng)), captions
+        yield (scenes if open_attributes == "random" else layout(drawn, scene_rng)), captions
 
 
 def encode_latents(vae: AutoencoderKL, batch: SceneBatch, device: torch.device) -> torch.Tensor:

@@ -20,9 +20,9 @@ END_OF_WORD = "</w>"
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's byte -> printable character table (as in OpenAI CLIP's `simple_tokenizer.py`): printable
-    Latin-1 bytes map to themselves, the others to code points from 256 up, in CLIP's order. Written here so that training
-    and evaluation need no open_clip on a bare GPU machine."""
+    """GPT-2 / CLIP's byte -> printable character table (as in OpenAI CLIP's `simple_tokenizer.py`):
+    printable Latin-1 bytes map to themselves, the others to code points from 256 up, in CLIP's order.
+    Written here so that training and evaluation need no open_clip on a bare GPU machine."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     # Printable bytes first, in this order: the vocabulary's ids follow the table's order.
