@@ -92,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from mixdq.calibrate import calibrate
     from mixdq.config import PrecisionConfig
     from mixdq.inventory import layer_inventory
-    from mixdq.models import TURBO_SAMPLING, load_pipeline
+    from mixdq.models import TURBO_SAMPLING, load_pipeline, read_prompt
     from mixdq.quant import quantization_off, quantize_
 
     # Read before the model loads, so that a bad file fails at once.
@@ -103,11 +103,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
+    reading = read_prompt(pipe, args.prompt)
+    if reading.note:
+        print(reading.note)
 
     def run(tag: str) -> Path:
         generator = torch.Generator("cpu").manual_seed(args.seed)
         image = pipe(
-            args.prompt,
+            reading.text,
             num_inference_steps=args.steps,
             guidance_scale=TURBO_SAMPLING.guidance_scale,
             height=size,

@@ -16,6 +16,10 @@ import torch
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_MODEL_DIR = ASSETS_DIR / "tiny-sdxl"
 EMBEDDED_MODEL_ID = "mixdq-studio/tiny-sdxl"
+# A model folder may declare the caption language its model was trained on (the embedded model does):
+# typed prompts are then read into that language's full captions before they reach the text encoders.
+PROMPT_LANGUAGE_FILE = "mixdq_prompt_language.json"
+TINY_SCENE_LANGUAGE = "mixdq-tiny-scenes"
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -92,7 +96,70 @@ def load_pipeline(
         ) from err
     pipe.set_progress_bar_config(disable=True)
     pipe.model_id = EMBEDDED_MODEL_ID if name_or_path is None else str(name_or_path)
+    pipe.prompt_language = prompt_language(source) if is_local else None
     return pipe.to(device)
+
+
+def prompt_language(folder: Path) -> str | None:
+    """The caption language a model folder declares in :data:`PROMPT_LANGUAGE_FILE`, or None."""
+    from mixdq.config_io import parse_json, read_text
+
+    path = folder / PROMPT_LANGUAGE_FILE
+    if not path.is_file():
+        return None
+    data = parse_json(read_text(path, path.name, "prompt language"), path.name)
+    language = data.get("language") if isinstance(data, dict) else None
+    if language != TINY_SCENE_LANGUAGE:
+        raise ModelNotAvailableError(
+            f"{path} declares the prompt language {language!r}; this version knows only {TINY_SCENE_LANGUAGE!r}."
+        )
+    return language
+
+
+@dataclass(frozen=True)
+class PromptReading:
+    """A typed prompt and the text the pipeline is given for it, with a line for the user when they differ."""
+
+    typed: str
+    text: str
+    note: str = ""
+
+
+def read_prompt(pipe, prompt: str) -> PromptReading:
+    """What ``pipe`` should be given for ``prompt``.
+
+    A model with a declared caption language (the embedded model) was trained on full captions; a short prompt
+    ("a red circle") is read as the full caption with what it leaves open at the language's defaults, so the
+    image follows the prompt instead of the model guessing. Any other model gets the prompt as typed."""
+    if getattr(pipe, "prompt_language", None) != TINY_SCENE_LANGUAGE:
+        return PromptReading(prompt, prompt)
+    from mixdq.tiny.data import complete, example_scene, parse_caption
+
+    try:
+        described = parse_caption(prompt)
+    except ValueError:
+        return PromptReading(
+            prompt,
+            prompt,
+            "The embedded model draws 1 to 3 coloured circles, squares or triangles, e.g. "
+            f"'a red circle on the left' or '{example_scene().caption()}'; this prompt is outside that language, "
+            "so the image will not follow it.",
+        )
+    text = complete(described).caption()
+    if _words(text) == _words(prompt):
+        return PromptReading(prompt, text)
+    if not described.is_partial():
+        return PromptReading(prompt, text, f"Read as '{text}', the embedded model's wording of it.")
+    return PromptReading(
+        prompt,
+        text,
+        f"Drawn as '{text}': the embedded model fills what a prompt leaves open with its defaults "
+        "(large; centre, or left and right; a white background unless an object is white).",
+    )
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().replace(",", " ").removesuffix(".").split()
 
 
 def _offline() -> bool:

@@ -19,6 +19,7 @@ from mixdq.deploy.runner import DeployedRunner, DeployedUNet, Generation, config
 from mixdq.evaluate.metrics import psnr, ssim
 from mixdq.inventory import layer_inventory, non_layer_param_count
 from mixdq.memory import weight_memory
+from mixdq.models import read_prompt
 from mixdq.quant import quantize_
 
 
@@ -32,7 +33,8 @@ class Comparison:
     """Everything the Compare view shows for one click."""
 
     config: PrecisionConfig  # what ran (after any fallback in ``notes``)
-    prompt: str
+    prompt: str  # as typed
+    prompt_read: str  # what the pipeline was given (mixdq.models.read_prompt; a line in ``notes`` if it differs)
     seed: int
     steps: int
     size: int
@@ -82,7 +84,9 @@ def compare(
     layers = layer_inventory(runner.fp_unet)
     config.validate(layers)
     config, note = fp8_fallback(config, runner.device)
-    notes = (note,) if note else ()
+    reading = read_prompt(pipe, prompt)
+    notes = tuple(n for n in (reading.note, note) if n)
+    prompt_read = reading.text
     reused = runner.current is not None and runner.current.key == config_key(config)
     on_stage("simulating (fake-quant)")
     quantize_(pipe, config, act_ranges)
@@ -90,15 +94,16 @@ def compare(
     if compiled:
         runner.compile(on_stage)
     on_stage("FP16 image")
-    fp16 = runner.generate("fp16", prompt, seed, steps, size)
+    fp16 = runner.generate("fp16", prompt_read, seed, steps, size)
     on_stage("simulated image")
-    simulated = runner.generate("simulated", prompt, seed, steps, size)
+    simulated = runner.generate("simulated", prompt_read, seed, steps, size)
     on_stage("deployed image")
-    deployed = runner.generate("deployed", prompt, seed, steps, size)
+    deployed = runner.generate("deployed", prompt_read, seed, steps, size)
     other = non_layer_param_count(runner.fp_unet)
     return Comparison(
         config=config,
         prompt=prompt,
+        prompt_read=prompt_read,
         seed=seed,
         steps=steps,
         size=size,

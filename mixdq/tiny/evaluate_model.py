@@ -22,7 +22,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from mixdq.models import TURBO_SAMPLING
+from mixdq.models import TURBO_SAMPLING, prompt_language, read_prompt
 from mixdq.tiny import CLIP_WEIGHTS_FILE, TINY_CLIP_DIR
 from mixdq.tiny.checker import check
 from mixdq.tiny.data import Scene, parse_caption, partial_captions, render, sample_scenes
@@ -74,10 +74,14 @@ def held_out_partial(n: int, objects: int) -> tuple[list[Scene], list[str]]:
     return partial_captions(sample_scenes(n, rng, object_counts=(objects,)).scenes, rng)
 
 
-def short_prompt_images(pipe: StableDiffusionXLPipeline, seeds: int, steps: int = 4) -> tuple[torch.Tensor, list[str]]:
-    """Each short prompt with noise seeds 0..seeds-1, prompt-major."""
+def short_prompt_images(
+    pipe: StableDiffusionXLPipeline, seeds: int, steps: int = 4, read: bool = False
+) -> tuple[torch.Tensor, list[str]]:
+    """Each short prompt with noise seeds 0..seeds-1, prompt-major; `read`: as the product gives them to the
+    pipeline (`mixdq.models.read_prompt`), else as typed (the UNet alone)."""
     captions = [p for p in SHORT_PROMPTS for _ in range(seeds)]
-    images = torch.cat([generate(pipe, [p] * seeds, steps) for p in SHORT_PROMPTS])
+    given = [read_prompt(pipe, p).text if read else p for p in SHORT_PROMPTS]
+    images = torch.cat([generate(pipe, [p] * seeds, steps) for p in given])
     return images, captions
 
 
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model, dtype=torch.float32, local_files_only=True)
     pipe.to(args.device).set_progress_bar_config(disable=True)
+    pipe.prompt_language = prompt_language(args.model)
     clip = _load_clip(args.clip)
     metrics: dict = {"model": str(args.model), "device": args.device, "dtype": "float32", "n_per_object_count": args.n}
     if args.device.startswith("cuda"):
@@ -157,23 +162,31 @@ def main(argv: list[str] | None = None) -> None:
             print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
     for k in args.objects:
         scenes, captions = held_out_partial(args.n, k)
+        read = [read_prompt(pipe, c).text for c in captions]
         for steps in args.steps:
             metrics[f"alignment_partial_{k}obj_{steps}step"] = alignment(generate(pipe, captions, steps), scenes)
+            if pipe.prompt_language is not None:
+                metrics[f"alignment_partial_{k}obj_{steps}step_read"] = alignment(generate(pipe, read, steps), scenes)
         metrics[f"partial_caption_examples_{k}obj"] = captions[:8]
         print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
     seeds = args.short_seeds
-    images, captions = short_prompt_images(pipe, seeds)
-    correct = [check(img, parse_caption(c)).correct for img, c in zip(images, captions)]
-    metrics["alignment_short_prompts_4step"] = float(np.mean(correct))
-    metrics["alignment_per_short_prompt_4step"] = {
-        prompt: float(np.mean(correct[j * seeds : (j + 1) * seeds])) for j, prompt in enumerate(SHORT_PROMPTS)
-    }
+    for suffix, read in (("", False), ("_read", True)):
+        if read and pipe.prompt_language is None:
+            continue
+        images, captions = short_prompt_images(pipe, seeds, read=read)
+        correct = [check(img, parse_caption(c)).correct for img, c in zip(images, captions)]
+        metrics[f"alignment_short_prompts_4step{suffix}"] = float(np.mean(correct))
+        metrics[f"alignment_per_short_prompt_4step{suffix}"] = {
+            prompt: float(np.mean(correct[j * seeds : (j + 1) * seeds])) for j, prompt in enumerate(SHORT_PROMPTS)
+        }
+        print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
     metrics["short_prompt_seeds"] = seeds
     if args.short_grid is not None:
         shown = min(seeds, SHORT_GRID_SEEDS)
         per_prompt = images.view(len(SHORT_PROMPTS), seeds, *images.shape[1:])[:, :shown]
         save_grid(per_prompt.reshape(-1, *images.shape[1:]), args.short_grid, columns=2 * shown)
         metrics["short_grid_prompts"] = list(SHORT_PROMPTS)
+        metrics["short_grid_read"] = pipe.prompt_language is not None
     metrics["checker_accuracy_rendered"] = checker_accuracy(args.checker_n)
     metrics["checker_accuracy_rendered_partial"] = checker_accuracy(args.checker_n, partial=True)
     metrics["checker_n"] = args.checker_n
