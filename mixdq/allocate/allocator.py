@@ -487,10 +487,10 @@ class Allocator:
         message = (
             f"weight budget {weight.budget_bits:.2f} bits counts the {len(self.protected)} protected layers' FP16 "
             f"weights at 16 bits, leaving {allocated:.3f} average bits for the other {total} layers: {len(below)} "
-            f"of them are below {width} bits (lowest {min(below)}). A uniform {width}-bit config fits this budget "
-            f"with protected_weights='outside' (protected FP16 weights not charged to it) or 'act_only' (MixDQ's: "
-            f"protected layers' weights quantized too, only their activations FP16); "
-            f"CLI: --protected-weights outside|act_only."
+            f"of them are below {width} bits (lowest {min(below)}). For a budget a uniform {width}-bit config meets, "
+            "use protected_weights='outside' (protected FP16 weights not charged to it) or 'act_only' (MixDQ's: "
+            "protected layers' weights quantized too, only their activations FP16); CLI: --protected-weights "
+            "outside or act_only."
         )
         return BelowUniform(width, len(below), total, min(below), allocated, message)
 
