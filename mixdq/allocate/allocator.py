@@ -187,6 +187,7 @@ class _Side:
         return self.from_overall(budget) if self.counted else budget
 
     def to_budget(self, allocated: float) -> float:
+        """The budget (counted as this side's budgets are) whose allocated layers average ``allocated``."""
         return self.to_overall(allocated) if self.counted else allocated
 
     def from_overall(self, overall: float) -> float:
@@ -320,7 +321,8 @@ class Allocator:
         return self.scale
 
     def feasible_range(self, target: str = "weight", k: float | str = AUTO) -> tuple[float, float]:
-        """(lowest, highest) overall average bits this allocator can reach for ``target`` at ``k``.
+        """(lowest, highest) average bits this allocator can reach for ``target`` at ``k``, counted as its
+        budgets are (weights: see ``protected_weights``).
 
         Raises :class:`InfeasibleBudgetError` for a fixed ``k`` outside :meth:`k_range`, where no budget is feasible.
         """
@@ -468,10 +470,10 @@ class Allocator:
 
         It fires where the budget is at or just above (within the band) a width every group offers, so that a
         uniform config would meet it with protected weights outside the budget, yet the layers it leaves must
-        average below that width: 8.00 and 4.00 bits with ``protected_weights="inside"``. At 4.00 this also holds
-        (the other layers get ~3.84), though outside the budget the program still mixes 2 and 8 bits by choice.
-        Other budgets (5.0: some layers at 4, some at 2) and every budget under "outside" or "act_only" are the
-        program's own trade and say nothing.
+        average below that width: 8.00 and 4.00 bits with ``protected_weights="inside"``. At 4.00 it is said too,
+        as the shortfall is the same, though outside the budget the program still mixes 2 and 8 bits by choice.
+        Other budgets (5.0: some layers at 4, some at 2), MB caps, and every budget under "outside" or "act_only"
+        are the program's own trade and say nothing.
         """
         side = self.side("weight")
         uniform = sorted(set.intersection(*(set(side.matrices[g].bits) for g in GROUPS)))
@@ -520,7 +522,7 @@ class Allocator:
         else:
             # A memory budget is a cap: aim one band (in the allocated layers' average) below it.
             side = self.side("weight")
-            aim = side.to_budget(side.from_overall(self._scale().bits(budget.value)) - self.band)
+            aim = side.to_budget(side.to_allocated(self.mb_to_bits(budget.value)) - self.band)
             try:
                 weight = self.allocate_side("weight", aim, k, solver)
             except InfeasibleBudgetError as err:

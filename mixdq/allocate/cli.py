@@ -44,8 +44,8 @@ examples:
 
 Weight budgets in bits are size-weighted averages over all quantizable layers, protected layers counted
 as 16 bits, met within the band (--protected-weights outside: over the other layers only; act_only:
-MixDQ's search, protected layers' weights quantized too). --act-bits averages over the non-protected layers only (activations
-cost no memory): 8 puts every one of them at 8 bits. --budget-mb caps the whole UNet's weight memory (codes, FP16 scales and
+MixDQ's search, protected layers' weights quantized too). --act-bits averages over the non-protected
+layers only (activations cost no memory): 8 puts every one of them at 8 bits. --budget-mb caps the whole UNet's weight memory (codes, FP16 scales and
 biases, FP16 protected layers and norms; 1 MB = 1e6 bytes). K = content bits / quality bits; "{AUTO}"
 picks the K with the best size-weighted normalized sensitivity. Exact solvers stop within {MIP_GAP:g}
 of the optimum in normalized units (1 = all layers from lowest to highest bits)."""
