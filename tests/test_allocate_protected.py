@@ -183,6 +183,9 @@ def test_budget_is_recorded_and_read_back(allocators, tmp_path):
     data["metadata"]["budget"] = 8.0
     with pytest.raises(ConfigError, match="must be an object with 'value' and 'unit'"):
         PrecisionConfig.from_dict(data)
+    data["metadata"]["budget"] = {"value": 10**400, "unit": "bits"}
+    with pytest.raises(ConfigError, match=r"^metadata.budget: budget value <an integer over 2\*\*256> must be"):
+        PrecisionConfig.from_dict(data)
 
 
 def run_cli(argv):
