@@ -4,6 +4,7 @@ the MixDQ authors' yaml format, and is validated against a model's layer invento
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,38 @@ MIXDQ_YAML_PREFIX = "model."
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "mixdq-studio/precision-config"
+BUDGET_UNITS: tuple[str, ...] = ("bits", "mb")
+BUDGET_KEY = "budget"  # where a config's metadata records the budget it was allocated for
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A weight budget as the user gave it: average bits, or MB of the whole UNet's weights (1 MB = 1e6 bytes).
+
+    Kept in the unit it was asked in, so a config reloaded later shows the request, not a rounded conversion.
+    """
+
+    value: float
+    unit: str = "bits"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unit, str) or self.unit not in BUDGET_UNITS:
+            raise ValueError(f"budget unit {quote(self.unit)} is not one of {list(BUDGET_UNITS)}.")
+        if not _positive_finite(self.value):
+            raise ValueError(f"budget value {quote(self.value)} must be a positive finite number of {self.unit}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": float(self.value), "unit": self.unit}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Budget:
+        """The budget a :meth:`to_dict` mapping describes; :class:`ConfigError` names what is wrong."""
+        if not isinstance(data, dict) or set(data) != {"value", "unit"}:
+            raise ConfigError(f"metadata.{BUDGET_KEY} must be an object with 'value' and 'unit', got {quote(data)}.")
+        try:
+            return cls(data["value"], data["unit"])
+        except ValueError as err:
+            raise ConfigError(f"metadata.{BUDGET_KEY}: {err}") from None
 
 
 @dataclass
@@ -76,6 +109,12 @@ class PrecisionConfig:
         return config
 
     # ---- queries --------------------------------------------------------------------------------
+    @property
+    def budget(self) -> Budget | None:
+        """The weight budget this config was allocated for (``None``: not recorded, e.g. hand-made or older)."""
+        data = self.metadata.get(BUDGET_KEY)
+        return None if data is None else Budget.from_dict(data)
+
     def layer_weight_bits(self, name: str) -> int | None:
         """Bits of this layer's weights, ``None`` for FP16."""
         return None if name in self.protected else self.weight_bits.get(name)
@@ -216,6 +255,8 @@ class PrecisionConfig:
             for index, name in enumerate(data.get(key, [])):
                 if not isinstance(name, str):
                     raise ConfigError(f"{key}: entry {index} is {quote(name)}; expected a layer name (a string).")
+        if data.get("metadata", {}).get(BUDGET_KEY) is not None:
+            Budget.from_dict(data["metadata"][BUDGET_KEY])
         return cls(
             weight_bits=dict(data.get("weight_bits", {})),
             act_bits=dict(data.get("act_bits", {})),
@@ -355,6 +396,16 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "fingerprint": (str, type(None)),
     "metadata": (dict,),
 }
+
+
+def _positive_finite(value: Any) -> bool:
+    """A JSON number in (0, inf): ``true`` is no number, and an integer past float range is no finite budget."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:
+        return False
 
 
 def _json_type(value: Any) -> str:

@@ -88,10 +88,10 @@ class SensitivitySource:
         return self.allocator.feasible_range("weight")
 
     def bits_to_mb(self, bits: float) -> float:
-        return self.allocator.scale.mb(bits)
+        return self.allocator.bits_to_mb(bits)
 
     def mb_to_bits(self, mb: float) -> float:
-        return self.allocator.scale.bits(mb)
+        return self.allocator.mb_to_bits(mb)
 
     def fp16_mb(self) -> float:
         return weight_memory(list(self.inventory.layers), None, self.inventory.other_params).total_bytes / MB

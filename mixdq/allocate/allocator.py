@@ -2,7 +2,11 @@
 
 A weight budget is the size-weighted average bits over *all* quantizable layers, protected layers
 counted at 16 (the quantity :func:`mixdq.memory.average_weight_bits` reports, so bits map to memory),
-met within ± the band, or a cap on the MB of the whole UNet. An activation budget is the average over
+met within ± the band, or a cap on the MB of the whole UNet. ``protected_weights`` changes what the bits
+count: "outside" averages over the non-protected layers only (their FP16 weights still cost memory), and
+"act_only" is MixDQ's own search: protected layers' weights are allocated like any other, only their
+activations stay FP16. With the default ("inside") an 8.00 budget cannot keep every layer at 8 bits; the
+result then says so (:class:`BelowUniformWidthWarning`). An activation budget is the average over
 the non-protected layers only: activations cost no memory, and "A8" must mean every allocated layer at
 8 bits, not 8 on average with the FP16 protected layers lifting it. Each budget is turned into a target
 for the non-protected layers, split into a content and a quality target with ratio K (fixed, or
@@ -17,6 +21,7 @@ the paper's single-metric ablation, and needs a table with SQNR rows for content
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +40,7 @@ from mixdq.allocate.groups import (
     group_targets,
     normalized_objective,
 )
-from mixdq.config import PrecisionConfig
+from mixdq.config import BUDGET_KEY, Budget, PrecisionConfig
 from mixdq.inventory import inventory_fingerprint
 from mixdq.memory import FP16_BITS, MB, weight_memory
 from mixdq.sensitivity.published import UNetInventory
@@ -55,6 +60,9 @@ APPROX = "approx"
 METHODS: tuple[str, ...] = (*SOLVERS, APPROX)
 K_GRID_POINTS = 25
 AUTO = "auto"
+# What a weight budget in bits charges for the protected layers' weights (see the module docstring).
+INSIDE, OUTSIDE, ACT_ONLY = "inside", "outside", "act_only"
+PROTECTED_WEIGHTS: tuple[str, ...] = (INSIDE, OUTSIDE, ACT_ONLY)
 
 
 class InfeasibleBudgetError(ValueError):
@@ -65,13 +73,32 @@ class InfeasibleBudgetError(ValueError):
         self.low, self.high = low, high
 
 
+class BelowUniformWidthWarning(UserWarning):
+    """A bits budget at a uniform width (e.g. 8.00) that only an allocation with layers below that width meets,
+    because the protected layers' FP16 weights are charged to it."""
+
+
+@dataclass(frozen=True)
+class BelowUniform:
+    """Why and how far an allocation fell below the uniform width its budget names."""
+
+    width: int  # the uniform width the budget reaches, e.g. 8
+    layers: int  # allocated layers below it
+    total: int  # allocated (non-protected) layers
+    lowest_bit: int
+    allocated_bits: float  # the average the budget leaves for the allocated layers
+    message: str  # one line, naming the options that let a uniform config fit
+
+
 @dataclass(frozen=True)
 class SideAllocation:
     """The allocation of one side (weights or activations) of every layer."""
 
     target: str  # "weight" | "act"
-    budget_bits: float  # requested average (weights: protected layers at 16; acts: non-protected layers only)
+    budget_bits: float  # requested average (weights: see Allocator's protected_weights; acts: non-protected only)
     average_bits: float  # achieved average, same convention
+    overall_bits: float  # achieved average over every layer, FP16 ones at 16 bits (weights: what memory costs)
+    allocated_bits: float  # achieved average over the allocated layers only
     k: float  # b_content / b_quality used
     groups: dict[str, GroupSolution]
     solver: str  # "cbc" | "highs" | "approx": the one that produced these bits
@@ -94,6 +121,8 @@ class SideAllocation:
         return {
             "budget_bits": self.budget_bits,
             "average_bits": self.average_bits,
+            "overall_bits": self.overall_bits,
+            "allocated_bits": self.allocated_bits,
             "k": self.k,
             "solver": self.solver,
             "status": self.status,
@@ -118,6 +147,7 @@ class AllocationResult:
     weight: SideAllocation
     act: SideAllocation | None  # None: activations stay FP16
     weight_mb: float | None  # exact UNet weight MB; None without a layer inventory
+    below_uniform: BelowUniform | None = None  # set when a bits budget at a uniform width put layers below it
 
     @property
     def objective(self) -> float:
@@ -128,10 +158,12 @@ class AllocationResult:
 class _Side:
     """Per-target data: group matrices, size bookkeeping and lazily built solvers."""
 
-    def __init__(self, table: pd.DataFrame, target: str, protected: frozenset[str], metrics: Mapping[str, str]) -> None:
+    def __init__(
+        self, table: pd.DataFrame, target: str, fp16: frozenset[str], counted: bool, metrics: Mapping[str, str]
+    ) -> None:
         self.target = target
         self.matrices: dict[str, GroupMatrix] = {
-            g: group_matrix(table, target, g, candidate_bits(target, g), exclude=protected, metric=metrics[g])
+            g: group_matrix(table, target, g, candidate_bits(target, g), exclude=fp16, metric=metrics[g])
             for g in GROUPS
         }
         empty = [g for g, m in self.matrices.items() if not len(m.layers)]
@@ -139,8 +171,9 @@ class _Side:
             raise SensitivityTableError(f"no {target} layers in group(s) {empty}; MixDQ allocates both groups.")
         sizes = table.loc[table["target"] == target].drop_duplicates("layer").set_index("layer")["size"]
         self.total_size = float(sizes.sum())
-        # Weight budgets count protected layers at 16 bits (they cost memory); activation budgets do not.
-        self.protected_size = float(sizes.reindex(sorted(protected)).fillna(0.0).sum()) if target == "weight" else 0.0
+        # The ``fp16`` layers stay out of the programs; a budget counts them at 16 bits only where ``counted``.
+        self.protected_size = float(sizes.reindex(sorted(fp16)).fillna(0.0).sum())
+        self.counted = counted
         self.group_size = {g: float(m.sizes.sum()) for g, m in self.matrices.items()}
         self.r = self.group_size["content"] / self.group_size["quality"]
         self.share = {g: s / sum(self.group_size.values()) for g, s in self.group_size.items()}
@@ -149,9 +182,16 @@ class _Side:
         self._exact: dict[str, ExactGroupSolver] = {}
         self._approx: dict[str, ApproxGroupSolver] = {}
 
-    def to_allocated(self, overall: float) -> float:
-        """Average over the non-protected layers that gives the budget ``overall`` (weights: protected layers
-        at 16 bits; activations: the identity, as their budget already excludes protected layers)."""
+    def to_allocated(self, budget: float) -> float:
+        """Average over the allocated layers that gives ``budget`` (the identity where FP16 layers are not counted)."""
+        return self.from_overall(budget) if self.counted else budget
+
+    def to_budget(self, allocated: float) -> float:
+        """The budget (counted as this side's budgets are) whose allocated layers average ``allocated``."""
+        return self.to_overall(allocated) if self.counted else allocated
+
+    def from_overall(self, overall: float) -> float:
+        """Average over the allocated layers that gives ``overall`` over every layer, FP16 ones at 16 bits."""
         return (overall * self.total_size - FP16_BITS * self.protected_size) / (self.total_size - self.protected_size)
 
     def to_overall(self, allocated: float) -> float:
@@ -206,9 +246,11 @@ class _Side:
 class Allocator:
     """MixDQ bit allocation over one sensitivity table, with its solvers cached between calls.
 
-    ``protected`` layers stay FP16 on both sides and are excluded from the programs. With
-    ``inventory`` (the model's layers), budgets may be given in MB and results carry exact MB.
-    ``metrics`` maps each group to the metric that scores it (default MixDQ's :data:`GROUP_METRIC`).
+    ``protected`` layers keep FP16 activations and are excluded from the programs. ``protected_weights``
+    says what happens to their weights: "inside" (FP16, counted at 16 bits in a bits budget), "outside"
+    (FP16, not counted: the budget averages over the other layers) or "act_only" (MixDQ's: allocated like
+    any other layer's). With ``inventory`` (the model's layers), budgets may be given in MB and results carry
+    exact MB. ``metrics`` maps each group to the metric that scores it (default MixDQ's :data:`GROUP_METRIC`).
     """
 
     def __init__(
@@ -219,7 +261,13 @@ class Allocator:
         band: float = BAND,
         model_id: str = "",
         metrics: Mapping[str, str] = GROUP_METRIC,
+        protected_weights: str = INSIDE,
     ) -> None:
+        if protected_weights not in PROTECTED_WEIGHTS:
+            raise ValueError(
+                f"protected_weights {protected_weights!r} is not one of {list(PROTECTED_WEIGHTS)} (inside: FP16 and "
+                "counted in the budget; outside: FP16, not counted; act_only: quantized, only activations FP16)."
+            )
         self.table = validate_table(table)
         if set(metrics) != set(GROUPS) or not set(metrics.values()) <= set(METRICS):
             raise ValueError(
@@ -234,13 +282,16 @@ class Allocator:
         if not 0 < band < 1:
             raise ValueError(f"band {band!r} must be in (0, 1) average bits; MixDQ uses {BAND}.")
         self.protected = tuple(protected)
+        self.protected_weights = protected_weights
+        # The layers whose weights stay FP16 (all of them but for act_only).
+        self.fp16_weights = () if protected_weights == ACT_ONLY else self.protected
         self.inventory = inventory
         self.band = band
         self.model_id = model_id
         self.scale = None
         if inventory is not None:
             _check_table_matches(self.table, inventory)
-            self.scale = WeightBudgetScale(inventory.layers, inventory.other_params, set(self.protected))
+            self.scale = WeightBudgetScale(inventory.layers, inventory.other_params, set(self.fp16_weights))
         self._sides: dict[str, _Side] = {}
         self._solved: dict[tuple, SideAllocation] = {}  # results are immutable: a slider revisiting a budget is free
 
@@ -248,11 +299,30 @@ class Allocator:
         if target not in TARGETS:
             raise ValueError(f"target {target!r} is not one of {list(TARGETS)}.")
         if target not in self._sides:
-            self._sides[target] = _Side(self.table, target, frozenset(self.protected), self.metrics)
+            fp16 = self.fp16_weights if target == "weight" else self.protected
+            counted = target == "weight" and self.protected_weights == INSIDE
+            self._sides[target] = _Side(self.table, target, frozenset(fp16), counted, self.metrics)
         return self._sides[target]
 
+    def bits_to_mb(self, bits: float) -> float:
+        """UNet weight MB (all parameters, 1 MB = 1e6 bytes) at a weight budget of ``bits`` average bits, counted
+        as this allocator's ``protected_weights`` says: the one conversion the CLI and the studio use."""
+        side = self.side("weight")
+        return self._scale().mb(side.to_overall(side.to_allocated(bits)))
+
+    def mb_to_bits(self, mb: float) -> float:
+        """The weight budget in average bits (this allocator's convention) whose UNet weights take ``mb`` MB."""
+        side = self.side("weight")
+        return side.to_budget(side.from_overall(self._scale().bits(mb)))
+
+    def _scale(self) -> WeightBudgetScale:
+        if self.scale is None:
+            raise ValueError("a MB budget needs the model's layer inventory; pass inventory= to Allocator.")
+        return self.scale
+
     def feasible_range(self, target: str = "weight", k: float | str = AUTO) -> tuple[float, float]:
-        """(lowest, highest) overall average bits this allocator can reach for ``target`` at ``k``.
+        """(lowest, highest) average bits this allocator can reach for ``target`` at ``k``, counted as its
+        budgets are (weights: see ``protected_weights``).
 
         Raises :class:`InfeasibleBudgetError` for a fixed ``k`` outside :meth:`k_range`, where no budget is feasible.
         """
@@ -261,7 +331,7 @@ class Allocator:
         if fixed_k is not None and not self._k_reachable(target, fixed_k):
             raise self._infeasible(target, None, fixed_k, "")
         low, high = side.allocated_range(fixed_k)
-        return side.to_overall(low), side.to_overall(high)
+        return side.to_budget(low), side.to_budget(high)
 
     def k_range(self, target: str = "weight") -> tuple[float, float]:
         """(lowest, highest) K = b_content / b_quality at which some ``target`` budget is feasible:
@@ -336,7 +406,9 @@ class Allocator:
         return SideAllocation(
             target=target,
             budget_bits=budget_bits,
-            average_bits=side.to_overall(allocated_average),
+            average_bits=side.to_budget(allocated_average),
+            overall_bits=side.to_overall(allocated_average),
+            allocated_bits=allocated_average,
             k=fixed_k,
             groups=groups,
             solver=solver,
@@ -352,7 +424,7 @@ class Allocator:
             scores = [self._k_score(side, allocated, k, ranking) for k in grid]
             if any(s is not None for s in scores):
                 return float(grid[int(np.argmax([-np.inf if s is None else s for s in scores]))])
-        raise self._infeasible(side.target, side.to_overall(allocated), None, "no K on the grid lands in the band")
+        raise self._infeasible(side.target, side.to_budget(allocated), None, "no K on the grid lands in the band")
 
     def _k_score(self, side: _Side, allocated: float, k: float, solver: str) -> float | None:
         targets = group_targets(allocated, k, side.r)
@@ -379,10 +451,50 @@ class Allocator:
         low, high = self.feasible_range(target, AUTO if k is None else k)
         message = f"{budget} is infeasible{at_k} ({why}); feasible budgets{range_at}: {low:.4f} to {high:.4f} bits"
         if target == "weight" and self.scale is not None:
-            message += f" ({self.scale.mb(low):.1f} to {self.scale.mb(high):.1f} MB of UNet weights)"
-        counted = "counted at 16 bits" if target == "weight" else "not counted in the activation average"
-        message += f", with {len(self.protected)} protected layers in FP16 {counted}."
+            message += f" ({self.bits_to_mb(low):.1f} to {self.bits_to_mb(high):.1f} MB of UNet weights)"
+        message += f", with {len(self.protected)} protected layers {self._protected_text(target)}."
         return InfeasibleBudgetError(message, low, high)
+
+    def _protected_text(self, target: str) -> str:
+        if target == "act":
+            return "in FP16 not counted in the activation average"
+        return {
+            INSIDE: "in FP16 counted at 16 bits",
+            OUTSIDE: "in FP16 not counted in the weight average",
+            ACT_ONLY: "whose weights are allocated like the others (activations FP16)",
+        }[self.protected_weights]
+
+    def below_uniform(self, weight: SideAllocation) -> BelowUniform | None:
+        """Whether ``weight`` (a bits budget) asks for a uniform width that charging the protected layers' FP16
+        weights to it keeps out of reach, and the allocation has layers below that width.
+
+        It fires where the budget is at or just above (within the band) a width every group offers, so that a
+        uniform config would meet it with protected weights outside the budget, yet the layers it leaves must
+        average below that width: 8.00 and 4.00 bits with ``protected_weights="inside"``. At 4.00 it is said too,
+        as the shortfall is the same, though outside the budget the program still mixes 2 and 8 bits by choice.
+        Other budgets (5.0: some layers at 4, some at 2), MB caps, and every budget under "outside" or "act_only"
+        are the program's own trade and say nothing.
+        """
+        side = self.side("weight")
+        uniform = sorted(set.intersection(*(set(side.matrices[g].bits) for g in GROUPS)))
+        requested = weight.budget_bits
+        width = next((w for w in uniform if w - 1e-9 <= requested <= w + self.band), None)
+        if width is None:
+            return None
+        allocated = side.to_allocated(requested)
+        below = [bit for bit in weight.bits.values() if bit < width]
+        if allocated >= width - 1e-9 or not below:
+            return None
+        total = len(weight.bits)
+        message = (
+            f"weight budget {weight.budget_bits:.2f} bits counts the {len(self.protected)} protected layers' FP16 "
+            f"weights at 16 bits, leaving {allocated:.3f} average bits for the other {total} layers: {len(below)} "
+            f"of them are below {width} bits (lowest {min(below)}). For a budget a uniform {width}-bit config meets, "
+            "use protected_weights='outside' (protected FP16 weights not charged to it) or 'act_only' (MixDQ's: "
+            "protected layers' weights quantized too, only their activations FP16); CLI: --protected-weights "
+            "outside or act_only."
+        )
+        return BelowUniform(width, len(below), total, min(below), allocated, message)
 
     def allocate(
         self,
@@ -392,31 +504,35 @@ class Allocator:
         k: float | str = AUTO,
         act_k: float | str = AUTO,
         solver: str = "cbc",
+        budget: Budget | None = None,
     ) -> AllocationResult:
-        """Allocate weights (budget in average bits or MB, exactly one) and activations (``None``: FP16).
+        """Allocate weights (budget in average bits, MB or a :class:`Budget`: exactly one) and activations
+        (``None``: FP16). The weight budget is recorded in the config's metadata.
 
         An average-bits budget is met within ± the band; a MB budget is a cap, never exceeded. ``act_bits``
-        averages over the non-protected layers: 8.0 puts every one of them at 8 bits.
+        averages over the non-protected layers: 8.0 puts every one of them at 8 bits. A bits budget that puts
+        layers below the uniform width it reaches warns (:class:`BelowUniformWidthWarning`) and sets
+        ``below_uniform``.
         """
-        if (weight_bits is None) == (weight_mb is None):
-            raise ValueError("give exactly one weight budget: weight_bits (average bits) or weight_mb (MB).")
-        if weight_mb is None:
-            weight = self.allocate_side("weight", weight_bits, k, solver)
-        elif self.scale is None:
-            raise ValueError("a MB budget needs the model's layer inventory; pass inventory= to Allocator.")
+        budget = _one_budget(weight_bits, weight_mb, budget)
+        below = None
+        if budget.unit == "bits":
+            weight = self.allocate_side("weight", budget.value, k, solver)
+            below = self.below_uniform(weight)
         else:
-            # A memory budget is a cap: aim one band (as it shows in the overall average) below it.
+            # A memory budget is a cap: aim one band (in the allocated layers' average) below it.
             side = self.side("weight")
-            slack = self.band * (side.total_size - side.protected_size) / side.total_size
+            aim = side.to_budget(side.to_allocated(self.mb_to_bits(budget.value)) - self.band)
             try:
-                weight = self.allocate_side("weight", self.scale.bits(weight_mb) - slack, k, solver)
+                weight = self.allocate_side("weight", aim, k, solver)
             except InfeasibleBudgetError as err:
-                raise InfeasibleBudgetError(f"{weight_mb:g} MB: {err}", err.low, err.high) from None
+                raise InfeasibleBudgetError(f"{budget.value:g} MB: {err}", err.low, err.high) from None
         act = self.allocate_side("act", act_bits, act_k, solver) if act_bits is not None else None
+        act_only = self.protected_weights == ACT_ONLY
         config = PrecisionConfig(
             weight_bits=weight.bits,
             act_bits=act.bits if act is not None else {},
-            protected=list(self.protected),
+            protected=[] if act_only else list(self.protected),  # act_only: absent from act_bits, so FP16 inputs
             model_id=self.model_id,
         )
         mb = None
@@ -425,15 +541,30 @@ class Allocator:
             config.validate(layers)
             config.fingerprint = inventory_fingerprint(layers)
             mb = weight_memory(layers, config, self.inventory.other_params).total_bytes / MB
+        config.metadata[BUDGET_KEY] = budget.to_dict()
         config.metadata["allocation"] = {
             "band": self.band,
             "metrics": self.metrics,
+            "protected_weights": self.protected_weights,
+            "protected_layers": list(self.protected),
             "weight_mb": mb,
             "objective": weight.score + (act.score if act is not None else 0.0),
             "weight": weight.summary(),
             "act": act.summary() if act is not None else None,
+            "below_uniform": below.message if below is not None else None,
         }
-        return AllocationResult(config=config, weight=weight, act=act, weight_mb=mb)
+        if below is not None:
+            warnings.warn(BelowUniformWidthWarning(below.message), stacklevel=2)
+        return AllocationResult(config=config, weight=weight, act=act, weight_mb=mb, below_uniform=below)
+
+
+def _one_budget(weight_bits: float | None, weight_mb: float | None, budget: Budget | None) -> Budget:
+    given = [b for b in (weight_bits, weight_mb, budget) if b is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one weight budget: weight_bits (average bits), weight_mb (MB) or budget.")
+    if budget is not None:
+        return budget
+    return Budget(float(weight_bits), "bits") if weight_bits is not None else Budget(float(weight_mb), "mb")
 
 
 def _check_k(k: float | str) -> float:

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
-from mixdq.allocate.allocator import AUTO, BAND, METHODS, AllocationResult, Allocator
+from mixdq.allocate.allocator import (
+    AUTO,
+    BAND,
+    INSIDE,
+    METHODS,
+    PROTECTED_WEIGHTS,
+    AllocationResult,
+    Allocator,
+    BelowUniformWidthWarning,
+)
 from mixdq.allocate.exact import MIP_GAP
 from mixdq.config import WEIGHT_CLIPS
 from mixdq.models import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
@@ -17,12 +27,11 @@ from mixdq.sensitivity.published import (
     load_published_table,
     sdxl_turbo_inventory,
 )
-from mixdq.sensitivity.table import SensitivityTableError, read_table, select_protected
+from mixdq.sensitivity.table import PROTECTED_SHARE, SensitivityTableError, read_table, select_protected
 
 EMBEDDED_SOURCE = "embedded"
 PUBLISHED_SOURCE = "published-sdxl-turbo"
 EMBEDDED_TABLE = EMBEDDED_MODEL_DIR / "sensitivity.csv"  # the shipped sweep (see the README)
-DEFAULT_PROTECT_SHARE = 0.01
 
 EPILOG = f"""\
 examples:
@@ -34,8 +43,9 @@ examples:
       --budget-bits 4 --select-k embedded --out tiny_w4a8.json       # K chosen by generated images
 
 Weight budgets in bits are size-weighted averages over all quantizable layers, protected layers counted
-as 16 bits, met within the band. --act-bits averages over the non-protected layers only (activations
-cost no memory): 8 puts every one of them at 8 bits. --budget-mb caps the whole UNet's weight memory (codes, FP16 scales and
+as 16 bits, met within the band (--protected-weights outside: over the other layers only; act_only:
+MixDQ's search, protected layers' weights quantized too). --act-bits averages over the non-protected
+layers only (activations cost no memory): 8 puts every one of them at 8 bits. --budget-mb caps the whole UNet's weight memory (codes, FP16 scales and
 biases, FP16 protected layers and norms; 1 MB = 1e6 bytes). K = content bits / quality bits; "{AUTO}"
 picks the K with the best size-weighted normalized sensitivity. Exact solvers stop within {MIP_GAP:g}
 of the optimum in normalized units (1 = all layers from lowest to highest bits)."""
@@ -90,8 +100,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--protect-share",
         type=float,
-        default=DEFAULT_PROTECT_SHARE,
-        help=f"share of most activation-sensitive layers kept in FP16 (default: {DEFAULT_PROTECT_SHARE})",
+        default=PROTECTED_SHARE,
+        help=f"share of most activation-sensitive layers kept in FP16 (default: {PROTECTED_SHARE})",
+    )
+    parser.add_argument(
+        "--protected-weights",
+        choices=PROTECTED_WEIGHTS,
+        default=INSIDE,
+        help="the protected layers' weights: FP16 and counted at 16 bits in --budget-bits (inside, default), FP16 "
+        "and not counted (outside: 8 then puts every other layer at 8), or quantized like any other layer with "
+        "only their activations FP16 (act_only, MixDQ's own configs)",
     )
     parser.add_argument(
         "--band", type=float, default=BAND, help=f"tolerance on each group's average bits (default: {BAND})"
@@ -152,17 +170,19 @@ def run_allocate(args: argparse.Namespace) -> int:
         return 2
     try:
         allocator = _allocator(args)
-        if args.select_k:
-            result = _select_k(args, allocator)
-        else:
-            result = allocator.allocate(
-                weight_bits=args.budget_bits,
-                weight_mb=args.budget_mb,
-                act_bits=args.act_bits,
-                k=args.k,
-                act_k=args.act_k,
-                solver=args.solver,
-            )
+        with warnings.catch_warnings():  # printed below as one line, with the summary
+            warnings.simplefilter("ignore", BelowUniformWidthWarning)
+            if args.select_k:
+                result = _select_k(args, allocator)
+            else:
+                result = allocator.allocate(
+                    weight_bits=args.budget_bits,
+                    weight_mb=args.budget_mb,
+                    act_bits=args.act_bits,
+                    k=args.k,
+                    act_k=args.act_k,
+                    solver=args.solver,
+                )
         config = result.config
         config.weight_clip = args.weight_clip
         if args.fp8 != "none":
@@ -176,6 +196,8 @@ def run_allocate(args: argparse.Namespace) -> int:
         Path(f"{args.yaml_out}_weight.yaml").write_text(weight_yaml)
         Path(f"{args.yaml_out}_act.yaml").write_text(act_yaml)
     print(_summary(result))
+    if result.below_uniform is not None:
+        print(f"warning: {result.below_uniform.message}", file=sys.stderr)
     return 0
 
 
@@ -192,7 +214,9 @@ def _allocator(args: argparse.Namespace) -> Allocator:
         model_id = EMBEDDED_MODEL_ID if embedded else ""
     protected = select_protected(table, args.protect_share) if args.protect_share > 0 else []
     try:
-        return Allocator(table, protected, inventory, band=args.band, model_id=model_id)
+        return Allocator(
+            table, protected, inventory, band=args.band, model_id=model_id, protected_weights=args.protected_weights
+        )
     except SensitivityTableError as err:
         model = args.unet_config or f"the embedded model ({EMBEDDED_MODEL_DIR})"
         raise ValueError(
@@ -214,7 +238,7 @@ def _select_k(args: argparse.Namespace, allocator: Allocator) -> AllocationResul
     if not 0 < n < len(prompts):
         raise ValueError(f"--validation-prompts must lie in 1..{len(prompts) - 1} ({len(prompts)} captions ship).")
     calibration = prompts[: len(prompts) - n][: args.calibration_prompts]
-    bits = args.budget_bits if args.budget_bits is not None else allocator.scale.bits(args.budget_mb)
+    bits = args.budget_bits if args.budget_bits is not None else allocator.mb_to_bits(args.budget_mb)
     try:
         pipe = load_pipeline(None if args.select_k == "embedded" else args.select_k)
     except ModelNotAvailableError as err:
@@ -249,6 +273,11 @@ def _summary(result: AllocationResult) -> str:
         )
     if result.weight_mb is not None:
         lines.append(f"UNet weights: {result.weight_mb:.1f} MB")
+    weight = result.weight
+    if weight.overall_bits != weight.average_bits:
+        lines.append(
+            f"weights over every layer, FP16 protected ones at 16 bits: {weight.overall_bits:.3f} average bits"
+        )
     return "\n".join(lines)
 
 

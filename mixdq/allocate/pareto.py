@@ -21,7 +21,7 @@ FRONT_COLUMNS: tuple[str, ...] = (
 
 
 def budget_grid(allocator: Allocator, target: str = "weight", points: int = 50, k: float | str = AUTO) -> np.ndarray:
-    """``points`` budgets (overall average bits) spread over the feasible range of ``target``."""
+    """``points`` budgets (average bits, as the allocator counts them) spread over the feasible range of ``target``."""
     low, high = allocator.feasible_range(target, k)
     return np.linspace(low, high, points)
 
@@ -43,7 +43,7 @@ def pareto_front(
     rows = []
     for budget in budgets:
         side = allocator.allocate_side(target, float(budget), k, solver)
-        mb = allocator.scale.mb(side.average_bits) if target == "weight" and allocator.scale is not None else None
+        mb = allocator.bits_to_mb(side.average_bits) if target == "weight" and allocator.scale is not None else None
         rows.append(
             (
                 float(budget),

@@ -21,6 +21,8 @@ METRICS: tuple[str, ...] = ("sqnr", "ssim")
 GROUPS: tuple[str, ...] = ("content", "quality")
 # MixDQ's metric decoupling: content layers are judged by image SSIM, quality layers by UNet-output SQNR.
 GROUP_METRIC: dict[str, str] = {"content": "ssim", "quality": "sqnr"}
+# MixDQ keeps the ~1% most activation-sensitive layers in FP16 (see select_protected).
+PROTECTED_SHARE = 0.01
 
 
 class SensitivityTableError(ValueError):
@@ -159,7 +161,7 @@ def size_ratio(table: pd.DataFrame, target: str, exclude: frozenset[str] = froze
 
 def select_protected(
     table: pd.DataFrame,
-    share: float = 0.01,
+    share: float = PROTECTED_SHARE,
     act_bit: int | None = None,
     metrics: Mapping[str, str] = GROUP_METRIC,
 ) -> list[str]:
