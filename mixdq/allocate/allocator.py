@@ -468,18 +468,16 @@ class Allocator:
         """Whether ``weight`` (a bits budget) asks for a uniform width that charging the protected layers' FP16
         weights to it keeps out of reach, and the allocation has layers below that width.
 
-        It fires where the budget is at or just above (within the band) a width every group offers, so that a
-        uniform config would meet it with protected weights outside the budget, yet the layers it leaves must
-        average below that width: 8.00 and 4.00 bits with ``protected_weights="inside"``. At 4.00 it is said too,
-        as the shortfall is the same, though outside the budget the program still mixes 2 and 8 bits by choice.
-        Other budgets (5.0: some layers at 4, some at 2), MB caps, and every budget under "outside" or "act_only"
-        are the program's own trade and say nothing.
+        It fires where the budget is at or just above (within the band) the widest width every group offers (8.00
+        bits with ``protected_weights="inside"``): a user asking for "W8" means every layer at 8, and only the
+        protected layers' charge pushes some below it. Lower widths (4.00) say nothing: there layers below the
+        width are mixed precision's own trade (2 and 8 bits mixed by choice), as are other budgets, MB caps, and
+        every budget under "outside" or "act_only".
         """
         side = self.side("weight")
-        uniform = sorted(set.intersection(*(set(side.matrices[g].bits) for g in GROUPS)))
+        width = max(set.intersection(*(set(side.matrices[g].bits) for g in GROUPS)))
         requested = weight.budget_bits
-        width = next((w for w in uniform if w - 1e-9 <= requested <= w + self.band), None)
-        if width is None:
+        if not width - 1e-9 <= requested <= width + self.band:
             return None
         allocated = side.to_allocated(requested)
         below = [bit for bit in weight.bits.values() if bit < width]
