@@ -137,8 +137,8 @@ def run_sweep_distributed(
 def _work(run: SweepRun, pending, part, ctx: DistContext, key: str, progress: bool, evaluations) -> None:
     """Take jobs from the shared counter until none are left; rank 0 shows the whole job's progress."""
     store = ctx.store
-    bar = tqdm(total=len(pending), desc=f"sensitivity ({ctx.world_size} ranks)", unit="eval")
-    bar.disable = not (progress and ctx.is_main)
+    show = progress and ctx.is_main
+    bar = tqdm(total=len(pending), desc=f"sensitivity ({ctx.world_size} ranks)", unit="eval", disable=not show)
     writer = csv.writer(part)
     try:
         while (index := store.add(f"{key}/next", 1) - 1) < len(pending):
