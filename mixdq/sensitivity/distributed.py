@@ -123,6 +123,7 @@ def run_sweep_distributed(
         # one list, so that counter value i means the same job on every rank; a fresh key per call
         pending, key = ctx.broadcast((pending, uuid.uuid4().hex) if ctx.is_main else None)
         run = SweepRun(pipe, act_ranges, settings, layers)
+        ctx.barrier()  # all ranks start taking jobs together
         started = time.perf_counter()
         _work(run, pending, part, ctx, key, progress, evaluations)
     finally:
