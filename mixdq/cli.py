@@ -140,12 +140,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     from mixdq.sensitivity.sweep import SweepSettings, merge_shards, run_sweep
     from mixdq.sensitivity.table import read_table, write_table
 
+    ctx = current()
     if args.merge:
         table = merge_shards([read_table(p) for p in args.merge])
-        print(f"merged {len(args.merge)} shards, {len(table)} rows -> {write_table(table, args.out)}")
+        if ctx.is_main:
+            print(f"merged {len(args.merge)} shards, {len(table)} rows -> {write_table(table, args.out)}")
         return
     index, count = args.shard
-    ctx = current()
     if ctx.distributed and count > 1:
         raise SystemExit("error: --shard splits the sweep by hand; under torchrun the ranks split it (drop --shard).")
     pipe = load_pipeline(args.model, device=args.device)
