@@ -23,7 +23,7 @@ one-GPU run of the same job list (``--scaling``)::
         --out $OUT/scale_$n; done
     python3 bench/gpu_sweep_cost.py --scaling $OUT/scale_*.json --out $OUT/scaling
 
-CPU smoke run on the embedded model (tests/test_distributed.py's end-to-end test does the same)::
+CPU smoke runs on the embedded model (tests/test_distributed.py runs the first one in-process)::
 
     python bench/gpu_sweep_cost.py --tiny --out /tmp/cost            # ~20 s
     torchrun --nproc-per-node 2 bench/gpu_sweep_cost.py --tiny --out /tmp/cost_2

@@ -193,3 +193,52 @@ def test_cli_refuses_single_process_commands_under_a_launcher(monkeypatch, capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="generate runs in one process"):
         main(["generate", "--prompt", "a red circle"])
+
+
+def _load_bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_sweep_cost.py"
+    spec = importlib.util.spec_from_file_location("gpu_sweep_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_cost_bench_tiny_run_and_scaling_table(tmp_path, monkeypatch):
+    """bench/gpu_sweep_cost.py on CPU with the embedded model, so the GPU run does not die on a wiring bug."""
+    import json
+    import sys
+
+    bench = _load_bench()
+    out = tmp_path / "cost"
+    monkeypatch.setattr(sys, "argv", ["gpu_sweep_cost.py", "--tiny", "--px", "64", "--prompts", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = report["rows"]
+    assert len(rows) == 2 * 5  # one layer per group, 3 weight + 2 activation bits
+    assert {r["metric"] for r in rows} == {"sqnr", "ssim"} and all(r["seconds"] > 0 for r in rows)
+    assert sum(r["warmup"] for r in rows) == 2  # the first evaluation of each metric
+    estimate = report["full_sweep_estimate"]
+    assert estimate["evaluations"] == 264 * 5
+    means = report["mean_seconds"]
+    counts = estimate["layers"]
+    assert estimate["seconds"] == pytest.approx(
+        5 * (counts["quality"] * means["sqnr"] + counts["content"] * means["ssim"])
+    )
+    assert "| sqnr |" in out.with_suffix(".md").read_text()
+
+    two = dict(report, world_size=2, sweep_seconds=report["sweep_seconds"] / 1.6, evaluations=10)
+    (tmp_path / "two.json").write_text(json.dumps(two))
+    bench.scaling([tmp_path / "two.json", out.with_suffix(".json")], tmp_path / "scaling")
+    runs = json.loads((tmp_path / "scaling.json").read_text())["runs"]
+    assert [r["gpus"] for r in runs] == [1, 2]
+    assert runs[1]["speedup"] == pytest.approx(1.6) and runs[1]["efficiency"] == pytest.approx(0.8)
