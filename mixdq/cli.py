@@ -69,6 +69,7 @@ def _read_prompts(path: Path | None) -> list[str] | None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from mixdq.calibrate import calibrate
+    from mixdq.distributed import main_print
     from mixdq.models import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device)
@@ -83,7 +84,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
     )
     layers = len(next(iter(ranges.ranges.values())))
-    _main_print(f"activation ranges for {layers} layers at {sorted(ranges.ranges)} bits, cached in {args.cache_dir}")
+    main_print(f"activation ranges for {layers} layers at {sorted(ranges.ranges)} bits, cached in {args.cache_dir}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -464,12 +465,6 @@ def _process_group(args: argparse.Namespace) -> contextlib.AbstractContextManage
             f"error: {args.command} runs in one process; under torchrun only {sorted(DISTRIBUTED_COMMANDS)} run."
         )
     return contextlib.nullcontext()
-
-
-def _main_print(*args) -> None:
-    from mixdq.distributed import main_print
-
-    main_print(*args)
 
 
 # ---- end of the many-processes block ----

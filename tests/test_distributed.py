@@ -163,7 +163,7 @@ def test_part_rows_cut_short_are_ignored(tmp_path):
             "group": "quality",
             "kind": "conv",
             "block": "conv_in",
-            "size": 864,
+            "size": 864.0,
             "bit": 2,
             "target": "weight",
             "metric": "sqnr",
@@ -242,3 +242,31 @@ def test_sweep_cost_bench_tiny_run_and_scaling_table(tmp_path, monkeypatch):
     runs = json.loads((tmp_path / "scaling.json").read_text())["runs"]
     assert [r["gpus"] for r in runs] == [1, 2]
     assert runs[1]["speedup"] == pytest.approx(1.6) and runs[1]["efficiency"] == pytest.approx(0.8)
+
+
+def test_single_process_resumes_from_part_rows(pristine, single, tmp_path):
+    """Without a launcher the same function is a resumable sweep: rows already in a part file are kept as is."""
+    _, table = single
+    expected = table[table.target == "weight"].reset_index(drop=True)
+    pipe = copy.deepcopy(pristine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = []
+        run_sweep_distributed(pipe, None, WEIGHT_ONLY, tmp_path / "first", progress=False, evaluations=first)
+        assert len(first) == len(expected)
+        (cached,) = (tmp_path / "first").glob("sensitivity-*.csv")
+        parts = parts_dir(tmp_path / "cache" / cached.name)
+        parts.mkdir(parents=True)
+        done = expected.head(4).assign(value=-1.0, seconds=0.5)  # marked, to see that they are not recomputed
+        done.to_csv(parts / "rank-3.csv", header=False, index=False)  # a rank of an earlier, larger job
+        evaluated = []
+        got, stats = run_sweep_distributed(
+            pipe, None, WEIGHT_ONLY, tmp_path / "cache", progress=False, evaluations=evaluated
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert len(evaluated) == len(expected) - 4
+    assert (got.value.head(4) == -1.0).all()
+    pd.testing.assert_frame_equal(got.iloc[4:], expected.iloc[4:], check_exact=True)
+    assert stats.evaluations == len(expected)

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mixdq.distributed import DistContext, current
@@ -59,7 +60,7 @@ def read_parts(directory: Path) -> pd.DataFrame:
     for part in sorted(directory.glob("rank-*.csv")):
         with part.open(newline="") as handle:
             for fields in csv.reader(handle):
-                if len(fields) != len(PART_COLUMNS) or fields[0] == PART_COLUMNS[0]:
+                if len(fields) != len(PART_COLUMNS):
                     continue
                 try:
                     rows.append(_parse(fields))
@@ -72,7 +73,7 @@ def read_parts(directory: Path) -> pd.DataFrame:
 def _parse(fields: list[str]) -> tuple:
     layer, group, kind, block, size, bit, target, metric, value, seconds = fields
     # float(repr(x)) == x: values read back are bit-identical to the ones computed.
-    return layer, group, kind, block, int(size), int(bit), target, metric, float(value), float(seconds)
+    return layer, group, kind, block, float(size), int(bit), target, metric, float(value), float(seconds)
 
 
 def _open_part(path: Path):
@@ -101,6 +102,7 @@ def run_sweep_distributed(
 
     Every rank must call it with the same arguments (``ctx``: default :func:`mixdq.distributed.current`);
     every rank gets the merged table. ``cache_dir`` must be one folder all ranks see (it holds the part files).
+    In a single process it is the plain sweep made resumable (its queue lives in memory).
     ``evaluations``, when given, receives the jobs this rank evaluated (tests count them).
     """
     ctx = current() if ctx is None else ctx
@@ -137,7 +139,7 @@ def run_sweep_distributed(
 
 def _work(run: SweepRun, pending, part, ctx: DistContext, key: str, progress: bool, evaluations) -> None:
     """Take jobs from the shared counter until none are left; rank 0 shows the whole job's progress."""
-    store = ctx.store
+    store = ctx.store if ctx.distributed else dist.HashStore()
     show = progress and ctx.is_main
     bar = tqdm(total=len(pending), desc=f"sensitivity ({ctx.world_size} ranks)", unit="eval", disable=not show)
     writer = csv.writer(part)
