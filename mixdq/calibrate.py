@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mixdq.config import ACT_BITS, PrecisionConfig
-from mixdq.inventory import inventory_fingerprint, layer_inventory
+from mixdq.distributed import DistContext, current
+from mixdq.inventory import LayerInfo, inventory_fingerprint, layer_inventory
 from mixdq.models import ASSETS_DIR, TURBO_SAMPLING
 from mixdq.numerics import fp32_numerics, numerics_settings
 from mixdq.quant.api import collect_act_ranges, quant_layers, quantize_, set_mode
@@ -132,6 +134,10 @@ def calibrate(
     ``bos_aware=False`` calibrates the naive baseline: the BOS token (token 0 of the text embedding) counts in
     the ``attn2.to_k`` / ``to_v`` ranges, as in plain min-max quantization. The flag is part of the cache key,
     and ``quantize_`` refuses ranges made under the other setting.
+
+    Inside a process group (:func:`mixdq.distributed.process_group`, e.g. under ``torchrun``) every rank must
+    call it alike; the passes are split by activation bit-width and the ranges gathered, so every rank gets
+    exactly the single-process ranges (:func:`gather_ranges` says why not by batch).
     """
     unet = pipe.unet
     layers = layer_inventory(unet)
@@ -171,11 +177,13 @@ def calibrate(
         logger.info("loaded activation ranges from %s", cache_path)
         return result
 
+    ctx = current()
+    own_bits = tuple(act_bits)[ctx.rank :: ctx.world_size]  # each pass is independent of the others
     quantize_(unet, None, bos_aware=bos_aware)
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-    bar = tqdm(total=len(act_bits) * len(batches), desc="calibrating", disable=not progress)
+    bar = tqdm(total=len(own_bits) * len(batches), desc="calibrating", disable=not (progress and ctx.is_main))
     try:
-        for bits in act_bits:
+        for bits in own_bits:
             for name, layer in quant_layers(unet).items():
                 layer.set_act_range(bits, None)
                 layer.weight_bits = weight_config.layer_weight_bits(name)
@@ -198,10 +206,43 @@ def calibrate(
     finally:
         bar.close()
         quantize_(unet, None, bos_aware=bos_aware)
-    ranges = {bits: by_layer for bits, by_layer in collect_act_ranges(unet).items() if bits in act_bits}
+    ranges = {bits: by_layer for bits, by_layer in collect_act_ranges(unet).items() if bits in own_bits}
+    if ctx.distributed:
+        ranges = gather_ranges(ranges, tuple(act_bits), layers, ctx)
     result = ActivationRanges(ranges=ranges, provenance=provenance)
-    if cache_path is not None:
+    if ctx.distributed:
+        quantize_(unet, None, act_ranges=result, bos_aware=bos_aware)  # the other ranks' bit-widths too
+    if cache_path is not None and ctx.is_main:
         result.save(cache_path)
+    ctx.barrier()  # the cache is complete before any rank reads it
+    return result
+
+
+def gather_ranges(
+    own: dict[int, dict[str, torch.Tensor]], act_bits: tuple[int, ...], layers: list[LayerInfo], ctx: DistContext
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Every rank's ranges on every rank: a min / max all-reduce, each bit-width's ranges made by one rank.
+
+    A rank fills the bit-widths it did not calibrate with the neutral ``(+inf, -inf)``, so the reduction
+    returns the owner's values bit for bit. Why split by bit-width and not by batch: the EMA is sequential
+    (every batch's update depends on the range after the previous batch, and quantizes with it before the
+    next layer runs), so batches on different ranks would need a collective per layer call, and even then
+    float results change with the batch size a rank computes. Bit-width passes share nothing, so this split
+    is exact; it uses at most ``len(act_bits)`` ranks (the sweep, the costly step, uses all of them).
+    """
+    parts = {info.name: 1 if info.concat_split is None else 2 for info in layers}
+    slots = [(bits, name) for bits in act_bits for name in parts]
+    neutral = {name: torch.tensor([[float("inf"), float("-inf")]] * n) for name, n in parts.items()}
+    stacked = torch.cat([own.get(bits, {}).get(name, neutral[name]) for bits, name in slots]).to(torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else torch.device("cpu")
+    lows, highs = stacked[:, 0].contiguous().to(device), stacked[:, 1].contiguous().to(device)
+    dist.all_reduce(lows, op=dist.ReduceOp.MIN)
+    dist.all_reduce(highs, op=dist.ReduceOp.MAX)
+    gathered = torch.stack([lows, highs], dim=1).cpu().to(torch.float32).split([parts[n] for _, n in slots])
+    result: dict[int, dict[str, torch.Tensor]] = {}
+    for (bits, name), r in zip(slots, gathered, strict=True):
+        if bool(torch.isfinite(r).all()):  # a layer the pass never reached stays missing, as in one process
+            result.setdefault(bits, {})[name] = r.contiguous()
     return result
 
 

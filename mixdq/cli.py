@@ -69,6 +69,7 @@ def _read_prompts(path: Path | None) -> list[str] | None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from mixdq.calibrate import calibrate
+    from mixdq.distributed import main_print
     from mixdq.models import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device)
@@ -83,7 +84,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
     )
     layers = len(next(iter(ranges.ranges.values())))
-    print(f"activation ranges for {layers} layers at {sorted(ranges.ranges)} bits, cached in {args.cache_dir}")
+    main_print(f"activation ranges for {layers} layers at {sorted(ranges.ranges)} bits, cached in {args.cache_dir}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -137,15 +138,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
     from mixdq.calibrate import calibrate, default_prompts
+    from mixdq.distributed import current
     from mixdq.models import load_pipeline
+    from mixdq.sensitivity.distributed import run_sweep_distributed
     from mixdq.sensitivity.sweep import SweepSettings, merge_shards, run_sweep
     from mixdq.sensitivity.table import read_table, write_table
 
+    ctx = current()
     if args.merge:
         table = merge_shards([read_table(p) for p in args.merge])
-        print(f"merged {len(args.merge)} shards, {len(table)} rows -> {write_table(table, args.out)}")
+        if ctx.is_main:
+            print(f"merged {len(args.merge)} shards, {len(table)} rows -> {write_table(table, args.out)}")
         return
     index, count = args.shard
+    if ctx.distributed and count > 1:
+        raise SystemExit("error: --shard splits the sweep by hand; under torchrun the ranks split it (drop --shard).")
     pipe = load_pipeline(args.model, device=args.device)
     prompts = (_read_prompts(args.prompts) or default_prompts())[: args.num_prompts]
     size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
@@ -162,14 +169,17 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     settings = SweepSettings(
         prompts=tuple(prompts), num_inference_steps=args.steps, seed=args.seed, height=size, width=size
     )
-    table, stats = run_sweep(
-        pipe,
-        ranges,
-        settings,
-        shard=(index, count),
-        cache_dir=args.cache_dir,
-        act_ranges_key=hashlib.sha256(json.dumps(ranges.provenance, sort_keys=True).encode()).hexdigest()[:16],
-    )
+    ranges_key = hashlib.sha256(json.dumps(ranges.provenance, sort_keys=True).encode()).hexdigest()[:16]
+    if ctx.distributed:
+        table, stats = run_sweep_distributed(
+            pipe, ranges, settings, cache_dir=args.cache_dir, act_ranges_key=ranges_key
+        )
+    else:
+        table, stats = run_sweep(
+            pipe, ranges, settings, shard=(index, count), cache_dir=args.cache_dir, act_ranges_key=ranges_key
+        )
+    if not ctx.is_main:
+        return
     write_table(table, args.out)
     equivalents = ", ".join(f"{m} {v:.1f}" for m, v in stats.unet_forward_equivalents().items())
     print(
@@ -441,6 +451,28 @@ def cpu_threads():
         torch.set_num_threads(before)
 
 
+# ---- many processes: `torchrun --nproc-per-node N -m mixdq calibrate|sensitivity ...` (or accelerate launch) ----
+# These commands split their work across the launcher's ranks (mixdq.distributed); the others would only run
+# N copies of the same thing.
+DISTRIBUTED_COMMANDS = frozenset({"calibrate", "sensitivity"})
+
+
+def _process_group(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The launcher's process group around a distributed command; refuses the others under a launcher."""
+    from mixdq.distributed import launched, process_group
+
+    if args.command in DISTRIBUTED_COMMANDS:
+        return process_group(args.device)
+    if launched():
+        raise SystemExit(
+            f"error: {args.command} runs in one process; under torchrun only {sorted(DISTRIBUTED_COMMANDS)} run."
+        )
+    return contextlib.nullcontext()
+
+
+# ---- end of the many-processes block ----
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mixdq.config import ConfigError
@@ -448,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs_pipeline = args.command in TORCH_COMMANDS or getattr(args, "select_k", None)
     try:
-        with cpu_threads() if runs_pipeline else contextlib.nullcontext():
+        with cpu_threads() if runs_pipeline else contextlib.nullcontext(), _process_group(args):
             return args.handler(args) or 0
     except (ModelNotAvailableError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

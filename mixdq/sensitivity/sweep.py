@@ -213,6 +213,80 @@ def cache_key(prov: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(prov, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def table_path(cache_dir: str | Path, prov: dict[str, Any], shard: tuple[int, int] = (0, 1)) -> Path:
+    """Where the table of this provenance (and shard) is cached; its ``.json`` sibling holds provenance and stats."""
+    index, count = shard
+    suffix = "" if count == 1 else f".shard-{index}-of-{count}"
+    return Path(cache_dir) / f"sensitivity-{cache_key(prov)}{suffix}.csv"
+
+
+def read_cached(path: Path) -> tuple[pd.DataFrame, SweepStats] | None:
+    """The cached table and stats at ``path``, or ``None`` when not (completely) written."""
+    if not (path.is_file() and path.with_suffix(".json").is_file()):
+        return None
+    stats = SweepStats(**json.loads(path.with_suffix(".json").read_text())["stats"])
+    return validate_table(pd.read_csv(path)), stats
+
+
+def write_cached(path: Path, table: pd.DataFrame, prov: dict[str, Any], stats: SweepStats) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    path.with_suffix(".json").write_text(
+        json.dumps({"provenance": prov, "stats": asdict(stats)}, indent=2, default=str)
+    )
+
+
+def cost_stats(spent: Sequence[tuple[str, float]], unet_forward_seconds: float, seconds: float) -> SweepStats:
+    """:class:`SweepStats` from ``(metric, seconds)`` per evaluation."""
+    by_metric: dict[str, list[float]] = {}
+    for metric, tick in spent:
+        by_metric.setdefault(metric, []).append(tick)
+    return SweepStats(
+        evaluations=len(spent),
+        seconds=seconds,
+        unet_forward_seconds=unet_forward_seconds,
+        seconds_per_eval={m: sum(v) / len(v) for m, v in by_metric.items()},
+    )
+
+
+class SweepRun:
+    """What every evaluation of one sweep shares: the FP reference run and the wrapped layers.
+
+    Building it quantizes nothing (every layer computes FP with its ranges loaded); :meth:`evaluate` turns one
+    layer's bits on, measures, and turns them off again, so evaluations are independent and can run in any
+    order or process.
+    """
+
+    def __init__(self, pipe, act_ranges, settings: SweepSettings, layers: Sequence[LayerInfo]) -> None:
+        quantize_(pipe, None, act_ranges)
+        self.settings = settings
+        self.reference = _Reference(pipe, settings)
+        self.by_name = {info.name: info for info in layers}
+        self.modules = quant_layers(pipe)
+
+    def evaluate(self, job: tuple[str, str, int]) -> tuple[tuple, str, float]:
+        """The table row of ``job = (layer, target, bit)``, its metric and the seconds it took."""
+        name, target, bit = job
+        info = self.by_name[name]
+        metric = self.settings.metric(info.group)
+        layer = self.modules[name]
+        tick = time.perf_counter()
+        layer.set_bits(bit if target == "weight" else None, bit if target == "act" else None)
+        try:
+            if metric == "sqnr":
+                value = sqnr_db(self.reference.unet_outputs, self.reference.unet_forward())
+            else:
+                value = image_ssim(self.reference.images, self.reference.generate())
+        finally:
+            layer.set_bits(None, None)
+        size = info.weight_numel if target == "weight" else self.reference.input_numel[name]
+        return (
+            (name, info.group, info.kind, info.block, size, bit, target, metric, value),
+            metric,
+            time.perf_counter() - tick,
+        )
+
+
 @fp32_numerics()
 def run_sweep(
     pipe,
@@ -229,55 +303,30 @@ def run_sweep(
     It runs in IEEE FP32 (:func:`mixdq.numerics.fp32_numerics`: no TF32), recorded in the provenance.
     With ``cache_dir``, a table with the same provenance is read back instead of recomputed.
     ``shard=(i, n)`` takes every n-th job starting at i; :func:`merge_shards` joins the parts.
+    Under ``torchrun``, :func:`mixdq.sensitivity.distributed.run_sweep_distributed` splits the jobs instead.
     """
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}.")
     layers = layer_inventory(pipe.unet)
     prov = provenance(pipe, layers, settings, act_ranges_key)
-    path = None
-    if cache_dir is not None:
-        suffix = "" if count == 1 else f".shard-{index}-of-{count}"
-        path = Path(cache_dir) / f"sensitivity-{cache_key(prov)}{suffix}.csv"
-        if path.is_file() and path.with_suffix(".json").is_file():
-            stats = SweepStats(**json.loads(path.with_suffix(".json").read_text())["stats"])
-            return validate_table(pd.read_csv(path)), stats
+    path = None if cache_dir is None else table_path(cache_dir, prov, shard)
+    cached = None if path is None else read_cached(path)
+    if cached is not None:
+        return cached
 
-    quantize_(pipe, None, act_ranges)
-    reference = _Reference(pipe, settings)
-    by_name = {info.name: info for info in layers}
-    modules = quant_layers(pipe)
+    run = SweepRun(pipe, act_ranges, settings, layers)
     jobs = sweep_jobs(layers, settings)[index::count]
-    stats = SweepStats(unet_forward_seconds=reference.unet_forward_seconds)
-    spent: dict[str, list[float]] = {"sqnr": [], "ssim": []}
-    rows = []
+    rows, spent = [], []
     started = time.perf_counter()
-    for name, target, bit in tqdm(jobs, desc=f"sensitivity {index + 1}/{count}", disable=not progress, unit="eval"):
-        info = by_name[name]
-        metric = settings.metric(info.group)
-        layer = modules[name]
-        tick = time.perf_counter()
-        layer.set_bits(bit if target == "weight" else None, bit if target == "act" else None)
-        try:
-            if metric == "sqnr":
-                value = sqnr_db(reference.unet_outputs, reference.unet_forward())
-            else:
-                value = image_ssim(reference.images, reference.generate())
-        finally:
-            layer.set_bits(None, None)
-        spent[metric].append(time.perf_counter() - tick)
-        size = info.weight_numel if target == "weight" else reference.input_numel[name]
-        rows.append((name, info.group, info.kind, info.block, size, bit, target, metric, value))
-    stats.evaluations = len(rows)
-    stats.seconds = time.perf_counter() - started
-    stats.seconds_per_eval = {m: sum(v) / len(v) for m, v in spent.items() if v}
+    for job in tqdm(jobs, desc=f"sensitivity {index + 1}/{count}", disable=not progress, unit="eval"):
+        row, metric, seconds = run.evaluate(job)
+        rows.append(row)
+        spent.append((metric, seconds))
+    stats = cost_stats(spent, run.reference.unet_forward_seconds, time.perf_counter() - started)
     table = validate_table(pd.DataFrame(rows, columns=list(COLUMNS)))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(path, index=False)
-        path.with_suffix(".json").write_text(
-            json.dumps({"provenance": prov, "stats": asdict(stats)}, indent=2, default=str)
-        )
+        write_cached(path, table, prov, stats)
     return table, stats
 
 
