@@ -211,7 +211,10 @@ class PackedWeight:
             split = -1 if self.k_split is None else self.k_split
             return torch.ops.mixdq.unpack_dequant(self.data, self.scale, self.bits, self.in_features, split, dtype)
         codes, bounds = self.codes(), part_bounds(self.in_features, self.k_split)
-        parts = [codes[:, a:b].float() * s.float()[:, None] for (a, b), s in zip(itertools.pairwise(bounds), self.part_scales())]
+        parts = [
+            codes[:, a:b].float() * s.float()[:, None]
+            for (a, b), s in zip(itertools.pairwise(bounds), self.part_scales())
+        ]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(dtype)
 
     def codes_fp8(self, backend: str = "torch") -> torch.Tensor:

@@ -28,6 +28,7 @@ Integer matmuls run in float64, which is exact for these magnitudes (|acc| < 2**
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import torch
@@ -43,7 +44,7 @@ def quantize_weight(w: torch.Tensor, bits: int, k_split: int | None = None) -> t
     with ``k_split`` each K part gets its own scales, ``[2, N]`` (the layout of :class:`PackedWeight`)."""
     codes, scales = [], []
     bounds = part_bounds(w.shape[1], k_split)
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         amax = w[:, a:b].detach().float().abs().amax(dim=1)
         scale = torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))
         codes.append(torch.clamp(torch.round(w[:, a:b].float() / scale[:, None]), -qmax(bits), qmax(bits)))
@@ -189,7 +190,7 @@ def gemm_a8_codes(
     total = torch.zeros(x.shape[0], w.shape[0], dtype=torch.int32, device=x.device)
     y = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
     bounds = part_bounds(weight.in_features, weight.k_split)
-    for p, (a, b) in enumerate(zip(bounds, bounds[1:])):
+    for p, (a, b) in enumerate(itertools.pairwise(bounds)):
         tot = int_matmul(x[:, a:b], w[:, a:b]) + (ACT_OFFSET - zp[p]).to(torch.int32) * weight.rowsum[p]
         total += tot
         y += tot.float() * (scale[p] * sw[p])
@@ -207,7 +208,7 @@ def gemm_a16(
     w = weight.codes().float()
     bounds = part_bounds(weight.in_features, weight.k_split)
     y = None
-    for (a, b), sw in zip(zip(bounds, bounds[1:]), weight.part_scales()):
+    for (a, b), sw in zip(itertools.pairwise(bounds), weight.part_scales()):
         term = (x[:, a:b].float() @ w[:, a:b].T) * sw.float()
         y = term if y is None else y + term
     if bias is not None:

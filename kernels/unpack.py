@@ -20,6 +20,7 @@ weights runs the same tile code over all of them, 1.7-2.8x faster (bench/results
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -115,7 +116,7 @@ def unpack_dequant(
     out = torch.empty(n, k, dtype=dtype, device=data.device)
     bounds, offsets = part_bounds(k, k_split), part_byte_offsets(k, bits, k_split)
     scales = [None] * (len(bounds) - 1) if scale is None else scale.reshape(len(bounds) - 1, n).unbind(0)
-    for (a, b), byte0, part_scale in zip(zip(bounds, bounds[1:]), offsets, scales):
+    for (a, b), byte0, part_scale in zip(itertools.pairwise(bounds), offsets, scales):
         chunks = -(-(b - a) // PACK_CHUNK)
         grid = (triton.cdiv(n, BLOCK_N), chunks)
         unpack_dequant_kernel[grid](

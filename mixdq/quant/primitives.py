@@ -114,7 +114,9 @@ def _weight_codes(w: torch.Tensor, scale: torch.Tensor, bits: int, split: int | 
     In-place after the one division: on the CPU, allocating full-size temporaries costs more than the math.
     """
     qmax = weight_qmax(bits)
-    codes = [(part.float() / _per_row(s, part)).round_().clamp_(-qmax, qmax) for part, s in _slice_scales(scale, w, split)]
+    codes = [
+        (part.float() / _per_row(s, part)).round_().clamp_(-qmax, qmax) for part, s in _slice_scales(scale, w, split)
+    ]
     return codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
 
 
