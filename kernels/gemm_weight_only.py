@@ -3,6 +3,9 @@
     acc[m, n] = sum_k x[m, k] * float16(w[n, k])          fp32 accumulator (tl.dot on 16-bit operands)
     y[m, n]   = acc[m, n] * s_w[n] + bias[n]
 
+With a K split (the up-block ``conv_shortcut`` concat) each K part has its own weight scale row
+(``scale [2, N]``), so the parts run into two accumulators: ``y = acc_0 * s_w_0[n] + acc_1 * s_w_1[n] + bias[n]``.
+
 The K loop is :func:`kernels.gemm_wxa8.k_loop` (same weight layouts), always with the weight tile as the MMA's
 left operand (``SWAP_AB``), so the converted weight stays in registers on Hopper while the 16-bit x streams
 through shared memory. Measured on an H200 (2026-11-28), the orientation made no difference here (W8A16
@@ -72,13 +75,16 @@ def gemm_a16_kernel(
     acc = zeros_acc(BLOCK_M, BLOCK_N, True, tl.float32)  # [BLOCK_N, BLOCK_M]: out^T = W x^T
     acc = k_loop(acc, a_ptr, w_ptr, offs_m, offs_n, 0, K_SPLIT, 0, M, N, stride_am, stride_ak, stride_wn, stride_wk,
                  W_BITS, BLOCK_K, True)  # fmt: skip
-    if HAS_SPLIT:
-        acc = k_loop(acc, a_ptr, w_ptr, offs_m, offs_n, K_SPLIT, K, W_BYTE2, M, N, stride_am, stride_ak, stride_wn,
-                     stride_wk, W_BITS, BLOCK_K, True)  # fmt: skip
     acc = tl.trans(acc)
 
-    # epilogue: per-channel scale, bias, store
+    # epilogue: per-channel scale (each K part's own row), bias, store
     out = acc * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SPLIT:
+        acc2 = zeros_acc(BLOCK_M, BLOCK_N, True, tl.float32)
+        acc2 = k_loop(acc2, a_ptr, w_ptr, offs_m, offs_n, K_SPLIT, K, W_BYTE2, M, N, stride_am, stride_ak, stride_wn,
+                      stride_wk, W_BITS, BLOCK_K, True)  # fmt: skip
+        acc2 = tl.trans(acc2)
+        out += acc2 * tl.load(w_scale_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_mask = (offs_m[:, None] < M) & n_mask[None, :]

@@ -1,7 +1,7 @@
 """W8A8 / W4A8 / W2A8 GEMM: int8 activations x int8, packed int4 or packed int2 weights -> int32, fused epilogue.
 
     acc_p[m, n] = sum_{k in part p} x_int8[m, k] * w[n, k]                      int32 accumulator (tl.dot)
-    y[m, n]     = sum_p float32(acc_p + (128 - zp_p) * rowsum_p[n]) * (s_a_p * s_w[n])  + bias[n]
+    y[m, n]     = sum_p float32(acc_p + (128 - zp_p) * rowsum_p[n]) * (s_a_p * s_w_p[n])  + bias[n]
 
 x:      [M, K] int8 codes ``q - 128`` (from :mod:`kernels.act_quant`), any strides. A float x is quantized by
         the activation-quantization kernel first (one memory-bound pass); under torch.compile the quantization
@@ -20,7 +20,8 @@ faster W8A8 at M = 77 (the text tokens), 2% faster W4A8 over the UNet, 6% slower
 :func:`swap_ab` swaps for packed weights and M < 128.
 
 A K split (concat input with two activation quantizers) runs two K loops into two accumulators; the weight's
-``rowsum [2, N]`` holds one row sum per part. |acc| <= 128 * 127 * K stays in int32 for K < 132k.
+``rowsum [2, N]`` holds one row sum per part and its ``scale [2, N]`` one weight scale per part (MixDQ's two
+weight quantizers of a split shortcut), so each part's epilogue term uses its own row. |acc| <= 128 * 127 * K stays in int32 for K < 132k.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def gemm_a8_kernel(
             acc2 = tl.trans(acc2)
         tot2 = acc2 + a_corr2 * tl.load(rowsum_ptr + N + offs_n, mask=n_mask, other=0)[None, :]
         tot += tot2
-        out += tot2.to(tl.float32) * (a_scale2 * w_scale)[None, :]
+        w_scale2 = tl.load(w_scale_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out += tot2.to(tl.float32) * (a_scale2 * w_scale2)[None, :]
 
     # epilogue: zero-point correction and scales done above; bias; store
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on

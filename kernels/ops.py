@@ -7,6 +7,7 @@ everything around it (the activation quantization too, into the op that produces
 and the compiled graph still calls the same kernels, so numerics do not change.
 
 Tensors travel as the op's arguments and everything else as ints / floats / lists (``k_split = -1``: none).
+A weight's scale is ``[N]``, or ``[2, N]`` with a ``k_split`` (one row per K part): N is its last dimension.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def gemm_a8(
 @gemm_a8.register_fake
 def _(x, qweight, weight_scale, weight_rowsum, bias, weight_bits, in_features, k_split, act_scale, act_zp, act_bits,
       out_dtype):  # fmt: skip
-    return x.new_empty(x.shape[0], weight_scale.shape[0], dtype=out_dtype)
+    return x.new_empty(x.shape[0], weight_scale.shape[-1], dtype=out_dtype)
 
 
 @torch.library.custom_op("mixdq::gemm_a8_codes", mutates_args=())
@@ -76,7 +77,7 @@ def gemm_a8_codes(
 
 @gemm_a8_codes.register_fake
 def _(x, qweight, weight_scale, weight_rowsum, bias, act_params, weight_bits, in_features, k_split, out_dtype):
-    return x.new_empty(x.shape[0], weight_scale.shape[0], dtype=out_dtype)
+    return x.new_empty(x.shape[0], weight_scale.shape[-1], dtype=out_dtype)
 
 
 @torch.library.custom_op("mixdq::unpack_dequant", mutates_args=())
@@ -165,7 +166,7 @@ def gemm_a16(
 
 @gemm_a16.register_fake
 def _(x, qweight, weight_scale, weight_rowsum, bias, weight_bits, in_features, k_split):
-    return x.new_empty(x.shape[0], weight_scale.shape[0])
+    return x.new_empty(x.shape[0], weight_scale.shape[-1])
 
 
 def call_gemm_a8(

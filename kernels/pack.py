@@ -144,11 +144,14 @@ class PackedWeight:
 
     data:    int8 [N, K] (8 bits) or uint8 [N, packed_row_bytes(K, bits, k_split)] (4, 2 bits), row-major,
              packed along K in planar 128-code chunks, each K part padded to whole chunks.
-    scale:   [N] float16 or float32, one per output channel: W ~= q * scale[:, None].
+    scale:   float16 or float32, one per output channel and K part: ``[N]`` (W ~= q * scale[:, None]), or
+             ``[2, N]`` when ``k_split`` is set (columns of part p use row ``scale[p]``: MixDQ's two weight
+             quantizers of a split shortcut, one per input slice; :meth:`part_scales`).
     rowsum:  int32 [P, N], sum_k q[n, k] over each of the P K-parts (P = 1, or 2 when ``k_split`` is set);
              the A8 epilogue folds the activation zero-point with it.
     k_split: None, or the K index where a second input part starts (the up-block ``conv_shortcut`` concat:
-             columns [0, k_split) and [k_split, K) have their own activation scale and zero-point).
+             columns [0, k_split) and [k_split, K) have their own activation scale and zero-point, and their
+             own weight scales).
     """
 
     data: torch.Tensor
@@ -160,15 +163,20 @@ class PackedWeight:
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, bits: int, k_split: int | None = None) -> PackedWeight:
-        """Pack int8 codes ``[N, K]`` (from the fake-quant layer) with their per-channel ``scale [N]``."""
+        """Pack int8 codes ``[N, K]`` (from the fake-quant layer) with their per-channel ``scale``: ``[N]``, or
+        ``[2, N]`` (one row per K part) with a ``k_split``."""
         _check_bits(bits)
         n, k = q.shape
         if q.numel() and int(q.to(torch.int16).abs().max()) > qmax(bits):
             raise ValueError(f"codes exceed [-{qmax(bits)}, {qmax(bits)}] for {bits}-bit weights")
-        if scale.shape != (n,) or scale.dtype not in (torch.float16, torch.float32):
-            raise ValueError(f"scale must be float16/float32 of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
         if k_split is not None and not 0 < k_split < k:
             raise ValueError(f"k_split must lie in (0, {k}), got {k_split}")
+        shape = (n,) if k_split is None else (2, n)
+        if tuple(scale.shape) != shape or scale.dtype not in (torch.float16, torch.float32):
+            raise ValueError(
+                f"scale must be float16/float32 of shape {shape} (one row per K part), got {scale.dtype} "
+                f"{tuple(scale.shape)}"
+            )
         bounds = part_bounds(k, k_split)
         rowsum = torch.stack([q[:, a:b].to(torch.int32).sum(1) for a, b in itertools.pairwise(bounds)])
         return cls(pack_codes(q, bits, k_split), scale.contiguous(), rowsum.to(torch.int32), bits, k, k_split)
@@ -176,6 +184,15 @@ class PackedWeight:
     @property
     def out_features(self) -> int:
         return self.data.shape[0]
+
+    @property
+    def num_parts(self) -> int:
+        """K parts with their own activation quantizer, row sums and weight scales (1, or 2 with a k_split)."""
+        return 1 if self.k_split is None else 2
+
+    def part_scales(self) -> tuple[torch.Tensor, ...]:
+        """The ``[N]`` weight scales of each K part, in order (views of :attr:`scale`)."""
+        return tuple(self.scale.reshape(self.num_parts, -1).unbind(0))
 
     def codes(self) -> torch.Tensor:
         """Unpacked int8 codes ``[N, K]``."""
@@ -193,7 +210,12 @@ class PackedWeight:
 
             split = -1 if self.k_split is None else self.k_split
             return torch.ops.mixdq.unpack_dequant(self.data, self.scale, self.bits, self.in_features, split, dtype)
-        return (self.codes().float() * self.scale.float()[:, None]).to(dtype)
+        codes, bounds = self.codes(), part_bounds(self.in_features, self.k_split)
+        parts = [
+            codes[:, a:b].float() * s.float()[:, None]
+            for (a, b), s in zip(itertools.pairwise(bounds), self.part_scales())
+        ]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(dtype)
 
     def codes_fp8(self, backend: str = "torch") -> torch.Tensor:
         """The integer codes ``[N, K]`` as FP8 e4m3, exact for 4- and 2-bit weights (every integer up to 16 is an

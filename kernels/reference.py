@@ -16,15 +16,19 @@ Numerics contract (the Triton kernels reproduce it bit for bit in int32, and the
       y[m, n]   = float32(acc + (128 - zp) * rowsum[n]) * (s_a * s_w[n]) + bias[n]   -> float16
 
   since ``(q - zp) = x_int8 + 128 - zp``. With a K split (concat input) each part p has its own
-  ``(s_a_p, zp_p)``, accumulator and row sum, and the parts' float terms are added in order, then the bias.
+  ``(s_a_p, zp_p)``, accumulator, row sum and weight scale row ``s_w_p`` (``scale [2, N]``), and the parts'
+  float terms ``float32(acc_p + (128 - zp_p) * rowsum_p[n]) * (s_a_p * s_w_p[n])`` are added in order, then
+  the bias.
 
-* A16 (weight-only) GEMM: ``y = float32(x @ w.T) * s_w[n] + bias[n]`` with fp32 accumulation.
+* A16 (weight-only) GEMM: ``y = float32(x @ w.T) * s_w[n] + bias[n]`` with fp32 accumulation; with a K split
+  one accumulator per part, ``y = acc_0 * s_w_0[n] + acc_1 * s_w_1[n] + bias[n]``.
 
 Integer matmuls run in float64, which is exact for these magnitudes (|acc| < 2**31 < 2**53) and fast on CPU.
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import torch
@@ -35,12 +39,18 @@ ACT_OFFSET = 128  # x_int8 = q - ACT_OFFSET: unsigned 8-bit codes shifted into i
 ACT_BITS = (4, 8)
 
 
-def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric min-max: int8 codes ``[N, K]`` in [-qmax, qmax] and float32 scale ``[N]``."""
-    amax = w.detach().float().abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))
-    q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax(bits), qmax(bits)).to(torch.int8)
-    return q, scale
+def quantize_weight(w: torch.Tensor, bits: int, k_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric min-max: int8 codes ``[N, K]`` in [-qmax, qmax] and float32 scale ``[N]``;
+    with ``k_split`` each K part gets its own scales, ``[2, N]`` (the layout of :class:`PackedWeight`)."""
+    codes, scales = [], []
+    bounds = part_bounds(w.shape[1], k_split)
+    for a, b in itertools.pairwise(bounds):
+        amax = w[:, a:b].detach().float().abs().amax(dim=1)
+        scale = torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))
+        codes.append(torch.clamp(torch.round(w[:, a:b].float() / scale[:, None]), -qmax(bits), qmax(bits)))
+        scales.append(scale)
+    q = torch.cat(codes, dim=1).to(torch.int8)
+    return q, (scales[0] if k_split is None else torch.stack(scales))
 
 
 def act_parts(
@@ -176,14 +186,14 @@ def gemm_a8_codes(
     """:func:`gemm_a8` of int8 codes ``x [M, K]`` with the quantizers as a tensor (:func:`act_params_tensor`)."""
     w = weight.codes()
     _, zp, scale = act_params.float().unbind()
-    sw = weight.scale.float()
+    sw = [s.float() for s in weight.part_scales()]
     total = torch.zeros(x.shape[0], w.shape[0], dtype=torch.int32, device=x.device)
     y = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
     bounds = part_bounds(weight.in_features, weight.k_split)
-    for p, (a, b) in enumerate(zip(bounds, bounds[1:])):
+    for p, (a, b) in enumerate(itertools.pairwise(bounds)):
         tot = int_matmul(x[:, a:b], w[:, a:b]) + (ACT_OFFSET - zp[p]).to(torch.int32) * weight.rowsum[p]
         total += tot
-        y += tot.float() * (scale[p] * sw)
+        y += tot.float() * (scale[p] * sw[p])
     if return_acc:
         return total
     if bias is not None:
@@ -195,7 +205,12 @@ def gemm_a16(
     x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Weight-only W{8,4,2}A16: float ``x [M, K]`` -> ``[M, N]`` (out_dtype defaults to x's dtype)."""
-    y = (x.float() @ weight.codes().float().T) * weight.scale.float()
+    w = weight.codes().float()
+    bounds = part_bounds(weight.in_features, weight.k_split)
+    y = None
+    for (a, b), sw in zip(itertools.pairwise(bounds), weight.part_scales()):
+        term = (x[:, a:b].float() @ w[:, a:b].T) * sw.float()
+        y = term if y is None else y + term
     if bias is not None:
         y += bias.float()
     return y.to(out_dtype or x.dtype)

@@ -2,6 +2,7 @@
 (the FP8 paths): one Triton kernel per weight, and a grouped one for several weights in one launch.
 
     out[n, k] = float16(float32(u[n, k] - 2**(bits-1)) * scale[n])        (u: the stored offset-binary code)
+                (with a K split, columns of part p use row p of a ``[2, N]`` scale)
     out[n, k] = e4m3(u[n, k] - 2**(bits-1))                               (scale None: exact, |code| <= 8)
 
 Why a kernel of our own: under torch.compile the same formula in PyTorch ops became an Inductor kernel that
@@ -19,6 +20,7 @@ weights runs the same tile code over all of them, 1.7-2.8x faster (bench/results
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -105,19 +107,21 @@ def unpack_group_kernel(
 def unpack_dequant(
     data: torch.Tensor, scale: torch.Tensor | None, bits: int, k: int, k_split: int | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``[N, k]`` tensor of ``dtype`` from packed 4- or 2-bit ``data`` and per-row ``scale`` (see the module doc);
-    ``scale=None`` writes the codes unscaled (used with ``dtype=torch.float8_e4m3fn``)."""
+    """``[N, k]`` tensor of ``dtype`` from packed 4- or 2-bit ``data`` and per-row ``scale`` (``[N]``, or ``[2, N]``
+    with a ``k_split``: one row per K part; see the module doc); ``scale=None`` writes the codes unscaled (used
+    with ``dtype=torch.float8_e4m3fn``)."""
     if bits not in (4, 2):
         raise ValueError(f"unpack_dequant takes 4- or 2-bit packed weights, got {bits} bits")
     n = data.shape[0]
     out = torch.empty(n, k, dtype=dtype, device=data.device)
     bounds, offsets = part_bounds(k, k_split), part_byte_offsets(k, bits, k_split)
-    for (a, b), byte0 in zip(zip(bounds, bounds[1:]), offsets):
+    scales = [None] * (len(bounds) - 1) if scale is None else scale.reshape(len(bounds) - 1, n).unbind(0)
+    for (a, b), byte0, part_scale in zip(itertools.pairwise(bounds), offsets, scales):
         chunks = -(-(b - a) // PACK_CHUNK)
         grid = (triton.cdiv(n, BLOCK_N), chunks)
         unpack_dequant_kernel[grid](
             data,
-            data if scale is None else scale,
+            data if part_scale is None else part_scale,
             out,
             n,
             b - a,

@@ -1,8 +1,10 @@
 """Exact bytes of the UNet's weights under a precision config.
 
 Layout assumed: a quantized layer stores its integer codes packed along the input dimension, each output
-row padded to whole bytes (``ceil(in * bits / 8)``), plus one FP16 scale per output channel and an FP16 bias.
-So bytes are linear in bits and a MB budget has an exact average-bits equivalent. :mod:`mixdq.deploy` pads
+row padded to whole bytes (``ceil(in * bits / 8)``, per input part), plus one FP16 scale per output channel
+and input part and an FP16 bias. A split up-block ``conv_shortcut`` (``cat([hidden, skip])`` input) has two
+input parts, each with its own weight scales (MixDQ's two weight quantizers); every other layer has one. So
+bytes are linear in bits and a MB budget has an exact average-bits equivalent. :mod:`mixdq.deploy` pads
 4- and 2-bit rows further, to whole 128-code chunks per input part (:func:`kernels.pack.packed_row_bytes`,
 what the kernels read); its report gives those exact bytes: +0.02% over this model on the SDXL UNet at
 4 bits, +8.8% on the embedded model's small layers. FP16 layers store weight and bias in FP16.
@@ -21,13 +23,24 @@ FP16_BITS = 16
 MB = 1e6
 
 
+def input_parts(info: LayerInfo) -> tuple[int, ...]:
+    """Input features per output row of each separately quantized input part: ``(in_features,)``, or two
+    entries for a concat-split input (``concat_split`` counts channels; a conv's row has kh*kw per channel)."""
+    if info.concat_split is None:
+        return (info.in_features,)
+    per_channel = info.in_features // info.weight_shape[1]
+    first = info.concat_split * per_channel
+    return (first, info.in_features - first)
+
+
 def layer_weight_bytes(info: LayerInfo, bits: int | None) -> int:
     """Bytes of one layer's weight, scales and bias at ``bits`` (``None`` = FP16)."""
     bias = info.out_features * FP16_BYTES if info.has_bias else 0
     if bits is None:
         return info.weight_numel * FP16_BYTES + bias
-    packed_row = -(-info.in_features * bits // 8)
-    return info.out_features * (packed_row + FP16_BYTES) + bias
+    parts = input_parts(info)
+    packed_row = sum(-(-features * bits // 8) for features in parts)
+    return info.out_features * (packed_row + len(parts) * FP16_BYTES) + bias
 
 
 @dataclass(frozen=True)

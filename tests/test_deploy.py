@@ -6,6 +6,7 @@ difference from the fake-quant layer, so per-layer outputs must agree to one FP1
 
 import copy
 import gc
+import itertools
 import os
 import re
 import types
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.pack import packed_row_bytes
+from kernels.pack import packed_row_bytes, part_bounds
 from mixdq.calibrate import calibrate
 from mixdq.config import PrecisionConfig
 from mixdq.deploy import BosCacheMissError, DeployedConv2d, DeployedLinear, PackedLayer, deploy, deploy_layer
@@ -461,7 +462,7 @@ def test_report_counts_backends_and_exact_bytes(deployed_pipe):
 @torch.no_grad()
 def test_fp16_bytes_match_the_accounting_plus_kernel_extras(fresh_random_pipe):
     """In FP16, bytes held = mixdq.memory's accounting + what the kernels keep beyond it, exactly:
-    +2 B per row (float32 scales), +4 B per row and input part (int32 row sums), the padding of 4- and 2-bit
+    +2 B per row and input part (float32 scales), +4 B per row and input part (int32 row sums), the padding of 4- and 2-bit
     rows to whole 128-code chunks per input part, the activation quantizers as tensors (12 B per input part,
     for torch.compile), the BOS K/V caches."""
     pipe = fresh_random_pipe
@@ -473,10 +474,13 @@ def test_fp16_bytes_match_the_accounting_plus_kernel_extras(fresh_random_pipe):
     extras = 0
     for name, module in pipe.unet.named_modules():
         if isinstance(module, PackedLayer):
-            extras += module.out_features * (2 + 4 * module.weight_rowsum.shape[0])
+            parts = module.weight_rowsum.shape[0]
+            assert module.weight_scale.numel() == parts * module.out_features  # one scale per row and part
+            extras += module.out_features * (2 * parts + 4 * parts)
             if module.act_qparams_t is not None:
                 extras += module.act_qparams_t.numel() * 4
-            ideal_row = -(-module.in_features * module.weight_bits // 8)  # mixdq.memory's row
+            bounds = part_bounds(module.in_features, module.k_split)
+            ideal_row = sum(-(-(hi - lo) * module.weight_bits // 8) for lo, hi in itertools.pairwise(bounds))
             extras += module.out_features * (packed_row_bytes(module.in_features, module.weight_bits, module.k_split)
                                              - ideal_row)  # fmt: skip
             if module.kind == "linear" and module.bos_inputs is not None:

@@ -162,7 +162,7 @@ def test_rejects_bad_inputs():
         fp8_lowbit_linear(x, PackedWeight.from_codes(q8, s8, 8).to(DEVICE), scale)
     q, s = reference.quantize_weight(torch.randn(16, 128), 4)
     with pytest.raises(ValueError, match="k_split=40"):
-        fp8_lowbit_linear(x, PackedWeight.from_codes(q, s, 4, k_split=40).to(DEVICE), scale)
+        fp8_lowbit_linear(x, PackedWeight.from_codes(q, s.expand(2, -1), 4, k_split=40).to(DEVICE), scale)
 
 
 def test_tiles_step_whole_chunks_and_fit_wgmma():

@@ -49,7 +49,7 @@ def test_int2_layout_planar_chunks():
 def test_k_split_parts_are_packed_separately(bits):
     # an up-block concat split at 320 (not a chunk multiple): each part padded to whole chunks
     q = random_codes(3, 960, bits)
-    pw = PackedWeight.from_codes(q, torch.ones(3), bits, k_split=320)
+    pw = PackedWeight.from_codes(q, torch.ones(2, 3), bits, k_split=320)
     chunk = 128 * bits // 8
     assert pw.part_byte_offsets() == [0, 3 * chunk, 8 * chunk]
     assert pw.data.shape == (3, 8 * chunk)
@@ -59,12 +59,12 @@ def test_k_split_parts_are_packed_separately(bits):
 
 def test_packed_weight_rowsums_and_bytes():
     q = random_codes(6, 20, 4)
-    scale = torch.rand(6) + 0.1
+    scale = torch.rand(2, 6) + 0.1  # one row of scales per K part
     pw = PackedWeight.from_codes(q, scale, 4, k_split=8)
     expected = torch.stack([q[:, :8].int().sum(1), q[:, 8:].int().sum(1)])
     assert torch.equal(pw.rowsum, expected)
     assert torch.equal(pw.codes(), q)
-    assert pw.nbytes() == 6 * 2 * 64 + 6 * 4 + 2 * 6 * 4  # two padded chunks per row, fp32 scales, two row sums
+    assert pw.nbytes() == 6 * 2 * 64 + 2 * 6 * 4 + 2 * 6 * 4  # two padded chunks per row, two fp32 scales, two row sums
     assert pw.out_features == 6 and pw.in_features == 20
 
 
@@ -78,3 +78,5 @@ def test_packed_weight_rejects_bad_input():
         PackedWeight.from_codes(q, torch.ones(4), 8, k_split=8)
     with pytest.raises(ValueError, match="scale"):
         PackedWeight.from_codes(q, torch.ones(3), 8)
+    with pytest.raises(ValueError, match=r"shape \(2, 4\) \(one row per K part\)"):
+        PackedWeight.from_codes(q, torch.ones(4), 8, k_split=4)

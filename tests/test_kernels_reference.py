@@ -49,9 +49,9 @@ def test_a8_reference_equals_float_fake_quant(bits):
 def test_a8_concat_parts_use_their_own_scale_and_zero_point():
     g = torch.Generator().manual_seed(1)
     x1, x2, w = torch.randn(7, 16, generator=g), torch.randn(7, 24, generator=g) * 20, torch.randn(12, 40, generator=g)
-    q, s = reference.quantize_weight(w, 8)
+    q, s = reference.quantize_weight(w, 8, k_split=16)  # [2, 12] scales, one row per part
     xdq = torch.cat([fake_quant_act(x1, 0.02, 128), fake_quant_act(x2, 0.3, 20)], dim=1)
-    expected = xdq @ (q.double() * s.double()[:, None]).T
+    expected = xdq @ torch.cat([q[:, :16].double() * s[0].double()[:, None], q[:, 16:] * s[1].double()[:, None]], 1).T
     pw = PackedWeight.from_codes(q, s, 8, k_split=16)
     y = quant_linear(torch.cat([x1, x2], 1), pw, (0.02, 0.3), (128, 20), backend="torch")
     assert sqnr_db(expected, y) > 60

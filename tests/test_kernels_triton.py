@@ -27,7 +27,7 @@ SHAPES = [(1, 40, 75, None), (37, 48, 80, None), (33, 40, 96, 40), (20, 24, 300,
 
 def make_weight(n: int, k: int, bits: int, k_split=None, seed: int = 0) -> PackedWeight:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-    q, s = reference.quantize_weight(w, bits)
+    q, s = reference.quantize_weight(w, bits, k_split)  # with a split: [2, N] scales, one row per K part
     return PackedWeight.from_codes(q, s, bits, k_split).to(DEVICE)
 
 

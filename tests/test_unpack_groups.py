@@ -65,7 +65,7 @@ def test_grouped_kernel_dequantizes_like_the_per_layer_kernel(dtype):
 
 def test_grouped_kernel_refuses_what_it_cannot_unpack():
     with pytest.raises(ValueError, match="without a k_split"):
-        q, s = reference.quantize_weight(torch.randn(8, 64), 4)
+        q, s = reference.quantize_weight(torch.randn(8, 64), 4, k_split=32)
         PackedWeight.codes_fp8_group([PackedWeight.from_codes(q, s, 4, k_split=32)], backend="triton")
     with pytest.raises(ValueError, match="4- or 2-bit"):
         kernels.unpack.unpack_group([packed(8, 64, 4, 0).data], None, [8], [64], torch.float8_e4m3fn)

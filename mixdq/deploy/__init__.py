@@ -5,8 +5,9 @@ memory and is slower than FP16. ``deploy`` makes the chosen precision real, in p
 
 * a layer with quantized weights becomes a :class:`DeployedLinear` / :class:`DeployedConv2d` holding the
   integer codes packed along K (int8, two int4 or four int2 per byte, :class:`kernels.PackedWeight`), one
-  float32 scale and (for the A8 epilogue) one int32 row sum per output channel, the bias, and the static
-  activation scale / zero-point of each input part. Its ``forward`` takes one of two paths, the faster one
+  float32 scale and (for the A8 epilogue) one int32 row sum per output channel and input part (a split
+  up-block ``conv_shortcut`` has two parts, each with its own weight scales, as MixDQ's two weight quantizers),
+  the bias, and the static activation scale / zero-point of each input part. Its ``forward`` takes one of two paths, the faster one
   for the layer by default (``linear_path`` / ``conv_path``, :mod:`mixdq.deploy.policy`): the integer GEMM
   (``kernels.quant_linear`` / ``kernels.conv2d_quant``: Triton on CUDA, the PyTorch integer reference
   elsewhere), by default for W8A8 linears; or the dequant path (:mod:`kernels.dequant`: the packed weight

@@ -105,8 +105,8 @@ class DeployReport:
 
     ``weight_bytes`` counts every parameter and buffer of the deployed UNet in the dtype it is held in (float32
     on a CPU model). It exceeds the planner's ``accounted_bytes`` (:func:`mixdq.memory.weight_memory`) by
-    what the kernels keep beyond ``ceil(K * bits / 8)`` packed bytes + one FP16 scale + FP16 bias per row:
-    float32 scales (+2 B per row), int32 row sums for the A8 zero-point correction (+4 B per row and input
+    what the kernels keep beyond ``ceil(K * bits / 8)`` packed bytes + one FP16 scale per input part + FP16 bias
+    per row: float32 scales (+2 B per row and input part), int32 row sums for the A8 zero-point correction (+4 B per row and input
     part), 4- and 2-bit rows padded to whole 128-code chunks per input part (:mod:`kernels.pack`), the
     activation quantizers as tensors for torch.compile and the dequantizing conv (12 B per input part), the BOS
     K/V caches, FP8 layers' three float32 scales (vs an FP16 scale per row), the buffers of layers left on the fake

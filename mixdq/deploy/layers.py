@@ -34,8 +34,8 @@ class PackedLayer(nn.Module):
         super().__init__()
         fp = layer.fp_module
         bits = layer.weight_bits
-        scale = layer.weight_scale(bits).float()
-        codes = quantize_weight(fp.weight.detach(), scale, bits)
+        scale = layer.weight_scale(bits).float()  # (2, out) for a split shortcut: one row per input slice
+        codes = quantize_weight(fp.weight.detach(), scale, bits, layer.concat_split)
         if codes.dim() == 4:
             codes = kernels.conv_weight_matrix(codes)
         packed = kernels.PackedWeight.from_codes(codes, scale, bits, k_split=layer.concat_split)

@@ -54,8 +54,10 @@ class QuantLayer(nn.Module):
     of times (sensitivity sweeps): the fake-quantized weight is computed lazily once per change, always from
     the scales of the bit that is set.
 
-    ``concat_split = c`` quantizes input channels ``[:c]`` and ``[c:]`` with separate ranges (up-block
-    ``conv_shortcut`` inputs are ``cat([upsampled, skip])``, whose ranges differ a lot).
+    ``concat_split = c`` quantizes input channels ``[:c]`` and ``[c:]`` with separate activation ranges and
+    separate weight scales (up-block ``conv_shortcut`` inputs are ``cat([upsampled, skip])``, whose ranges
+    differ a lot, and so do the weight columns that read them): MixDQ's two act and two weight quantizers.
+    Its weight scales are ``(2, out)``, one row per input slice.
     ``weight_clip`` (set by ``quantize_`` from the config): ``"minmax"`` (MixDQ) or ``"mse"``, per-row scales
     with the least squared rounding error (:func:`~mixdq.quant.primitives.weight_scales_mse`), computed on
     first use per bit-width and cached.
@@ -88,7 +90,7 @@ class QuantLayer(nn.Module):
         self._fp8 = False
         self._weight_clip = "minmax"
         self._mse_scales: dict[int, torch.Tensor] = {}
-        for bits, scale in weight_scales(fp_module.weight).items():
+        for bits, scale in weight_scales(fp_module.weight, split=concat_split).items():
             self.register_buffer(f"weight_scale_{bits}", scale, persistent=False)
         for bits in ACT_BITS:
             self.register_buffer(f"act_range_{bits}", None, persistent=False)
@@ -145,12 +147,13 @@ class QuantLayer(nn.Module):
         self._weight_clip = clip
 
     def weight_scale(self, bits: int) -> torch.Tensor:
-        """The ``(out,)`` float32 scales of ``bits``-bit weights under this layer's ``weight_clip``."""
+        """The float32 scales of ``bits``-bit weights under this layer's ``weight_clip``: ``(out,)``, or
+        ``(2, out)`` (one row per input slice) with a ``concat_split``."""
         if self._weight_clip == "minmax":
             return getattr(self, f"weight_scale_{bits}")
         weight = self.fp_module.weight
         if bits not in self._mse_scales:
-            self._mse_scales[bits] = weight_scales_mse(weight, bits)
+            self._mse_scales[bits] = weight_scales_mse(weight, bits, split=self.concat_split)
         return self._mse_scales[bits].to(weight.device)  # a plain cache: .to(device) does not move it
 
     @property
@@ -242,7 +245,7 @@ class QuantLayer(nn.Module):
                 self._fq_weight = fake_quantize_weight_fp8(weight)
             else:
                 scale = self.weight_scale(self._weight_bits)
-                self._fq_weight = fake_quantize_weight(weight, scale, self._weight_bits)
+                self._fq_weight = fake_quantize_weight(weight, scale, self._weight_bits, self.concat_split)
         return self._fq_weight
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:

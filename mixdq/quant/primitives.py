@@ -28,23 +28,45 @@ def weight_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def weight_scales(w: torch.Tensor, bits: tuple[int, ...] = WEIGHT_BITS) -> dict[int, torch.Tensor]:
-    """Per-output-channel scales (float32, shape ``(out,)``) for every candidate bit, from one pass over ``w``.
+def weight_scales(
+    w: torch.Tensor, bits: tuple[int, ...] = WEIGHT_BITS, split: int | None = None
+) -> dict[int, torch.Tensor]:
+    """Per-output-channel scales (float32) for every candidate bit, from one pass over ``w``.
 
-    One absolute-max reduction serves all bit-widths, so a 2- or 4-bit scale can never be an 8-bit scale
-    in disguise. An all-zero row gets scale 1 (its codes are all 0 whatever the scale); only that row's
-    entry is replaced, never the whole vector.
+    Shape ``(out,)``; with ``split = c`` (a concat input, see :func:`weight_slices`) ``(2, out)``: input
+    channels ``[:c]`` and ``[c:]`` get a scale each, as MixDQ's two weight quantizers of a split shortcut
+    do, so the small-magnitude slice is not rounded on the grid of the large one. One absolute-max
+    reduction serves all bit-widths, so a 2- or 4-bit scale can never be an 8-bit scale in disguise. An
+    all-zero row gets scale 1 (its codes are all 0 whatever the scale); only that entry is replaced.
     """
-    absmax = w.detach().float().reshape(w.shape[0], -1).abs().amax(dim=1)
+    absmax = torch.stack([_rows(part).abs().amax(dim=1) for part in weight_slices(w.detach(), split)])
+    absmax = absmax[0] if split is None else absmax
     return {b: torch.where(absmax > 0, absmax / weight_qmax(b), torch.ones_like(absmax)) for b in bits}
+
+
+def weight_slices(w: torch.Tensor, split: int | None) -> tuple[torch.Tensor, ...]:
+    """``w`` itself, or its two input-channel slices ``w[:, :split]`` and ``w[:, split:]`` (dim 1 is the
+    input channels of a Linear ``(out, in)`` and a Conv2d ``(out, in, kh, kw)`` weight alike)."""
+    if split is None:
+        return (w,)
+    if not 0 < split < w.shape[1]:
+        raise ValueError(f"weight split must lie in (0, {w.shape[1]}), got {split}")
+    return (w[:, :split], w[:, split:])
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return w.float().reshape(w.shape[0], -1)
 
 
 # Candidate clipping ratios of the min-max scale for MSE-clipped weights (1.00, 0.98, ..., 0.20).
 CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.02 * i, 2) for i in range(41))
 
 
-def weight_scales_mse(w: torch.Tensor, bits: int, ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
-    """Per-output-channel scales (float32 ``(out,)``) that minimise each row's squared rounding error.
+def weight_scales_mse(
+    w: torch.Tensor, bits: int, ratios: tuple[float, ...] = CLIP_RATIOS, split: int | None = None
+) -> torch.Tensor:
+    """Per-output-channel scales (float32 ``(out,)``, or ``(2, out)`` with ``split``) that minimise each row's
+    (each row slice's) squared rounding error.
 
     Min-max (MixDQ's rule) makes the largest weight of a row exact and rounds the rest coarsely; at 2 bits
     (ternary) a weight becomes non-zero only above half the row's maximum, which zeroes ~95% of a Gaussian row.
@@ -53,7 +75,11 @@ def weight_scales_mse(w: torch.Tensor, bits: int, ratios: tuple[float, ...] = CL
     (on the embedded model's UNet: 2-bit 3.8 -> 9.0 dB weight SQNR, 4-bit 21.2 -> 22.1, 8-bit unchanged).
     The codes stay symmetric in ``[-qmax, qmax]``: kernels, packing and memory are those of min-max.
     """
-    rows = w.detach().float().reshape(w.shape[0], -1)
+    scales = torch.stack([_row_scales_mse(_rows(part), bits, ratios) for part in weight_slices(w.detach(), split)])
+    return scales[0] if split is None else scales
+
+
+def _row_scales_mse(rows: torch.Tensor, bits: int, ratios: tuple[float, ...]) -> torch.Tensor:
     base = weight_scales(rows, (bits,))[bits]
     best_err = torch.full_like(base, float("inf"))
     best = base.clone()
@@ -71,28 +97,50 @@ def _per_row(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return scale.view(-1, *([1] * (w.dim() - 1)))
 
 
-def _weight_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric codes as float32 (exact small integers) in ``[-qmax, qmax]``.
+def _slice_scales(scale: torch.Tensor, w: torch.Tensor, split: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(weight slice, its (out,) scale), ...]``: one pair, or two for a ``(2, out)`` scale and a ``split``."""
+    if (scale.dim() == 2) != (split is not None):
+        raise ValueError(
+            f"a weight scale of shape {tuple(scale.shape)} needs "
+            f"{'a split' if scale.dim() == 2 else 'no split'} (got split={split})"
+        )
+    parts = weight_slices(w, split)
+    return list(zip(parts, scale.unbind(0) if split is not None else (scale,)))
+
+
+def _weight_codes(w: torch.Tensor, scale: torch.Tensor, bits: int, split: int | None = None) -> torch.Tensor:
+    """Symmetric codes as float32 (exact small integers) in ``[-qmax, qmax]``, each weight slice on its scale.
 
     In-place after the one division: on the CPU, allocating full-size temporaries costs more than the math.
     """
     qmax = weight_qmax(bits)
-    return (w.float() / _per_row(scale, w)).round_().clamp_(-qmax, qmax)
+    codes = [
+        (part.float() / _per_row(s, part)).round_().clamp_(-qmax, qmax) for part, s in _slice_scales(scale, w, split)
+    ]
+    return codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
 
 
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes (int8, same shape as ``w``) in ``[-qmax, qmax]``."""
-    return _weight_codes(w, scale, bits).to(torch.int8)
+def _scaled(codes: torch.Tensor, scale: torch.Tensor, split: int | None) -> torch.Tensor:
+    """Float32 ``codes * scale``, slice by slice (in place on a float32 ``codes``)."""
+    parts = [part.float().mul_(_per_row(s, part)) for part, s in _slice_scales(scale, codes, split)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``codes * scale`` per output channel, in ``dtype``."""
-    return (codes.float() * _per_row(scale, codes)).to(dtype)
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, split: int | None = None) -> torch.Tensor:
+    """Integer codes (int8, same shape as ``w``) in ``[-qmax, qmax]``; a ``(2, out)`` scale needs its ``split``."""
+    return _weight_codes(w, scale, bits, split).to(torch.int8)
 
 
-def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def dequantize_weight(
+    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, split: int | None = None
+) -> torch.Tensor:
+    """``codes * scale`` per output channel (and input slice, with ``split``), in ``dtype``."""
+    return _scaled(codes.float().clone() if codes.dtype == torch.float32 else codes.float(), scale, split).to(dtype)
+
+
+def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, split: int | None = None) -> torch.Tensor:
     """``w`` rounded to its ``bits``-bit grid, in ``w``'s dtype (what an integer kernel would compute with)."""
-    return _weight_codes(w, scale, bits).mul_(_per_row(scale, w)).to(w.dtype)
+    return _scaled(_weight_codes(w, scale, bits, split), scale, split).to(w.dtype)
 
 
 # ---- activations ------------------------------------------------------------------------------------
