@@ -33,6 +33,7 @@ CHECKER_SEED = 2_000_003
 GRID_SEED = 3_000_003
 PARTIAL_SEED = 5_000_003
 SHORT_GRID_SEEDS = 4  # images per short prompt in the grid
+SECTIONS = ("full", "partial", "short", "checker", "latency")
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "tiny-sdxl"
 
 
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"write the short prompts (up to {SHORT_GRID_SEEDS} seeds each, two prompts a row) here",
     )
     p.add_argument("--short-seeds", type=int, default=16, help="noise seeds per short prompt for their alignment")
+    p.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)"
+    )
     args = p.parse_args(argv)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model, dtype=torch.float32, local_files_only=True)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics: dict = {"model": str(args.model), "device": args.device, "dtype": "float32", "n_per_object_count": args.n}
     if args.device.startswith("cuda"):
         metrics["card"] = torch.cuda.get_device_name()
-    for k in args.objects:
+    for k in args.objects if "full" in args.sections else ():
         batch = sample_scenes(args.n, np.random.default_rng(EVAL_SEED + k), object_counts=(k,))
         for steps in args.steps:
             images = generate(pipe, batch.captions(), steps)
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                 metrics[f"clip_score_{k}obj_{steps}step"] = clip_score(model, images, tokens).mean().item()
                 metrics[f"clip_score_{k}obj_rendered"] = clip_score(model, render(batch), tokens).mean().item()
             print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
-    for k in args.objects:
+    for k in args.objects if "partial" in args.sections else ():
         scenes, captions = held_out_partial(args.n, k)
         read = [read_prompt(pipe, c).text for c in captions]
         for steps in args.steps:
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics[f"partial_caption_examples_{k}obj"] = captions[:8]
         print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
     seeds = args.short_seeds
-    for suffix, read in (("", False), ("_read", True)):
+    for suffix, read in (("", False), ("_read", True)) if "short" in args.sections else ():
         if read and pipe.prompt_language is None:
             continue
         images, captions = short_prompt_images(pipe, seeds, read=read)
@@ -181,20 +185,21 @@ def main(argv: list[str] | None = None) -> None:
         }
         print({key: round(v, 4) for key, v in metrics.items() if isinstance(v, float)}, flush=True)
     metrics["short_prompt_seeds"] = seeds
-    if args.short_grid is not None:
+    if args.short_grid is not None and "short" in args.sections:
         shown = min(seeds, SHORT_GRID_SEEDS)
         per_prompt = images.view(len(SHORT_PROMPTS), seeds, *images.shape[1:])[:, :shown]
         save_grid(per_prompt.reshape(-1, *images.shape[1:]), args.short_grid, columns=2 * shown)
         metrics["short_grid_prompts"] = list(SHORT_PROMPTS)
         metrics["short_grid_read"] = pipe.prompt_language is not None
-    metrics["checker_accuracy_rendered"] = checker_accuracy(args.checker_n)
-    metrics["checker_accuracy_rendered_partial"] = checker_accuracy(args.checker_n, partial=True)
-    metrics["checker_n"] = args.checker_n
+    if "checker" in args.sections:
+        metrics["checker_accuracy_rendered"] = checker_accuracy(args.checker_n)
+        metrics["checker_accuracy_rendered_partial"] = checker_accuracy(args.checker_n, partial=True)
+        metrics["checker_n"] = args.checker_n
     if args.grid is not None:
         batch = sample_scenes(16, np.random.default_rng(GRID_SEED))
         save_grid(generate(pipe, batch.captions(), 4), args.grid)
         metrics["grid_captions"] = batch.captions()
-    if args.device == "cpu":
+    if args.device == "cpu" and "latency" in args.sections:
         torch.set_num_threads(args.threads)
         metrics[f"cpu_latency_4step_s_{args.threads}threads"] = cpu_latency(pipe)
     text = json.dumps(metrics, indent=2)
