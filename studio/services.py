@@ -500,7 +500,8 @@ def compare_report(out: dict, device_type: str, config_name: str = "") -> str:
             if deploy.measured_bytes is not None
             else f"{result.measured_bytes / MB:,.1f} MB held"
         )
-        + f" (accounting {result.accounted_bytes / MB:,.1f} MB; {result.fp16_bytes / result.measured_bytes:.2f}x smaller)"
+        + f", {result.fp16_bytes / result.measured_bytes:.2f}x smaller (accounting {result.accounted_bytes / MB:,.1f} MB, "
+        f"{result.fp16_bytes / result.accounted_bytes:.2f}x smaller)"
         + (f"  ·  peak during the deployed image {deployed.peak_bytes / MB:,.0f} MB" if deployed.peak_bytes else ""),
         f"**deploy**: {deploy.report.describe()}; {deploy.fused_attentions} attentions with fused projections"
         + (f", {deploy.grouped_blocks} blocks with grouped unpacking" if deploy.grouped_blocks else "")
