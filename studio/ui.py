@@ -374,8 +374,7 @@ class StudioPage:
         self.export_status = gr.Markdown(elem_id="export-status")
         self.upload = gr.File(
             label="load a config: a JSON file, or a MixDQ yaml pair (both files together)",
-            file_types=list(IMPORT_SUFFIXES),
-            file_count="multiple",
+            file_count="multiple",  # no file_types: the page would drop other files silently; import_files says why
             type="filepath",
             elem_id="upload",
         )

@@ -293,6 +293,36 @@ def test_browser_slider_compare_and_download(studio, tmp_path):
     shutil.copy(saved, SCREENSHOTS / "exported.json")
 
 
+def test_browser_bad_input_shows_a_message_and_keeps_the_page(studio, tmp_path):
+    """Real Chromium: a budget typed out of range + Enter, and a .txt upload, each answered in the page."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (.ci/run does).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        page.goto(studio[0])
+        page.get_by_role("tab", name="Budget").click()
+        page.wait_for_selector("#allocation-status:has-text('solver cbc')", timeout=60_000)
+        assert page.locator("#k-slider input[type=range]").is_disabled()  # auto K is on
+        before = page.locator("#allocation-status").inner_text()
+        box = page.locator("#budget-slider input[type=number]")
+        box.fill("9")
+        box.press("Enter")
+        page.wait_for_selector("#budget-notice:has-text('must be a number from')", timeout=30_000)
+        page.wait_for_function("() => document.querySelector('#budget-slider input[type=number]').value === '4'")
+        assert page.locator("#allocation-status").inner_text() == before
+        page.screenshot(path=str(SCREENSHOTS / "budget-refused.png"), full_page=True)
+
+        page.get_by_role("tab", name="Export / Import").click()
+        notes = tmp_path / "notes.txt"
+        notes.write_text("hello")
+        page.locator("#upload input[type=file]").set_input_files(str(notes))
+        page.wait_for_selector("#import-status:has-text('notes.txt is not a config file')", timeout=30_000)
+        browser.close()
+
+
 def _release_slider_at(page, track, fraction: float) -> tuple[float, str]:
     """Click the budget slider at ``fraction`` of its track; (seconds from the pointer's release to the first
     frame showing the new exact allocation, timed in the page, and the status text then)."""
