@@ -56,8 +56,14 @@ class StudioInputError(ValueError):
 
 
 # Refusals whose message is meant for the user as it is; anything else is a bug, reported as such.
-_EXPECTED = (StudioInputError, ConfigError, InfeasibleBudgetError, ModelNotAvailableError, DeployOutOfMemoryError)
-_EXPECTED += (SensitivityTableError,)
+_EXPECTED = (
+    StudioInputError,
+    ConfigError,
+    InfeasibleBudgetError,
+    ModelNotAvailableError,
+    DeployOutOfMemoryError,
+    SensitivityTableError,
+)
 
 
 def refusal_text(err: BaseException) -> str:
