@@ -3,6 +3,7 @@ the MixDQ authors' yaml format, and is validated against a model's layer invento
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from mixdq.inventory import LayerInfo, inventory_fingerprint
 WEIGHT_BITS: tuple[int, ...] = (2, 4, 8)
 # How weight scales are chosen (mixdq.quant.primitives): MixDQ's min-max, or per-row MSE clipping.
 WEIGHT_CLIPS: tuple[str, ...] = ("minmax", "mse")
+# Which A8 linear layers run FP8 e4m3 (see PrecisionConfig.with_run_options): none, the W8A8 ones, every A8 one.
+# The value is with_fp8_linears' ``low_bit`` (None: no FP8).
+FP8_CHOICES: dict[str, bool | None] = {"none": None, "w8a8": False, "a8": True}
 ACT_BITS: tuple[int, ...] = (4, 8)
 # In MixDQ yaml files a layer kept in floating point is written with this bit-width (and read at 16 or 32).
 MIXDQ_YAML_FP_BITS = 16
@@ -139,10 +143,23 @@ class PrecisionConfig:
             and self.layer_act_bits(i.name) == 8
             and self.layer_weight_bits(i.name) in (WEIGHT_BITS if low_bit else (8,))
         ]
-        config = PrecisionConfig.from_dict(self.to_dict())
-        config.fp8 = fp8
+        config = dataclasses.replace(self, fp8=fp8)
         config.validate(layers)
         return config
+
+    def with_run_options(
+        self, layers: list[LayerInfo], weight_clip: str = "minmax", fp8: str = "none"
+    ) -> PrecisionConfig:
+        """A copy whose bits run with ``weight_clip`` scales (one of :data:`WEIGHT_CLIPS`) and the FP8 choice
+        ``fp8`` (a key of :data:`FP8_CHOICES`); the bits themselves are unchanged. The CLI's ``--weight-clip`` /
+        ``--fp8`` and the studio's run options both mean this call."""
+        if weight_clip not in WEIGHT_CLIPS:
+            raise ConfigError(f"weight_clip {quote(weight_clip)} not allowed; choose from {list(WEIGHT_CLIPS)}.")
+        if fp8 not in FP8_CHOICES:
+            raise ConfigError(f"fp8 {quote(fp8)} not allowed; choose from {list(FP8_CHOICES)}.")
+        config = dataclasses.replace(self, weight_clip=weight_clip, fp8=[])
+        low_bit = FP8_CHOICES[fp8]
+        return config if low_bit is None else config.with_fp8_linears(layers, low_bit=low_bit)
 
     def validate(self, layers: list[LayerInfo], model_id: str = "", source: str | None = None) -> None:
         """Raise :class:`ConfigError` naming the first entry that does not fit ``layers``.
@@ -336,6 +353,16 @@ class PrecisionConfig:
         act = {MIXDQ_YAML_PREFIX + i.name: self.layer_act_bits(i.name) or MIXDQ_YAML_FP_BITS for i in layers}
         return yaml.safe_dump(weight, sort_keys=False), yaml.safe_dump(act, sort_keys=False)
 
+    def save_mixdq_yaml(self, folder: str | Path, stem: str, layers: list[LayerInfo]) -> tuple[Path, Path]:
+        """Write :meth:`to_mixdq_yaml` as ``STEM_weight.yaml`` and ``STEM_act.yaml`` in ``folder`` (the one naming
+        scheme of the CLI's ``--yaml-out`` and the studio's export; :meth:`load` reads the pair back) and return
+        the two paths. Raises :class:`ConfigError` before writing anything when the format cannot say the config."""
+        weight_yaml, act_yaml = self.to_mixdq_yaml(layers)
+        paths = mixdq_yaml_paths(folder, stem)
+        for path, text in zip(paths, (weight_yaml, act_yaml), strict=True):
+            path.write_text(text)
+        return paths
+
     @classmethod
     def load_mixdq_yaml(
         cls,
@@ -383,6 +410,12 @@ class PrecisionConfig:
             config.fingerprint = inventory_fingerprint(layers)
         config.model_id = model_id
         return config
+
+
+def mixdq_yaml_paths(folder: str | Path, stem: str) -> tuple[Path, Path]:
+    """(weight, activation) yaml paths of the pair :meth:`PrecisionConfig.save_mixdq_yaml` writes."""
+    folder = Path(folder)
+    return folder / f"{stem}_weight.yaml", folder / f"{stem}_act.yaml"
 
 
 _JSON_KEYS: tuple[str, ...] = tuple(PrecisionConfig().to_dict())

@@ -227,8 +227,9 @@ _PAIR_RULE = "STEM.weight.yaml + STEM.act.yaml, or STEM_weight.yaml + STEM_act.y
 def mixdq_yaml_pair(path: Path, name: str | None = None) -> tuple[tuple[Path, str], tuple[Path, str]] | None:
     """((weight file, its name), (activation file, its name)) when ``path`` names a MixDQ yaml pair, else None.
 
-    The rule: ``path`` is either file of a pair named ``STEM.weight.yaml`` + ``STEM.act.yaml`` (the studio's
-    export) or ``STEM_weight.yaml`` + ``STEM_act.yaml`` (``allocate --yaml-out STEM``), ``.yml`` too; or the
+    The rule: ``path`` is either file of a pair named ``STEM_weight.yaml`` + ``STEM_act.yaml`` (what
+    :meth:`mixdq.config.PrecisionConfig.save_mixdq_yaml` writes) or ``STEM.weight.yaml`` + ``STEM.act.yaml`` (the
+    studio's earlier export), ``.yml`` too; or the
     ``STEM`` itself when no file of that name exists; or a folder holding exactly one such pair. Any other
     ``.yaml`` / ``.yml`` file is refused (a MixDQ config needs both files); every other path is JSON. ``name`` is
     how the user knows ``path``; the partner's name is derived from it.

@@ -26,6 +26,7 @@ from PIL import Image
 from mixdq.allocate import AUTO, AllocationResult, Allocator, InfeasibleBudgetError
 from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
+from mixdq.config_io import quote
 from mixdq.deploy.runner import DeployOutOfMemoryError
 from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
 from mixdq.memory import MB, average_weight_bits, weight_memory
@@ -206,6 +207,16 @@ def pareto_figure(source: SensitivitySource, current: tuple[float, float] | None
     return pareto_chart(source.front.mb.tolist(), source.front.score.tolist(), current)
 
 
+def imported_view(source: SensitivitySource, config: PrecisionConfig, name: str) -> tuple[Spec, str, Spec, str]:
+    """(allocation heatmap, memory bars, frontier, summary) of an imported config, as the budget view shows an
+    allocation: the import replaces what that view shows. The frontier has no mark (the file has no score)."""
+    title = f"Imported {name}: {average_weight_bits(list(source.inventory.layers), config):.3f} average weight bits"
+    figure = bits_heatmap(source.order, {n: config.layer_weight_bits(n) for n in source.order}, title)
+    mb = weight_memory(list(source.inventory.layers), config, source.inventory.other_params).total_bytes / MB
+    summary = f"imported {name}: " + config_summary(config, source.inventory)
+    return figure, memory_bar(source.fp16_mb(), mb), pareto_figure(source), summary
+
+
 def infeasible_message(err: InfeasibleBudgetError) -> str:
     return f"Infeasible budget: {err}"
 
@@ -213,21 +224,19 @@ def infeasible_message(err: InfeasibleBudgetError) -> str:
 # ---- how the chosen bits run ---------------------------------------------------------------------------
 # label -> PrecisionConfig.weight_clip
 WEIGHT_SCALES = {"min-max (MixDQ)": "minmax", "MSE-clipped per row (ours)": "mse"}
+STUDIO_FP8 = "a8"  # the FP8 checkbox's mixdq.config.FP8_CHOICES key
 
 
 def with_run_options(
     config: PrecisionConfig, layers_inventory: UNetInventory, weight_scales: str, fp8: bool
 ) -> PrecisionConfig:
-    """A copy of ``config`` whose bits run with the chosen weight scales (a :data:`WEIGHT_SCALES` label) and,
-    with ``fp8``, every A8 linear layer in FP8 e4m3: activations, and 8-bit weights (4- and 2-bit weights keep
-    their integer grid). cuBLAS FP8 on Hopper / Ada GPUs once deployed: the fastest measured paths, at the
-    quality of FP8 for the 8-bit layers alone (README, Quality and Measured)."""
+    """:meth:`PrecisionConfig.with_run_options` for the page's choices: a :data:`WEIGHT_SCALES` label and the FP8
+    checkbox, which means :data:`STUDIO_FP8` (every A8 linear: activations, and 8-bit weights; 4- and 2-bit weights
+    keep their integer grid; the fastest measured paths on Hopper / Ada GPUs, README, Measured)."""
     if weight_scales not in WEIGHT_SCALES:
         raise ValueError(f"weight scales must be one of {list(WEIGHT_SCALES)}, got {weight_scales!r}")
-    config = PrecisionConfig.from_dict(config.to_dict())
-    config.weight_clip = WEIGHT_SCALES[weight_scales]
-    config.fp8 = []
-    return config.with_fp8_linears(list(layers_inventory.layers), low_bit=True) if fp8 else config
+    fp8_choice = STUDIO_FP8 if fp8 else "none"
+    return config.with_run_options(list(layers_inventory.layers), WEIGHT_SCALES[weight_scales], fp8_choice)
 
 
 def run_options_text(config: PrecisionConfig) -> str:
@@ -244,20 +253,17 @@ def run_options_text(config: PrecisionConfig) -> str:
 def export_config(
     config: PrecisionConfig, layers_inventory: UNetInventory, directory: str | Path | None = None
 ) -> list[Path]:
-    """Write the config as JSON and, where MixDQ's format can say it, as MixDQ yaml (weights, activations);
-    return the paths. MixDQ's yaml has min-max scales and int8 only: a config with MSE-clipped scales or FP8
-    layers is written as JSON alone (:func:`yaml_refusal` says why)."""
+    """Write the config as JSON and, where MixDQ's format can say it, as MixDQ yaml (the CLI's file names:
+    :meth:`PrecisionConfig.save_mixdq_yaml`); return the paths. MixDQ's yaml has min-max scales and int8 only: a
+    config with MSE-clipped scales or FP8 layers is written as JSON alone (:func:`yaml_refusal` says why)."""
     directory = Path(directory or tempfile.mkdtemp(prefix="mixdq-config-"))
     directory.mkdir(parents=True, exist_ok=True)
     stem = _config_stem(config)
     paths = [config.save(directory / f"{stem}.json")]
     try:
-        weight_yaml, act_yaml = config.to_mixdq_yaml(list(layers_inventory.layers))
+        paths += config.save_mixdq_yaml(directory, stem, list(layers_inventory.layers))
     except ConfigError:
-        return paths
-    paths += [directory / f"{stem}.weight.yaml", directory / f"{stem}.act.yaml"]
-    paths[1].write_text(weight_yaml)
-    paths[2].write_text(act_yaml)
+        pass  # yaml_refusal tells the page why
     return paths
 
 
@@ -268,13 +274,6 @@ def yaml_refusal(config: PrecisionConfig, layers_inventory: UNetInventory) -> st
     except ConfigError as err:
         return str(err)
     return None
-
-
-def import_config(path: str | Path, layers_inventory: UNetInventory) -> PrecisionConfig:
-    """Load and validate an uploaded JSON config for this model (raises :class:`ConfigError`)."""
-    config = PrecisionConfig.load(path)
-    config.validate(list(layers_inventory.layers))
-    return config
 
 
 def _config_stem(config: PrecisionConfig) -> str:
@@ -450,9 +449,10 @@ class ModelWorkspace:
         }
 
 
-def compare_report(out: dict, device_type: str) -> str:
-    """The Compare view's text for :meth:`ModelWorkspace.compare`'s result: which path made which image, image
-    distances, measured times and memory beside the accounting, and what the deploy made."""
+def compare_report(out: dict, device_type: str, config_name: str = "") -> str:
+    """The Compare view's text for :meth:`ModelWorkspace.compare`'s result: the config (``config_name``) and seed
+    used, which path made which image, image distances, measured times and memory beside the accounting, and
+    what the deploy made."""
     from mixdq.evaluate.compare import median_step_ms
 
     result = out["result"]
@@ -468,6 +468,7 @@ def compare_report(out: dict, device_type: str) -> str:
         return f"SSIM {d['ssim']:.4f} · PSNR {d['psnr']:.2f} dB"
 
     lines = [
+        f"**config**: {config_name or 'unnamed'} · **seed** {result.seed}",
         (
             f"**deployed image** computed on: **{result.kernel_path}**; seed {result.seed}, {result.steps} step(s), "
             f"{result.size} px"
@@ -499,7 +500,8 @@ def compare_report(out: dict, device_type: str) -> str:
             if deploy.measured_bytes is not None
             else f"{result.measured_bytes / MB:,.1f} MB held"
         )
-        + f" (accounting {result.accounted_bytes / MB:,.1f} MB; {result.fp16_bytes / result.measured_bytes:.2f}x smaller)"
+        + f", {result.fp16_bytes / result.measured_bytes:.2f}x smaller (accounting {result.accounted_bytes / MB:,.1f} MB, "
+        f"{result.fp16_bytes / result.accounted_bytes:.2f}x smaller)"
         + (f"  ·  peak during the deployed image {deployed.peak_bytes / MB:,.0f} MB" if deployed.peak_bytes else ""),
         f"**deploy**: {deploy.report.describe()}; {deploy.fused_attentions} attentions with fused projections"
         + (f", {deploy.grouped_blocks} blocks with grouped unpacking" if deploy.grouped_blocks else "")
@@ -510,6 +512,20 @@ def compare_report(out: dict, device_type: str) -> str:
         lines.append(f"run options: {options}")
     lines += [f"note: {note}" for note in result.notes]
     return "  \n".join(lines)
+
+
+def prompt_truncation(tokenizer, prompt: str) -> str | None:
+    """What the text encoders will not read of ``prompt`` (CLIP reads ``model_max_length`` tokens, start and end
+    included, and drops the rest), as a notice for the page; None when the whole prompt fits."""
+    limit = tokenizer.model_max_length
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"]
+    if len(ids) <= limit:
+        return None
+    dropped = tokenizer.decode(ids[limit - 1 : -1])
+    return (
+        f"The prompt is {len(ids)} tokens; the text encoders read the first {limit}, so the end was ignored: "
+        f"{quote(dropped)}. Shorten the prompt to keep all of it."
+    )
 
 
 def _aligned(checker, image: torch.Tensor, prompt: str) -> bool | None:
@@ -548,10 +564,11 @@ __all__ = [
     "compare_report",
     "config_summary",
     "export_config",
-    "import_config",
+    "imported_view",
     "infeasible_message",
     "most_sensitive",
     "pareto_figure",
+    "prompt_truncation",
     "published_source",
     "run_options_text",
     "sensitivity_figures",

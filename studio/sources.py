@@ -18,7 +18,7 @@ import pandas as pd
 from mixdq.inventory import LayerInfo, inventory_fingerprint
 from mixdq.models import EMBEDDED_MODEL_DIR
 from mixdq.sensitivity.published import UNetInventory, inventory_from_unet_config
-from mixdq.sensitivity.table import SensitivityTableError, read_table
+from mixdq.sensitivity.table import SensitivityTableError, check_table_matches, read_table
 from studio.services import (
     BITS_STEP,
     PUBLISHED_LABEL,
@@ -41,18 +41,15 @@ def find_model_table(layers: list[LayerInfo], cache_dir: Path) -> pd.DataFrame |
     """The loaded model's sensitivity table: shipped with the embedded model, or cached by a sweep.
     A table counts only if it lists exactly this model's layers with this model's weight sizes (a model
     of the same architecture family but other widths has the same layer names)."""
-    numel = {info.name: info.weight_numel for info in layers}
     for path in (SHIPPED_TABLE, model_table_path(inventory_fingerprint(layers), cache_dir)):
         if not path.is_file():
             continue
         try:
             table = read_table(path)
+            check_table_matches(table, layers)
         except SensitivityTableError:
             continue
-        weights = table[table.target == "weight"].drop_duplicates("layer")
-        sizes = zip(weights.layer, weights["size"], strict=True)
-        if set(table.layer) == set(numel) and all(numel[n] == size for n, size in sizes):
-            return table
+        return table
     return None
 
 

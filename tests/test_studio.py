@@ -166,8 +166,10 @@ def test_budget_in_mb_and_infeasible_budget(client):
     mb = float(re.search(r"UNet weights ([\d,]+\.\d) MB", status).group(1).replace(",", ""))
     assert abs(mb - 1500) < 25  # each group lands within ±0.02 bits of its target
     # a manual K that asks content layers for more than 8 bits at this budget cannot be met
-    status = client.predict(PUBLISHED_LABEL, "average bits", 7.5, 2000.0, True, 8, False, 2.0, api_name="/allocate")[3]
-    assert status.startswith("Infeasible budget") and "feasible budgets at K=2" in status and "Traceback" not in status
+    result = client.predict(PUBLISHED_LABEL, "average bits", 7.5, 2000.0, True, 8, False, 2.0, api_name="/allocate")
+    notice = result[8]
+    assert notice.startswith("Infeasible budget") and "feasible budgets at K=2" in notice and "Traceback" not in notice
+    assert result[3] == {"__type__": "update"}  # gr.skip(): the allocation shown stays
 
 
 def test_import_rejects_bad_files_with_a_message(client, tmp_path):
@@ -175,12 +177,20 @@ def test_import_rejects_bad_files_with_a_message(client, tmp_path):
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "mixdq-studio/precision-config", "schema_version": 1, "weight_bits": {"ghost": 4}}')
-    message = client.predict(handle_file(str(bad)), PUBLISHED_LABEL, api_name="/import_config")
-    assert message.startswith("Not loaded:") and "unknown layer 'ghost'" in message
+    message = client.predict([handle_file(str(bad))], PUBLISHED_LABEL, api_name="/import_config")[0]
+    assert message.startswith("bad.json: weight_bits: unknown layer 'ghost'")
+    notes = tmp_path / "notes.txt"  # not a config: a message, not Gradio's refusal of the file type
+    notes.write_text("hello")
+    message = client.predict([handle_file(str(notes))], PUBLISHED_LABEL, api_name="/import_config")[0]
+    assert message.startswith("notes.txt is not a config file")
 
 
-def test_compare_uniform_w8a8(client):
-    (fp_path, quant_path), simulated_path, _diff_path, report = client.predict(
+def test_compare_uniform_w8a8(client, random_pipe):
+    from mixdq.inventory import layer_inventory, non_layer_param_count
+
+    fixture_layers = layer_inventory(random_pipe.unet)  # the app's model: build_random_pipeline(seed=0)
+    fixture_other = non_layer_param_count(random_pipe.unet)
+    (fp_path, quant_path), simulated_path, _diff_path, report, notice = client.predict(
         "uniform W8A8", "a red circle", 0, 1, 64, api_name="/compare"
     )
     from PIL import Image
@@ -190,8 +200,21 @@ def test_compare_uniform_w8a8(client):
     ssim = float(re.search(r"\*\*deployed vs [^*]+\*\*: SSIM (\d\.\d+)", report).group(1))
     assert 0.5 < ssim <= 1.0
     assert "PyTorch integer reference path on the CPU" in report and "**deployed vs simulation**" in report
-    assert "x smaller" in report and "FP8" not in report
-    _, _, _, report = client.predict(
+    # the size ratios are those of the printed sizes, and the accounting's is mixdq.memory's for this config
+    sizes = re.search(
+        r"\*\*UNet weights\*\*: .+? ([\d,.]+) MB · deployed ([\d,.]+) MB held, (\d+\.\d\d)x smaller "
+        r"\(accounting ([\d,.]+) MB, (\d+\.\d\d)x smaller\)",
+        report,
+    )
+    fp_mb, held_mb, held_ratio, accounted_mb, accounted_ratio = (float(g.replace(",", "")) for g in sizes.groups())
+    memory = weight_memory(fixture_layers, PrecisionConfig.uniform(fixture_layers, 8, 8), fixture_other)
+    assert accounted_mb == round(memory.total_bytes / MB, 1) and fp_mb == round(memory.fp16_total_bytes / MB, 1)
+    assert accounted_ratio == round(memory.ratio, 2) and abs(held_ratio - fp_mb / held_mb) < 0.02
+    assert (
+        held_ratio <= accounted_ratio and notice == ""
+    )  # the deployed UNet holds float32 scales beside the accounted codes
+    assert "FP8" not in report
+    _, _, _, report, _ = client.predict(
         "uniform W8A8", "a red circle", 0, 1, 64, "MSE-clipped per row (ours)", True, api_name="/compare"
     )
     assert "run options: MSE-clipped weight scales" in report and "linear layers in FP8 e4m3" in report
@@ -268,6 +291,36 @@ def test_browser_slider_compare_and_download(studio, tmp_path):
     )
     assert 0 < release_seconds < 5.0  # generous for a loaded CI machine; README reports the measured value
     shutil.copy(saved, SCREENSHOTS / "exported.json")
+
+
+def test_browser_bad_input_shows_a_message_and_keeps_the_page(studio, tmp_path):
+    """Real Chromium: a budget typed out of range + Enter, and a .txt upload, each answered in the page."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (.ci/run does).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        page.goto(studio[0])
+        page.get_by_role("tab", name="Budget").click()
+        page.wait_for_selector("#allocation-status:has-text('solver cbc')", timeout=60_000)
+        assert page.locator("#k-slider input[type=range]").is_disabled()  # auto K is on
+        before = page.locator("#allocation-status").inner_text()
+        box = page.locator("#budget-slider input[type=number]")
+        box.fill("9")
+        box.press("Enter")
+        page.wait_for_selector("#budget-notice:has-text('must be a number from')", timeout=30_000)
+        page.wait_for_function("() => document.querySelector('#budget-slider input[type=number]').value === '4'")
+        assert page.locator("#allocation-status").inner_text() == before
+        page.screenshot(path=str(SCREENSHOTS / "budget-refused.png"), full_page=True)
+
+        page.get_by_role("tab", name="Export / Import").click()
+        notes = tmp_path / "notes.txt"
+        notes.write_text("hello")
+        page.locator("#upload input[type=file]").set_input_files(str(notes))
+        page.wait_for_selector("#import-status:has-text('notes.txt is not a config file')", timeout=30_000)
+        browser.close()
 
 
 def _release_slider_at(page, track, fraction: float) -> tuple[float, str]:

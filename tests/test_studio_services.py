@@ -180,3 +180,53 @@ def test_run_options_copy_the_config_with_scales_and_fp8():
     assert with_run_options(both, inventory, "min-max (MixDQ)", fp8=False).to_dict() == config.to_dict()
     with pytest.raises(ValueError, match="weight scales must be one of"):
         with_run_options(config, inventory, "percentile", fp8=False)
+
+
+def test_run_options_and_yaml_files_are_library_calls(tmp_path):
+    """The studio's run options and yaml export are PrecisionConfig's own: FP8_CHOICES, with_run_options (a copy,
+    the bits unchanged) and save_mixdq_yaml's STEM_weight.yaml / STEM_act.yaml, which load() reads back."""
+    import pytest
+
+    from mixdq.config import FP8_CHOICES, ConfigError
+    from mixdq.sensitivity.published import sdxl_turbo_inventory
+    from studio.services import STUDIO_FP8, export_config
+
+    layers = list(sdxl_turbo_inventory().layers)
+    config = PrecisionConfig.uniform(layers, 4, 8)
+    config.weight_bits.update({i.name: 8 for i in layers[:100]})
+    linears = {i.name for i in layers if i.kind == "linear"}
+    w8a8 = config.with_run_options(layers, "minmax", "w8a8")
+    assert (
+        set(w8a8.fp8) == {n for n in linears if config.weight_bits[n] == 8} and w8a8.weight_bits is config.weight_bits
+    )
+    a8 = config.with_run_options(layers, "mse", STUDIO_FP8)
+    assert set(a8.fp8) == linears and a8.weight_clip == "mse" and FP8_CHOICES[STUDIO_FP8] is True
+    assert config.fp8 == [] and config.weight_clip == "minmax"
+    assert a8.with_run_options(layers).to_dict() == config.to_dict()
+    with pytest.raises(ConfigError, match=r"fp8 'fp4' not allowed; choose from \['none', 'w8a8', 'a8'\]"):
+        config.with_run_options(layers, fp8="fp4")
+    weight, act = config.save_mixdq_yaml(tmp_path, "turbo", layers)
+    assert (weight.name, act.name) == ("turbo_weight.yaml", "turbo_act.yaml")  # the CLI's --yaml-out names
+    back = PrecisionConfig.load(weight, layers)
+    assert back.weight_bits == config.weight_bits and back.act_bits == config.act_bits
+    exported = sorted(p.name for p in export_config(config, sdxl_turbo_inventory(), tmp_path / "studio"))
+    stem = exported[0].removesuffix(".json")
+    assert exported == [f"{stem}.json", f"{stem}_act.yaml", f"{stem}_weight.yaml"]
+
+
+def test_check_table_matches_names_the_disagreement():
+    import dataclasses
+
+    import pytest
+
+    from mixdq.sensitivity.published import load_published_table, sdxl_turbo_inventory
+    from mixdq.sensitivity.table import SensitivityTableError, check_table_matches
+
+    table, layers = load_published_table(), list(sdxl_turbo_inventory().layers)
+    check_table_matches(table, layers)
+    with pytest.raises(SensitivityTableError, match="disagree on layers: missing \\[\\], unknown \\['"):
+        check_table_matches(table, layers[1:])
+    first = layers[0]
+    wider = dataclasses.replace(first, out_features=2 * first.out_features)
+    with pytest.raises(SensitivityTableError, match=f"layer '{first.name}': table weight size"):
+        check_table_matches(table, [wider, *layers[1:]])

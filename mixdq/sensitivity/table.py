@@ -8,12 +8,14 @@ always means less damage (SQNR in dB, SSIM in [0, 1]).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from mixdq.inventory import LayerInfo
 
 COLUMNS: tuple[str, ...] = ("layer", "group", "kind", "block", "size", "bit", "target", "metric", "value")
 TARGETS: tuple[str, ...] = ("weight", "act")
@@ -86,6 +88,25 @@ def write_table(table: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
     validate_table(table).to_csv(path, index=False)
     return path
+
+
+def check_table_matches(table: pd.DataFrame, layers: Sequence[LayerInfo]) -> None:
+    """Raise :class:`SensitivityTableError` unless ``table`` describes exactly these layers with weight sizes equal
+    to their element counts: a model of the same family but other widths has the same layer names, so names alone
+    do not say a table was measured on this model."""
+    numel = {info.name: info.weight_numel for info in layers}
+    sizes = table.loc[table["target"] == "weight"].drop_duplicates("layer").set_index("layer")["size"]
+    missing = sorted(set(numel) - set(table["layer"]))
+    extra = sorted(set(table["layer"]) - set(numel))
+    if missing or extra:
+        raise SensitivityTableError(
+            f"the sensitivity table and the model disagree on layers: missing {missing[:3]}, unknown {extra[:3]}."
+        )
+    for name, size in sizes.items():
+        if size != numel[name]:
+            raise SensitivityTableError(
+                f"layer {name!r}: table weight size {size:g} but the model has {numel[name]} weights."
+            )
 
 
 @dataclass(frozen=True)
