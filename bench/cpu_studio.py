@@ -58,6 +58,12 @@ FIGURES = {
 }
 
 
+def app_threads() -> int:
+    """torch's CPU threads as app.py sets them (one core left for the web server); on a busy 2-core machine two
+    OpenMP threads spinning against each other make an image tens of times slower."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def summary(samples: list[float]) -> dict[str, Any]:
     """Median and 95th percentile (linear interpolation) of ``samples`` seconds."""
     return {
@@ -215,7 +221,8 @@ def markdown(meta: dict[str, Any], figures: dict[str, dict[str, Any]]) -> str:
         f"# Studio on the CPU: {meta['machine']}, {meta['date']}\n\n"
         f"`{meta['command']}` at commit {meta['commit']}; torch {meta['torch']} with {meta['torch_threads']} "
         f"thread(s) (as app.py: one core left for the web server), Python {meta['python']}.\n\n"
-        f"{meta['note']}\n\n"
+        f"{meta['note']} Load average (1 min) before / after: "
+        f"{' / '.join(str(v) for v in meta['load_average_1min'])} on {os.cpu_count()} cores.\n\n"
         "| figure | what | median ms | p95 ms | samples |\n| --- | --- | --- | --- | --- |\n"
         f"{rows}\n"
     )
@@ -243,7 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))  # as app.py
+    torch.set_num_threads(app_threads())
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mixdq-bench-cache-") as cache:
         figures = measure(args.repeats, Path(cache), args.process_repeats)
     meta = {
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "note": args.note,
+        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # before, after
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "figures": figures}, indent=1) + "\n")
