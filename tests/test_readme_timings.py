@@ -14,7 +14,7 @@ import torch
 from tests.benches import ROOT, check_against_record, load_bench, load_record
 
 RECORD = "cpu_studio"
-REPEATS = 3
+REPEATS = 5
 
 
 @pytest.fixture(scope="module")
