@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mixdq-bench-cache-") as cache:
         figures = measure(args.repeats, Path(cache), args.process_repeats)
     meta = {
-        "command": "python bench/cpu_studio.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "bench/cpu_studio.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU used",
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
