@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _first_sentence(err: OSError) -> str:
+    """The first sentence of Gradio's launch error: it goes on about environment variables we have flags for."""
+    return str(err).split(". ")[0].rstrip(".") or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -68,15 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     demo.queue(default_concurrency_limit=4, max_size=32)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     gradio_says = io.StringIO()  # Gradio explains a failed share link in a dozen lines; we say it in one
-    with contextlib.redirect_stdout(gradio_says):
-        _, local_url, share_url = demo.launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=args.share,
-            prevent_thread_lock=True,
-            quiet=True,
-            head=head_html(),
+    try:
+        with contextlib.redirect_stdout(gradio_says):
+            _, local_url, share_url = demo.launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=args.share,
+                prevent_thread_lock=True,
+                quiet=True,
+                head=head_html(),
+            )
+    except OSError as err:  # Gradio: "Cannot find empty port in range ..." (busy port, or an address not ours)
+        print(
+            f"error: cannot serve on {args.host}:{args.port} ({_first_sentence(err)}); pass --port N",
+            file=sys.stderr,
         )
+        return 2
     print(f"MixDQ Studio ready at {local_url} ({time.perf_counter() - started:.1f} s)", flush=True)
     if not workspace.loaded:
         workspace.load_in_background(load, after=first_view)

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import gpu_time_us  # noqa: E402
+from gpu_kernels import gpu_time_us
 
-from kernels.fp8 import FP8_DTYPE, quantize_fp8_weight  # noqa: E402
+from kernels.fp8 import FP8_DTYPE, quantize_fp8_weight
 
 REPEATS = 15
 # (M, N, K, count per 1024 px step, what): the block linears at both widths, unfused and fused

@@ -24,18 +24,18 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import H100_INT8_PEAK_TOPS, gpu_time_us  # noqa: E402
+from gpu_kernels import H100_INT8_PEAK_TOPS, gpu_time_us
 
-from kernels import PackedWeight, gemm_a8_tma, reference  # noqa: E402
-from kernels.gemm_wxa8 import gemm_a8  # noqa: E402
+from kernels import PackedWeight, gemm_a8_tma, reference
+from kernels.gemm_wxa8 import gemm_a8
 
 TILES = [
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=5),
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5},
 ]
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     q, s = reference.quantize_weight(torch.randn(n, n, device="cuda", generator=gen), 8)
     weight = PackedWeight.from_codes(q, s, 8)
     bias = torch.randn(n, device="cuda", dtype=torch.float16, generator=gen)
-    run = lambda tma: gemm_a8(x, weight, 0.02, 3, bias, tma=tma)  # noqa: E731
+    run = lambda tma: gemm_a8(x, weight, 0.02, 3, bias, tma=tma)
     pointer_loading = run(False)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "size": n, "rows": {}}  # fmt: skip

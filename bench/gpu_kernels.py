@@ -183,7 +183,7 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
         )
     for name, bits, backend in (("w8_dq", 8, "auto"), ("w4_dq", 4, "auto"), ("w2_dq", 2, "auto"),
                                 ("w4_dq_inductor", 4, "torch")):  # fmt: skip
-        fn = lambda x, w=weights[bits], backend=backend: linear_dequant(x, w, backend=backend)  # noqa: E731
+        fn = lambda x, w=weights[bits], backend=backend: linear_dequant(x, w, backend=backend)
         dequant = torch.compile(fn, dynamic=False)
         ours[name] = (
             lambda dequant=dequant: dequant(x16),
@@ -193,7 +193,7 @@ def bench_shape(M: int, N: int, K: int, repeats: int, dev: str = "cuda", sweep_t
     act_scale = (x16.float().abs().amax() / fp8.FP8_MAX).reshape(())
     for bits in (4, 2):
         w = weights[bits]
-        fn = lambda x, w=w: fp8.fp8_linear(  # noqa: E731
+        fn = lambda x, w=w: fp8.fp8_linear(
             x, w.codes_fp8("triton"), w.scale, 1 / act_scale, act_scale, use_scaled_mm=True
         )
         codes_fp8 = torch.compile(fn, dynamic=False)
@@ -385,8 +385,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-peak", action="store_true", help="skip the 8192^3 shape")
     parser.add_argument(
-        "--autotune", action="store_true", help="autotune our kernels per shape (MIXDQ_TRITON_AUTOTUNE=1) instead of "
-        "the default tile rule: shows what the rule leaves on the table"
+        "--autotune",
+        action="store_true",
+        help="autotune our kernels per shape (MIXDQ_TRITON_AUTOTUNE=1) instead of "
+        "the default tile rule: shows what the rule leaves on the table",
     )
     parser.add_argument("--shapes", help="comma-separated row indices to run (0-5 UNet shapes, 6 = 8192^3)")
     parser.add_argument(

@@ -91,14 +91,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixdq.config import PrecisionConfig  # noqa: E402
-from mixdq.deploy import DeployReport, deploy  # noqa: E402
-from mixdq.deploy.compile import STAGES, compile_repeated_blocks  # noqa: E402
-from mixdq.deploy.fuse import fuse_qkv_projections  # noqa: E402
-from mixdq.deploy.unpack_groups import group_unpacking  # noqa: E402
-from mixdq.inventory import layer_inventory  # noqa: E402
-from mixdq.memory import MB  # noqa: E402
-from mixdq.quant import QuantMode, collect_act_ranges, quant_layers, quantize_, set_mode  # noqa: E402
+from mixdq.config import PrecisionConfig
+from mixdq.deploy import DeployReport, deploy
+from mixdq.deploy.compile import STAGES, compile_repeated_blocks
+from mixdq.deploy.fuse import fuse_qkv_projections
+from mixdq.deploy.unpack_groups import group_unpacking
+from mixdq.inventory import layer_inventory
+from mixdq.memory import MB
+from mixdq.quant import QuantMode, collect_act_ranges, quant_layers, quantize_, set_mode
 
 FULL_UNET_CONFIG = ROOT / "assets" / "sdxl-turbo" / "unet_config.json"
 TINY_UNET_CONFIG = ROOT / "assets" / "tiny-sdxl" / "unet" / "config.json"
@@ -128,7 +128,10 @@ OPTIONS = {
     "fast": "FP8 GEMMs with cuBLAS fast accumulation",
 }
 EXCLUSIVE = ({"fp8", "fp8all"}, {"dqlow", "dqlin"})  # option pairs that contradict each other
-REQUIRES = {"grp": ("fp8all", "dqlow", "dqlin"), "fast": ("fp8", "fp8all")}  # an option that means nothing without one of these
+REQUIRES = {
+    "grp": ("fp8all", "dqlow", "dqlin"),
+    "fast": ("fp8", "fp8all"),
+}  # an option that means nothing without one of these
 COMPILE_MODES = {
     "compiled": "torch.compile",
     "regional": "torch.compile per repeated block",
@@ -581,17 +584,17 @@ def bench_variant(name: str, setup: Setup, warmup: int, repeats: int, on_row: Ca
         try:
             timer = time_cuda if setup.device.type == "cuda" else time_cpu
             compile_before = compile_seconds()
-            timing = timer(lambda: step(built.module, inputs), warmup, repeats)
+            timing = timer(lambda inputs=inputs: step(built.module, inputs), warmup, repeats)
             row["compile_s"] = compile_breakdown(compile_before, compile_seconds())
         except Exception as err:  # noqa: BLE001 (e.g. a compile crash at one resolution)
             on_row(row | {"status": "error", "error": failure(err)})
             continue
         if setup.rewarm and (spec_compile(name) is not None):
-            row["rewarm_s"] = rewarm_seconds(lambda: step(built.module, inputs), setup.device)
+            row["rewarm_s"] = rewarm_seconds(lambda inputs=inputs: step(built.module, inputs), setup.device)
         fake_quant = None if built.fake_quant is None else rel_err(timing.output, built.fake_quant[px])
         if setup.profile and setup.device.type == "cuda":
             try:
-                row["profile"] = kernel_profile(lambda: step(built.module, inputs), top=setup.profile)
+                row["profile"] = kernel_profile(lambda inputs=inputs: step(built.module, inputs), top=setup.profile)
             except Exception as err:  # noqa: BLE001 (the timing row matters more than its breakdown)
                 row["profile"] = {"error": failure(err)}
         on_row(
@@ -673,15 +676,19 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · {meta['unet']} · `{meta['command']}`",
         "",
-        "ms = median GPU time of one UNet step. method cuda_graph: the step captured in a CUDA graph, replays timed "
-        "with CUDA events; events_back_to_back: CUDA events around back-to-back calls (the step could not be "
-        "captured); perf_counter: CPU wall time per call. × = baseline ms / ms at the same px (> 1 is faster). "
-        "Static MB: memory_allocated after building minus before; peak MB: max_memory_allocated over the timed "
-        "step; deploy MB: exact bytes held by the deployed UNet (DeployReport); MB = 1e6 bytes. rel err: "
-        "‖out − ref‖/‖ref‖ of the output latent vs FP16 eager and vs our own fake-quant model.",
+        (
+            "ms = median GPU time of one UNet step. method cuda_graph: the step captured in a CUDA graph, replays "
+            "timed with CUDA events; events_back_to_back: CUDA events around back-to-back calls (the step could not "
+            "be captured); perf_counter: CPU wall time per call. × = baseline ms / ms at the same px (> 1 is "
+            "faster). Static MB: memory_allocated after building minus before; peak MB: max_memory_allocated over "
+            "the timed step; deploy MB: exact bytes held by the deployed UNet (DeployReport); MB = 1e6 bytes. rel "
+            "err: ‖out − ref‖/‖ref‖ of the output latent vs FP16 eager and vs our own fake-quant model."
+        ),
         "",
-        "| variant | px | method | ms | × vs FP16 compiled | × vs FP16 regional | × vs FP16 eager | static MB "
-        "| peak MB | deploy MB (× smaller) | rel err vs FP16 | rel err vs fake-quant | build s | warm-up s | status |",
+        (
+            "| variant | px | method | ms | × vs FP16 compiled | × vs FP16 regional | × vs FP16 eager | static MB "
+            "| peak MB | deploy MB (× smaller) | rel err vs FP16 | rel err vs fake-quant | build s | warm-up s | status |"
+        ),
         "|" + "---|" * 15,
     ]
     for r in rows:
@@ -705,8 +712,13 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             lines += ["", f"GPU ms by kernel category, {r['label']} {r['px']} px (uncaptured, profiler): {parts}"]
     for r in rows:
         if r.get("rewarm_s") is not None:
-            lines += ["", f"warm-up again after torch._dynamo.reset() (warm caches), {r['label']} {r['px']} px: "
-                      f"{r['rewarm_s']:.1f} s"]  # fmt: skip
+            lines += [
+                "",
+                (
+                    f"warm-up again after torch._dynamo.reset() (warm caches), {r['label']} {r['px']} px: "
+                    f"{r['rewarm_s']:.1f} s"
+                ),
+            ]
     for r in rows:
         if r.get("compile_s"):
             parts = ", ".join(f"{name} {t:.1f}" for name, t in list(r["compile_s"].items())[:6])

@@ -81,7 +81,9 @@ K_SELECTION = ("images", "auto")
 def content_sqnr_rows(pipe) -> tuple[pd.DataFrame, dict]:
     """UNet-output SQNR of every content layer at every weight and activation bit, and the sweep's report."""
     size = pipe.default_sample_size * pipe.vae_scale_factor
-    ranges = calibrate(pipe, default_prompts(), num_inference_steps=SWEEP_STEPS, seed=SWEEP_SEED, height=size, width=size)
+    ranges = calibrate(
+        pipe, default_prompts(), num_inference_steps=SWEEP_STEPS, seed=SWEEP_SEED, height=size, width=size
+    )
     content = tuple(info.name for info in layer_inventory(pipe.unet) if info.group == "content")
     settings = SweepSettings(
         prompts=tuple(default_prompts()[:SWEEP_PROMPTS]),
@@ -198,7 +200,9 @@ def ablation_configs(
     """
     layers = layer_inventory(pipe.unet)
     inventory = UNetInventory(tuple(layers), non_layer_param_count(pipe.unet))
-    mixdq = Allocator(table, protected=select_protected(table, PROTECTED_SHARE), inventory=inventory, model_id=pipe.model_id)
+    mixdq = Allocator(
+        table, protected=select_protected(table, PROTECTED_SHARE), inventory=inventory, model_id=pipe.model_id
+    )
     single = Allocator(
         table,
         protected=select_protected(table, PROTECTED_SHARE, metrics=SQNR_ONLY),
@@ -233,9 +237,7 @@ def ablation_configs(
         "uniform W4A8 (BOS-aware)": lambda: PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id),
         "BOS-aware W8A8 (FP8 linears)": lambda: uniform_w8a8().with_fp8_linears(layers),
         "MixDQ W4A8 (FP8 8-bit linears)": lambda: allocated(mixdq, 4.0, ACT_BUDGET).with_fp8_linears(layers),
-        "MixDQ W4A8 (FP8 A8 linears)": lambda: allocated(mixdq, 4.0, ACT_BUDGET).with_fp8_linears(
-            layers, low_bit=True
-        ),
+        "MixDQ W4A8 (FP8 A8 linears)": lambda: allocated(mixdq, 4.0, ACT_BUDGET).with_fp8_linears(layers, low_bit=True),
         "MixDQ W8A8 + MSE clip": lambda: allocated(mixdq, 8.0, ACT_BUDGET, "mse"),
         "MixDQ W4A8 + MSE clip": lambda: allocated(mixdq, 4.0, ACT_BUDGET, "mse"),
         "uniform W4A8 + MSE clip": lambda: mse_clipped(PrecisionConfig.uniform(layers, 4, 8, model_id=pipe.model_id)),
@@ -313,7 +315,12 @@ def k_selection_markdown(selections: dict[str, KSelection]) -> str:
         return ""
     lines = ["", "### K selection (validation captions, not the reported ones)", ""]
     for label, sel in selections.items():
-        lines += [f"**{label}** (chosen K = {sel.k:.3f}):", "", "| K | auto K | content bits | quality bits | SSIM | PSNR dB |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"**{label}** (chosen K = {sel.k:.3f}):",
+            "",
+            "| K | auto K | content bits | quality bits | SSIM | PSNR dB |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in sel.table.itertuples():
             mark = "**" if row.k == sel.k else ""
             lines.append(
@@ -335,20 +342,52 @@ def _machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=256, help="held-out prompts at 4 steps (half 1-, half 2-object; default 256)")
+    parser.add_argument(
+        "--prompts", type=int, default=256, help="held-out prompts at 4 steps (half 1-, half 2-object; default 256)"
+    )
     parser.add_argument("--prompts-1step", type=int, default=None, help="prompts at 1 step (default: as --prompts)")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 1], help="step counts to evaluate (default 4 1)")
-    parser.add_argument("--calibration-prompts", type=int, default=32, help="first N of assets/prompts.txt calibrate each config (default 32)")
+    parser.add_argument(
+        "--calibration-prompts",
+        type=int,
+        default=32,
+        help="first N of assets/prompts.txt calibrate each config (default 32)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mixdq-studio", help="calibration cache")
-    parser.add_argument("--out", type=Path, default=RESULTS / "quality_embedded", help="writes OUT.json, OUT.md, OUT.csv")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path.home() / ".cache" / "mixdq-studio", help="calibration cache"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "quality_embedded", help="writes OUT.json, OUT.md, OUT.csv"
+    )
     parser.add_argument("--note", default="", help="a line for the results (e.g. what else loaded the machine)")
-    parser.add_argument("--k", type=float, default=None, help="a fixed K for every mixed-precision row (skips --k-selection), e.g. to compare two K on the same prompts")
-    parser.add_argument("--k-selection", choices=K_SELECTION, default="images", help="images: choose K by generating validation images (default); auto: the allocator's auto K")
-    parser.add_argument("--validation-prompts", type=int, default=64, help="validation captions per K candidate (default 64)")
-    parser.add_argument("--validation-steps", type=int, default=None, help="steps of the validation images (default: the first of --steps)")
-    parser.add_argument("--merge-content-sqnr", action="store_true", help="sweep (or read) the content SQNR rows, append them to the shipped table, exit")
+    parser.add_argument(
+        "--k",
+        type=float,
+        default=None,
+        help="a fixed K for every mixed-precision row (skips --k-selection), e.g. to compare two K on the same prompts",
+    )
+    parser.add_argument(
+        "--k-selection",
+        choices=K_SELECTION,
+        default="images",
+        help="images: choose K by generating validation images (default); auto: the allocator's auto K",
+    )
+    parser.add_argument(
+        "--validation-prompts", type=int, default=64, help="validation captions per K candidate (default 64)"
+    )
+    parser.add_argument(
+        "--validation-steps",
+        type=int,
+        default=None,
+        help="steps of the validation images (default: the first of --steps)",
+    )
+    parser.add_argument(
+        "--merge-content-sqnr",
+        action="store_true",
+        help="sweep (or read) the content SQNR rows, append them to the shipped table, exit",
+    )
     parser.add_argument("--rows", help="comma-separated row labels to evaluate (FP always); default: every row")
     parser.add_argument(
         "--content-sensitivity", type=Path,
@@ -380,15 +419,27 @@ def main() -> None:
             allocator: Allocator, weight_bits: float, act_bits: float | None, weight_clip: str = "minmax"
         ) -> PrecisionConfig:
             chosen = select_k(
-                pipe, allocator, weight_bits, act_bits, validation, seeds=0, num_inference_steps=validation_steps,
-                calibration_prompts=default_prompts()[: args.calibration_prompts], cache_dir=args.cache_dir,
-                batch_size=args.batch_size, progress=False, weight_clip=weight_clip,
+                pipe,
+                allocator,
+                weight_bits,
+                act_bits,
+                validation,
+                seeds=0,
+                num_inference_steps=validation_steps,
+                calibration_prompts=default_prompts()[: args.calibration_prompts],
+                cache_dir=args.cache_dir,
+                batch_size=args.batch_size,
+                progress=False,
+                weight_clip=weight_clip,
             )
             label = f"{'SQNR-only' if allocator.metrics['content'] == 'sqnr' else 'MixDQ'} W{weight_bits:g}A{act_bits or 16:g}"
             if weight_clip != "minmax":
                 label += f" ({weight_clip} clip)"
             selections[label] = chosen
-            print(f"{label}: K={chosen.k:.4f} chosen by {chosen.metric}\n{chosen.table.drop(columns='config').to_string(index=False)}", flush=True)
+            print(
+                f"{label}: K={chosen.k:.4f} chosen by {chosen.metric}\n{chosen.table.drop(columns='config').to_string(index=False)}",
+                flush=True,
+            )
             return chosen.result.config
 
     rows = [label.strip() for label in args.rows.split(",")] if args.rows else None
@@ -475,8 +526,10 @@ def write_results(
     header = [
         "# MixDQ ablation on the embedded model",
         "",
-        f"Command: `{command}` — machine: {machine}, torch {torch.__version__}, {date}; "
-        f"total {seconds_total / 60:.1f} min ({timings}).",
+        (
+            f"Command: `{command}` — machine: {machine}, torch {torch.__version__}, {date}; "
+            f"total {seconds_total / 60:.1f} min ({timings})."
+        ),
         "Held-out captions (half 1-object, half 2-object), noise seed i for prompt i, guidance 0, 128 px, float32;",
         f"each quantized config calibrated (its own weight bits, EMA min-max) on the first {calibration_prompts} prompts",
         "of assets/prompts.txt at the evaluated step count.",

@@ -20,10 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_kernels import gpu_time_us  # noqa: E402
+from gpu_kernels import gpu_time_us
 
-import kernels.unpack as unpack  # noqa: E402
-from kernels import PackedWeight  # noqa: E402
+from kernels import (
+    PackedWeight,
+    unpack,
+)
 
 REPEATS = 15
 

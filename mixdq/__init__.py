@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from mixdq.config import PrecisionConfig  # noqa: E402
-from mixdq.deploy import DeployReport, deploy  # noqa: E402
-from mixdq.quant import dequantize_, quantize_  # noqa: E402
+from mixdq.config import PrecisionConfig
+from mixdq.deploy import DeployReport, deploy
+from mixdq.quant import dequantize_, quantize_
 
 __all__ = ["DeployReport", "PrecisionConfig", "deploy", "dequantize_", "quantize_"]

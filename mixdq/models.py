@@ -40,14 +40,14 @@ TURBO_SAMPLING = SamplingDefaults()
 
 def turbo_scheduler_kwargs() -> dict:
     """EulerAncestral with trailing timesteps, as SDXL-Turbo ships it."""
-    return dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="trailing",
-        steps_offset=1,
-        num_train_timesteps=1000,
-    )
+    return {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "timestep_spacing": "trailing",
+        "steps_offset": 1,
+        "num_train_timesteps": 1000,
+    }
 
 
 def default_device() -> str:
@@ -210,18 +210,18 @@ def build_random_pipeline(seed: int = 0, sample_size: int = 16, dtype: torch.dty
         scaling_factor=0.13025,
     )
     tokenizer = _byte_level_clip_tokenizer()
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
     pipe = StableDiffusionXLPipeline(
@@ -243,33 +243,33 @@ SDXL_UNET_CONFIG = ASSETS_DIR / "sdxl-turbo" / "unet_config.json"
 # SDXL's two text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers) and its VAE, as in
 # stabilityai/sdxl-turbo's config files: the architecture is what costs time and memory, not the weights.
 SDXL_TEXT_ENCODERS = (
-    dict(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    ),
-    dict(
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_hidden_layers=32,
-        num_attention_heads=20,
-        projection_dim=1280,
-        hidden_act="gelu",
-    ),
+    {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+    },
+    {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "projection_dim": 1280,
+        "hidden_act": "gelu",
+    },
 )
-SDXL_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.13025,
-)
+SDXL_VAE = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+}
 CLIP_VOCAB_SIZE = 49408
 
 
@@ -292,9 +292,11 @@ def build_sdxl_random_pipeline(device: str | torch.device = "cpu", dtype: torch.
 
     torch.manual_seed(seed)
     tokenizer = _byte_level_clip_tokenizer()
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(json.loads(SDXL_UNET_CONFIG.read_text()))
         encoders = [

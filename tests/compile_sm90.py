@@ -11,12 +11,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 HOPPER = GPUTarget("cuda", 90, 32)
-POINTERS = {"a_params_ptr": "*fp32", "w_scale_ptr": "*fp32", "rowsum_ptr": "*i32", "bias_ptr": "*fp32", "out_ptr": "*fp16", "x_ptr": "*fp16"}
+POINTERS = {
+    "a_params_ptr": "*fp32",
+    "w_scale_ptr": "*fp32",
+    "rowsum_ptr": "*i32",
+    "bias_ptr": "*fp32",
+    "out_ptr": "*fp16",
+    "x_ptr": "*fp16",
+}
 
 
 def compile_for_hopper(kernel, config: triton.Config, pointer_types: dict, **constexprs) -> int:
@@ -71,26 +78,48 @@ def cases():
     for bits in (8, 4, 2):
         for swap in (False, True):
             # the quantizers read from a tensor (compiled deployed layers) on the swapped cases
-            flags = dict(W_BITS=bits, HAS_SPLIT=True, HAS_BIAS=True, RETURN_ACC=False, SWAP_AB=swap, ACT_FROM_PTR=swap)
+            flags = {
+                "W_BITS": bits,
+                "HAS_SPLIT": True,
+                "HAS_BIAS": True,
+                "RETURN_ACC": False,
+                "SWAP_AB": swap,
+                "ACT_FROM_PTR": swap,
+            }
             yield f"gemm_a8 W{bits} swap={swap}", gemm_a8_kernel, small, a8, flags
-        yield f"gemm_a16 W{bits}", gemm_a16_kernel, small, a16, dict(W_BITS=bits, HAS_SPLIT=True, HAS_BIAS=True)
-    flags = dict(W_BITS=8, HAS_SPLIT=True, HAS_BIAS=True, RETURN_ACC=False, SWAP_AB=False, ACT_FROM_PTR=True)
+        yield f"gemm_a16 W{bits}", gemm_a16_kernel, small, a16, {"W_BITS": bits, "HAS_SPLIT": True, "HAS_BIAS": True}
+    flags = {
+        "W_BITS": 8,
+        "HAS_SPLIT": True,
+        "HAS_BIAS": True,
+        "RETURN_ACC": False,
+        "SWAP_AB": False,
+        "ACT_FROM_PTR": True,
+    }
     yield "gemm_a8 largest tile", gemm_a8_kernel, largest(gemm_a8_kernel.configs), a8, flags
-    flags = dict(W_BITS=8, HAS_SPLIT=True, HAS_BIAS=True)
+    flags = {"W_BITS": 8, "HAS_SPLIT": True, "HAS_BIAS": True}
     yield "gemm_a16 largest tile", gemm_a16_kernel, largest(gemm_a16_kernel.configs), a16, flags
     from kernels import gemm_a8_tma
 
     tma = gemm_a8_tma.GPU_CONFIG
     bm, bn, bk = tma["BLOCK_M"], tma["BLOCK_N"], tma["BLOCK_K"]
     descriptors = {"a_desc": f"tensordesc<i8[{bm}, {bk}]>", "w_desc": f"tensordesc<i8[{bn}, {bk}]>"}
-    flags = dict(HAS_BIAS=True, ACT_FROM_PTR=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_PROGRAMS=132)
+    flags = {
+        "HAS_BIAS": True,
+        "ACT_FROM_PTR": True,
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+        "BLOCK_K": bk,
+        "GROUP_M": 8,
+        "NUM_PROGRAMS": 132,
+    }
     config = triton.Config({}, num_warps=tma["num_warps"], num_stages=tma["num_stages"])
     yield "gemm_a8 TMA persistent", gemm_a8_tma.gemm_a8_tma_kernel, config, descriptors, flags
     from kernels.unpack import unpack_dequant_kernel
 
     one = triton.Config({}, num_warps=4, num_stages=1)
     for bits in (4, 2):
-        flags = dict(BITS=bits, BLOCK_N=64, SCALED=True)
+        flags = {"BITS": bits, "BLOCK_N": 64, "SCALED": True}
         yield f"unpack_dequant W{bits}", unpack_dequant_kernel, one, {"p_ptr": "*u8"}, flags
         # the FP8 paths: bare codes written as e4m3 (fp8e4nv, which needs sm_89+)
         pointers = {"p_ptr": "*u8", "out_ptr": "*fp8e4nv"}
@@ -103,7 +132,7 @@ def cases():
                "stride_pn": ("i32",) * seg, "out_start": ("i32",) * seg, "tile_start": ("i32",) * (seg + 1),
                "bits": ("i32",) * seg}  # fmt: skip
     for out, scaled in (("*fp8e4nv", False), ("*fp16", True)):
-        flags = dict(NSEG=seg, BLOCK_N=64, SCALED=scaled)
+        flags = {"NSEG": seg, "BLOCK_N": 64, "SCALED": scaled}
         yield f"unpack group {out[1:]}", unpack_group_kernel, one, grouped | {"out_ptr": out}, flags
 
 

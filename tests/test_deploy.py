@@ -6,7 +6,7 @@ difference from the fake-quant layer, so per-layer outputs must agree to one FP1
 
 import copy
 import gc
-import itertools
+import math
 import os
 import re
 import types
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.pack import packed_row_bytes, part_bounds
+from kernels.pack import PACK_CHUNK, packed_row_bytes
 from mixdq.calibrate import calibrate
 from mixdq.config import PrecisionConfig
 from mixdq.deploy import BosCacheMissError, DeployedConv2d, DeployedLinear, PackedLayer, deploy, deploy_layer
@@ -292,7 +292,7 @@ def test_deployed_layers_compile_without_graph_breaks(monkeypatch):
     gemm_inputs = []
     for name in ("gemm_a8", "gemm_a8_codes"):
         real = getattr(kernels.gemm_wxa8, name)
-        spy = lambda x, *a, _real=real, _name=name, **k: gemm_inputs.append((_name, x.dtype)) or _real(x, *a, **k)  # noqa: E731
+        spy = lambda x, *a, _real=real, _name=name, **k: gemm_inputs.append((_name, x.dtype)) or _real(x, *a, **k)
         monkeypatch.setattr(kernels.gemm_wxa8, name, spy)
     torch.manual_seed(5)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -339,14 +339,14 @@ def test_compiled_layers_share_their_activation_quantizer_kernel():
     assert first.act_kwargs["act_scale"] != second.act_kwargs["act_scale"]
     for layer in (first, second):
         layer.backend = "triton"  # the GEMM is an opaque custom op: what Inductor generates is the quantization
-    block = lambda x: second(first(x))  # noqa: E731
+    block = lambda x: second(first(x))
     eager = block(x)
     torch._dynamo.reset()
     compiled, code = run_and_get_code(torch.compile(block, fullgraph=True), x)
     assert torch.equal(compiled, eager)
     source = "\n".join(code)
-    kernels_defined = set(re.findall(r"^(?:async_compile\.\w+\(|)(\w*(?:cpp|triton)_\w+) = ", source, re.M))
-    kernel_calls = re.findall(r"^\s+(\w*(?:cpp|triton)_\w+)\(", source, re.M)
+    kernels_defined = set(re.findall(r"^(?:async_compile\.\w+\(|)(\w*(?:cpp|triton)_\w+) = ", source, re.MULTILINE))
+    kernel_calls = re.findall(r"^\s+(\w*(?:cpp|triton)_\w+)\(", source, re.MULTILINE)
     assert len(kernel_calls) >= 2 and len(kernels_defined) == 1, (kernels_defined, kernel_calls)
 
 
@@ -434,11 +434,91 @@ def test_protected_layers_stay_plain_fp(deployed_pipe):
         assert module is original and type(module) is nn.Conv2d
 
 
-def test_report_counts_backends_and_exact_bytes(deployed_pipe):
+# ---- bytes held, counted by hand from the layers' shapes and bits --------------------------------------
+def packed_row_bytes_by_hand(k: int, bits: int, k_split: int | None = None) -> int:
+    """One packed weight row (kernels/pack.py's format): 8 bits one byte per code; 4 and 2 bits in chunks of
+    PACK_CHUNK codes (PACK_CHUNK * bits / 8 bytes each), each input part padded to whole chunks."""
+    if bits == 8:
+        return k
+    parts = [k] if k_split is None else [k_split, k - k_split]
+    return sum(-(-part // PACK_CHUNK) * PACK_CHUNK * bits // 8 for part in parts)
+
+
+def packed_bytes_by_hand(
+    shape: tuple[int, ...],
+    bits: int,
+    act_bits: int | None,
+    has_bias: bool,
+    k_split: int | None = None,
+    bos_vectors: int = 0,
+    float_bytes: int = 4,
+) -> int:
+    """Bytes a deployed packed layer holds, from its weight shape and bits alone: the packed rows, a float32
+    scale per row and input part (MixDQ's per-slice scales of a split shortcut), an int32 row sum per row and input part, the bias in the model's float dtype, the activation
+    quantizer as float32 (1 / s, zp, s) per input part (A8 only), and the BOS cache of cross-attention K/V
+    (``bos_vectors`` inputs of width K and their outputs of width N, model dtype; weight-only layers too)."""
+    n, k = shape[0], math.prod(shape[1:])
+    parts = 1 if k_split is None else 2
+    total = n * packed_row_bytes_by_hand(k, bits, k_split) + 4 * n * parts + 4 * n * parts
+    total += n * float_bytes if has_bias else 0
+    total += 3 * 4 * parts if act_bits is not None else 0
+    return total + bos_vectors * (k + n) * float_bytes
+
+
+def test_packed_row_bytes_by_hand_examples():
+    """The hand rule at worked sizes (and the kernels' packer agrees with it)."""
+    assert packed_row_bytes_by_hand(320, 8) == 320
+    assert packed_row_bytes_by_hand(320, 4) == 3 * 64  # 320 codes -> 3 chunks of 128 codes, 64 B each
+    assert packed_row_bytes_by_hand(320, 2) == 3 * 32
+    assert packed_row_bytes_by_hand(96, 4, k_split=64) == 64 + 64  # 64 and 32 codes: one chunk each
+    for k, bits, split in [(320, 4, None), (320, 2, None), (96, 4, 64), (1280, 2, 640), (77, 8, None)]:
+        assert packed_row_bytes(k, bits, split) == packed_row_bytes_by_hand(k, bits, split)
+    # a 4-bit 1280 x 640 linear with bias, A8, in FP16: 1280 rows of 5 chunks (320 B) + 4 B scale + 4 B row sum
+    # + 2 B bias, + 12 B of activation quantizer
+    assert packed_bytes_by_hand((1280, 640), 4, 8, True, float_bytes=2) == 1280 * (320 + 4 + 4 + 2) + 12
+
+
+def is_cross_attention_kv(name: str) -> bool:
+    return ".attn2.to_k" in name or ".attn2.to_v" in name
+
+
+def expected_layer_bytes(info, config: PrecisionConfig, float_bytes: int) -> int:
+    """What the deployed module of layer ``info`` holds under ``config``, by hand (see packed_bytes_by_hand)."""
+    n, k = info.out_features, info.in_features
+    fp = (n * k + (n if info.has_bias else 0)) * float_bytes
+    if info.name in config.protected:
+        return fp
+    bits, act_bits = config.weight_bits.get(info.name), config.act_bits.get(info.name)
+    if bits is None:  # activation-only: the fake-quant layer, its FP weight, the three weight-bit scales
+        # (float32 per row) and its A8 state per input part: range (lo, hi), scale and zero point (float32, int32)
+        parts = 1 if info.concat_split is None else 2
+        return fp + 3 * 4 * n + (8 + 4 + 4) * parts
+    # the pipeline's BOS state and the all-zeros negative embedding: two distinct token-0 vectors
+    bos = 2 if is_cross_attention_kv(info.name) else 0
+    return packed_bytes_by_hand(info.weight_shape, bits, act_bits, info.has_bias, info.concat_split, bos, float_bytes)
+
+
+def other_param_bytes(unet: nn.Module) -> int:
+    """Bytes of the FP UNet's parameters outside the quantizable layers (norms, embeddings ...)."""
+    layers = {info.name for info in layer_inventory(unet)}
+    return sum(
+        p.numel() * p.element_size() for name, p in unet.named_parameters() if name.rsplit(".", 1)[0] not in layers
+    )
+
+
+def test_report_counts_backends_and_exact_bytes(deployed_pipe, random_pipe):
     report, unet = deployed_pipe.report, deployed_pipe.pipe.unet
-    held = sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
-    assert report.weight_bytes == held
+    inventory = layer_inventory(random_pipe.unet)  # the FP UNet the fixture deployed a copy of (float32)
     by_name = {layer.name: layer for layer in report.layers}
+    expected = {info.name: expected_layer_bytes(info, deployed_pipe.config, 4) for info in inventory}
+    assert {name: by_name[name].nbytes for name in expected} == expected
+    assert report.weight_bytes == sum(expected.values()) + other_param_bytes(random_pipe.unet)
+    weight_only_kv = [
+        info.name
+        for info in inventory
+        if is_cross_attention_kv(info.name) and info.name not in deployed_pipe.config.act_bits
+    ]
+    assert weight_only_kv and all(unet.get_submodule(name).bos_outputs.shape[0] == 2 for name in weight_only_kv)
     assert by_name[ACT_ONLY_LAYER].precision == "W16A8" and by_name["conv_in"].precision == "FP16"
     packed = {name: m for name, m in unet.named_modules() if isinstance(m, PackedLayer)}
     convs = {name for name, m in packed.items() if m.kind == "conv"}
@@ -450,9 +530,6 @@ def test_report_counts_backends_and_exact_bytes(deployed_pipe):
     assert {layer.name for layer in report.layers if layer.backend == "torch reference"} == gemm  # CPU
     assert {layer.name for layer in report.layers if layer.backend == "dequant + matmul"} == linears - gemm
     assert len(report.layers) == len(packed) + len(PROTECTED) + 1  # + the activation-only layer
-    for module in packed.values():
-        packed_row = packed_row_bytes(module.in_features, module.weight_bits, module.k_split)  # chunk-padded
-        assert module.qweight.numel() * module.qweight.element_size() == module.out_features * packed_row
     line = report.describe()
     print(line)
     assert line.startswith(f"deployed {len(report.layers)} layers: ") and "CPU reference path" in line
@@ -461,35 +538,35 @@ def test_report_counts_backends_and_exact_bytes(deployed_pipe):
 
 @torch.no_grad()
 def test_fp16_bytes_match_the_accounting_plus_kernel_extras(fresh_random_pipe):
-    """In FP16, bytes held = mixdq.memory's accounting + what the kernels keep beyond it, exactly:
-    +2 B per row and input part (float32 scales), +4 B per row and input part (int32 row sums), the padding of 4- and 2-bit
-    rows to whole 128-code chunks per input part, the activation quantizers as tensors (12 B per input part,
-    for torch.compile), the BOS K/V caches."""
+    """In FP16, bytes held and mixdq.memory's accounting, both counted by hand from the layer shapes: the
+    accounting is ceil(K * bits / 8) bytes + an FP16 scale per row and input part + the FP16 bias per row; the
+    kernels hold 2 B more per row and part (float32 scales), 4 B per row and input part (int32 row sums), 4- and 2-bit rows padded to whole
+    chunks per input part, 12 B per input part of A8 quantizer, the BOS K/V caches."""
     pipe = fresh_random_pipe
     pipe.unet.half()
-    parts = {info.name: 1 if info.concat_split is None else 2 for info in layer_inventory(pipe.unet)}
+    inventory = layer_inventory(pipe.unet)
+    other = other_param_bytes(pipe.unet)
+    parts = {info.name: 1 if info.concat_split is None else 2 for info in inventory}
     ranges = {8: {name: torch.tensor([[-4.0, 4.0]] * n) for name, n in parts.items()}}  # no calibration needed
-    report = deploy(pipe, mixed_config(pipe.unet, ranges), ranges)
+    config = mixed_config(pipe.unet, ranges)
+    report = deploy(pipe, config, ranges)
 
-    extras = 0
-    for name, module in pipe.unet.named_modules():
-        if isinstance(module, PackedLayer):
-            parts = module.weight_rowsum.shape[0]
-            assert module.weight_scale.numel() == parts * module.out_features  # one scale per row and part
-            extras += module.out_features * (2 * parts + 4 * parts)
-            if module.act_qparams_t is not None:
-                extras += module.act_qparams_t.numel() * 4
-            bounds = part_bounds(module.in_features, module.k_split)
-            ideal_row = sum(-(-(hi - lo) * module.weight_bits // 8) for lo, hi in itertools.pairwise(bounds))
-            extras += module.out_features * (packed_row_bytes(module.in_features, module.weight_bits, module.k_split)
-                                             - ideal_row)  # fmt: skip
-            if module.kind == "linear" and module.bos_inputs is not None:
-                # the pipeline's BOS state was encoded at deploy time: this model never ran a generation
-                assert len(module.bos_inputs) == 2  # BOS + zeros
-                extras += sum(t.numel() * t.element_size() for t in (module.bos_inputs, module.bos_outputs))
-    act_only = pipe.unet.get_submodule(ACT_ONLY_LAYER)
-    extras += sum(b.numel() * b.element_size() for b in act_only.buffers())
-    assert report.weight_bytes == report.accounted_bytes + extras
+    by_name = {layer.name: layer for layer in report.layers}
+    for info in inventory:
+        bits = None if info.name in config.protected else config.weight_bits.get(info.name)
+        bias = 2 * info.out_features if info.has_bias else 0
+        slices = (
+            [info.in_features]
+            if info.concat_split is None
+            else [info.concat_split, info.in_features - info.concat_split]
+        )
+        row = sum(-(-k * bits // 8) + 2 for k in slices) if bits is not None else 2 * info.in_features
+        assert by_name[info.name].accounted_bytes == info.out_features * row + bias, info.name
+    expected = {info.name: expected_layer_bytes(info, config, 2) for info in inventory}
+    # the activation-only layer's float32 scales and A8 state stay float32 through .half() (its FP weight is FP16)
+    assert {name: by_name[name].nbytes for name in expected} == expected
+    assert report.weight_bytes == sum(expected.values()) + other
+    assert report.accounted_bytes == sum(layer.accounted_bytes for layer in report.layers) + other
     accounted_ratio = report.fp16_bytes / report.accounted_bytes
     print(
         f"FP16 deploy: held {report.weight_bytes} B, accounted {report.accounted_bytes} B, FP16 {report.fp16_bytes} B; "

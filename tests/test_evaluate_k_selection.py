@@ -6,10 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import mixdq.evaluate.k_selection as k_selection
 from mixdq.allocate import AUTO, Allocator
 from mixdq.allocate.groups import candidate_bits
-from mixdq.evaluate import k_candidates, select_k
+from mixdq.evaluate import k_candidates, k_selection, select_k
 from mixdq.inventory import layer_inventory
 from mixdq.sensitivity.table import COLUMNS
 
@@ -25,7 +24,9 @@ def synthetic_table(layers) -> pd.DataFrame:
             for bit in candidate_bits(target, info.group):
                 damage = (1 + index % 7) / bit
                 value = 1 - 0.01 * damage if metric == "ssim" else 60 - 10 * damage
-                rows.append((info.name, info.group, info.kind, info.block, info.weight_numel, bit, target, metric, value))
+                rows.append(
+                    (info.name, info.group, info.kind, info.block, info.weight_numel, bit, target, metric, value)
+                )
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -33,7 +34,9 @@ def hand_allocator() -> Allocator:
     """Four content and four quality layers of size 1: with a ±0.5-bit band every K on the grid is feasible."""
     rows = []
     for i in range(4):
-        rows += [(f"c{i}", "content", "linear", "mid", 1.0, b, "weight", "ssim", 1 - (i + 1) * 0.01 / b) for b in (2, 4, 8)]
+        rows += [
+            (f"c{i}", "content", "linear", "mid", 1.0, b, "weight", "ssim", 1 - (i + 1) * 0.01 / b) for b in (2, 4, 8)
+        ]
         rows += [(f"q{i}", "quality", "linear", "mid", 1.0, b, "weight", "sqnr", 60 - (i + 1) * 10 / b) for b in (4, 8)]
     return Allocator(pd.DataFrame(rows, columns=list(COLUMNS)), band=0.5)
 
@@ -77,15 +80,29 @@ def test_select_k_end_to_end_on_the_random_pipeline(fresh_random_pipe, tmp_path)
     allocator = Allocator(synthetic_table(layers))
     ks = allocator.k_grid("weight", 4.0, 2)
     chosen = select_k(
-        pipe, allocator, 4.0, None, PROMPTS, ks=ks, metric="ssim",
-        num_inference_steps=1, height=64, width=64, batch_size=4, progress=False, cache_dir=tmp_path,
+        pipe,
+        allocator,
+        4.0,
+        None,
+        PROMPTS,
+        ks=ks,
+        metric="ssim",
+        num_inference_steps=1,
+        height=64,
+        width=64,
+        batch_size=4,
+        progress=False,
+        cache_dir=tmp_path,
     )
     table = chosen.table
     assert list(table["k"]) == ks and len(table) == 2
     assert chosen.k == ks[int(np.argmax(table["ssim"]))]
     assert (table["content_bits"].diff().dropna() > 0).all()  # a larger K gives content more bits
     assert all(abs(b - 4.0) <= 0.03 for b in table["avg_weight_bits"])
-    assert chosen.result.config.weight_bits == allocator.allocate(weight_bits=4.0, act_bits=None, k=chosen.k).config.weight_bits
+    assert (
+        chosen.result.config.weight_bits
+        == allocator.allocate(weight_bits=4.0, act_bits=None, k=chosen.k).config.weight_bits
+    )
 
 
 def test_identical_allocations_are_generated_once(monkeypatch):

@@ -1,6 +1,7 @@
 """mixdq.deploy.fuse: deployed q / k / v (cross-attention: k / v) fused into one layer compute the same images."""
 
 import copy
+import re
 
 import torch
 
@@ -9,7 +10,14 @@ from mixdq.config import PrecisionConfig
 from mixdq.deploy import DeployedFP8CodesLinear, DeployedFP8Linear, DeployedLinear, deploy
 from mixdq.deploy.fuse import fuse_qkv_projections
 from mixdq.inventory import layer_inventory
-from tests.test_deploy import CALIBRATION_PROMPTS, generate
+from tests.test_deploy import (
+    CALIBRATION_PROMPTS,
+    expected_layer_bytes,
+    generate,
+    is_cross_attention_kv,
+    other_param_bytes,
+    packed_bytes_by_hand,
+)
 
 
 def calibrated_copy(random_pipe):
@@ -36,14 +44,57 @@ def attention_config(unet, ranges) -> PrecisionConfig:
     return config
 
 
+def fp8_bytes_by_hand(shape: tuple[int, ...], has_bias: bool, bos_vectors: int, row_scales: bool) -> int:
+    """A deployed W8A8 FP8 linear (float32 model): one e4m3 byte per weight, float32 activation scale and its
+    inverse, float32 weight scale and out scale (weight x activation) per tensor or, fused, per row; the bias;
+    the BOS K/V cache (``bos_vectors`` inputs of width K and outputs of width N)."""
+    n, k = shape
+    scales = 2 * 4 + 2 * 4 * (n if row_scales else 1)
+    return n * k + scales + (4 * n if has_bias else 0) + bos_vectors * (k + n) * 4
+
+
+def held_bytes(unet) -> int:
+    return sum(t.numel() * t.element_size() for t in [*unet.parameters(), *unet.buffers()])
+
+
 @torch.no_grad()
 def test_fused_projections_make_the_same_images_and_hold_the_same_bytes(random_pipe):
     pipe, ranges = calibrated_copy(random_pipe)
-    deploy(pipe, attention_config(pipe.unet, ranges), ranges)
+    inventory = layer_inventory(random_pipe.unet)  # the FP UNet this pipeline's is a copy of
+    config = attention_config(pipe.unet, ranges)
+    other = other_param_bytes(random_pipe.unet)
+    deploy(pipe, config, ranges)
     unfused = generate(pipe)
-    nbytes = sum(t.numel() * t.element_size() for t in [*pipe.unet.parameters(), *pipe.unet.buffers()])
+    # by hand from the layer shapes: before fusing, every layer as deployed (FP8 K/V: per-tensor scales) ...
+    by_name = {info.name: info for info in inventory}
+    layer_bytes = {
+        info.name: fp8_bytes_by_hand(info.weight_shape, info.has_bias, 2, row_scales=False)
+        if info.name in config.fp8
+        else expected_layer_bytes(info, config, 4)
+        for info in inventory
+    }
+    assert held_bytes(pipe.unet) == other + sum(layer_bytes.values())
+    # ... after: each fused attention's projections one layer of their stacked rows (one input quantizer, one
+    # set of BOS inputs, FP8 scales per row); the first self-attention (2 / 4 / 4 bits) is left as it is
+    prefixes = {name.rsplit(".to_", 1)[0] for name in by_name if re.search(r"\.attn[12]\.to_[qkv]$", name)}
+    first_self = next(name for name in by_name if name.endswith(".attn1.to_q")).rsplit(".to_", 1)[0]
+    fused_bytes = dict(layer_bytes)
+    for prefix in prefixes - {first_self}:
+        names = [f"{prefix}.to_{p}" for p in ("k", "v")] if prefix.endswith("attn2") else []
+        names = names or [f"{prefix}.to_{p}" for p in ("q", "k", "v")]
+        infos = [by_name[name] for name in names]
+        first = infos[0]
+        shape = (sum(i.out_features for i in infos), first.in_features)
+        bos = 2 if is_cross_attention_kv(first.name) else 0
+        if first.name in config.fp8:
+            stacked = fp8_bytes_by_hand(shape, first.has_bias, bos, row_scales=True)
+        else:
+            bits, act_bits = config.weight_bits[first.name], config.act_bits.get(first.name)
+            stacked = packed_bytes_by_hand(shape, bits, act_bits, first.has_bias, bos_vectors=bos)
+        for name in names:
+            del fused_bytes[name]
+        fused_bytes[prefix] = stacked
     attentions = [m for m in pipe.unet.modules() if type(m).__name__ == "Attention"]
-    projections = {id(m): [m.to_k, m.to_v] if m.is_cross_attention else [m.to_q, m.to_k, m.to_v] for m in attentions}
 
     fused = fuse_qkv_projections(pipe)
 
@@ -57,27 +108,11 @@ def test_fused_projections_make_the_same_images_and_hold_the_same_bytes(random_p
     assert {layer.linear_path for layer in qkv} == {"dequant"} and {layer.linear_path for layer in kv} == {"gemm"}
     assert all(layer.bos_outputs is not None for layer in kv)  # cross-attention K/V keep their BOS cache
     assert all(m.to_q is None and m.to_k is None and m.to_v is None for m in attentions if hasattr(m, "to_qkv"))
-    # moved into the fused layers, not copied; the copies of the shared input's quantizer and BOS keys are gone
-    shared = sum(
-        t.numel() * t.element_size()
-        for m in attentions
-        if getattr(m, "to_qkv", None) is not None or getattr(m, "to_kv", None) is not None
-        for layer in projections[id(m)][1:]
-        for t in (
-            getattr(layer, "act_qparams_t", None),
-            layer.bos_inputs,
-            getattr(layer, "act_scale", None),
-            getattr(layer, "act_inv_scale", None),
-        )
-        if t is not None
-    )
-    held = sum(t.numel() * t.element_size() for t in [*pipe.unet.parameters(), *pipe.unet.buffers()])
-    # the fused FP8 layer holds its two per-tensor weight scales (and out_scale, weight x activation scale, the
-    # row-wise recipe's scale_b) as one float32 per row
+    # moved into the fused layers, not copied: exactly the stacked layers' bytes by hand
     assert fp8_kv[0].out_scale.shape == fp8_kv[0].weight_scale.shape
     torch.testing.assert_close(fp8_kv[0].out_scale, fp8_kv[0].weight_scale * fp8_kv[0].act_scale, rtol=0, atol=0)
-    grown = 2 * (fp8_kv[0].weight_scale.numel() * 4 - 2 * 4)
-    assert shared > 0 and held == nbytes - shared + grown
+    assert held_bytes(pipe.unet) == other + sum(fused_bytes.values())
+    assert sum(fused_bytes.values()) < sum(layer_bytes.values())  # the shared quantizers and BOS keys are gone
     images = generate(pipe)
     torch.testing.assert_close(images, unfused, rtol=0, atol=1e-5)
     assert fuse_qkv_projections(pipe) == 0  # already fused

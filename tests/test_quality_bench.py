@@ -27,8 +27,15 @@ TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 
 def latents(pipe) -> torch.Tensor:
     generator = torch.Generator("cpu").manual_seed(0)
-    return pipe(PROMPTS, num_inference_steps=1, guidance_scale=0.0, height=64, width=64, generator=generator,
-                output_type="latent").images
+    return pipe(
+        PROMPTS,
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        height=64,
+        width=64,
+        generator=generator,
+        output_type="latent",
+    ).images
 
 
 # ---- the BOS switch ---------------------------------------------------------------------------------
@@ -43,7 +50,10 @@ def test_naive_calibration_and_quantization_include_the_bos_token(fresh_random_p
     assert len(list(tmp_path.glob("calib-*"))) == 2
     assert naive.provenance["quantizer"]["bos_aware_text_embedding"] is False
     assert aware.provenance["quantizer"]["bos_aware_text_embedding"] is True
-    assert calibrate(pipe, PROMPTS, cache_dir=tmp_path, act_bits=(8,), bos_aware=False, **SETTINGS).provenance == naive.provenance
+    assert (
+        calibrate(pipe, PROMPTS, cache_dir=tmp_path, act_bits=(8,), bos_aware=False, **SETTINGS).provenance
+        == naive.provenance
+    )
     # to_k's input is the text embedding itself (one step, one batch: the range is its exact min/max): the naive
     # range covers every token, the BOS-aware one tokens 1.. only
     with torch.no_grad():
@@ -84,7 +94,9 @@ def test_allocator_scores_groups_by_the_metric_it_is_given():
     table = metric_table()
     budget, k = (5 * 2 + 6 * 2) / 4, 5 / 6  # content target 5, quality target 6
     decoupled = Allocator(table).allocate(weight_bits=budget, act_bits=None, k=k)
-    single = Allocator(table, metrics={"content": "sqnr", "quality": "sqnr"}).allocate(weight_bits=budget, act_bits=None, k=k)
+    single = Allocator(table, metrics={"content": "sqnr", "quality": "sqnr"}).allocate(
+        weight_bits=budget, act_bits=None, k=k
+    )
     assert {n: decoupled.config.weight_bits[n] for n in ("c1", "c2")} == {"c1": 8, "c2": 2}
     assert {n: single.config.weight_bits[n] for n in ("c1", "c2")} == {"c1": 2, "c2": 8}
     assert decoupled.config.metadata["allocation"]["metrics"] == {"content": "ssim", "quality": "sqnr"}
@@ -97,9 +109,12 @@ def test_allocator_scores_groups_by_the_metric_it_is_given():
 
 def test_protected_layers_by_a_chosen_metric():
     rows = [
-        ("c1", "content", 8, "ssim", 0.99), ("c2", "content", 8, "ssim", 0.50),
-        ("c1", "content", 8, "sqnr", 5.0), ("c2", "content", 8, "sqnr", 30.0),
-        ("q1", "quality", 8, "sqnr", 20.0), ("q2", "quality", 8, "sqnr", 40.0),
+        ("c1", "content", 8, "ssim", 0.99),
+        ("c2", "content", 8, "ssim", 0.50),
+        ("c1", "content", 8, "sqnr", 5.0),
+        ("c2", "content", 8, "sqnr", 30.0),
+        ("q1", "quality", 8, "sqnr", 20.0),
+        ("q2", "quality", 8, "sqnr", 40.0),
     ]
     table = pd.DataFrame(
         [(n, g, "linear", "mid", 1.0, b, "act", m, v) for n, g, b, m, v in rows], columns=list(COLUMNS)
@@ -130,12 +145,35 @@ def test_evaluate_cli_on_a_saved_pipeline(tmp_path, capsys):
     pipe.save_pretrained(tmp_path / "pipe")
     PrecisionConfig.uniform(layer_inventory(pipe.unet), 8, 8).save(tmp_path / "w8a8.json")
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    code = main([
-        "evaluate", "--model", str(tmp_path / "pipe"), "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
-        "--config", f"W8A8={tmp_path / 'w8a8.json'}", "--config", f"naive={tmp_path / 'w8a8.json'}", "--naive", "naive",
-        "--prompts", str(tmp_path / "prompts.txt"), "--calibration-prompts", str(tmp_path / "prompts.txt"),
-        "--steps", "1", "--size", "64", "--batch-size", "2", "--out", str(tmp_path / "out" / "eval"),
-    ])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "pipe"),
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--config",
+            f"W8A8={tmp_path / 'w8a8.json'}",
+            "--config",
+            f"naive={tmp_path / 'w8a8.json'}",
+            "--naive",
+            "naive",
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--calibration-prompts",
+            str(tmp_path / "prompts.txt"),
+            "--steps",
+            "1",
+            "--size",
+            "64",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "out" / "eval"),
+        ]
+    )
     assert code == 0
     table = pd.read_csv(tmp_path / "out" / "eval.csv")
     assert table["config"].tolist() == ["FP", "W8A8", "naive"]

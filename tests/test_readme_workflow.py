@@ -104,4 +104,8 @@ def test_readme_workflow_runs_as_written(tmp_path):
     assert PrecisionConfig.load(work / "w4a8_fp8.json").fp8
     slug = re.sub(r"[^a-z0-9]+", "-", PROMPT.lower()).strip("-")
     written = sorted(p.name for p in (work / "outputs").iterdir())
-    assert written == [f"{slug}-seed0-fp.png", f"{slug}-seed0-quant.png", "compare"]  # generate's PNGs, compare's folder
+    assert written == [
+        f"{slug}-seed0-fp.png",
+        f"{slug}-seed0-quant.png",
+        "compare",
+    ]  # generate's PNGs, compare's folder

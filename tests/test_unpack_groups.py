@@ -173,7 +173,7 @@ def test_slices_are_released_when_a_block_fails(kind_pipe):
     _, pipe = kind_pipe
     block = transformer_blocks(pipe)[0]
     group_unpacking(pipe)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the mis-sized input raises
         block(torch.randn(1, 3, 5))  # wrong width: the first layer fails after the pre-hook unpacked
     assert all(layer.prefetched_weight is None for layer in block_members(block))
 

@@ -3,6 +3,7 @@ Fréchet distance on CLIP features and exact alignment, one table row per precis
 last search step, choosing K by generating images (:func:`select_k`)."""
 
 from mixdq.evaluate.embedded import embedded_checker, embedded_clip_scorer
+from mixdq.evaluate.k_selection import KSelection, k_candidates, select_k
 from mixdq.evaluate.metrics import (
     ClipScorer,
     MetricUnavailableError,
@@ -15,7 +16,6 @@ from mixdq.evaluate.metrics import (
     ssim,
 )
 from mixdq.evaluate.runner import AlignmentChecker, evaluate, load_results, save_results
-from mixdq.evaluate.k_selection import KSelection, k_candidates, select_k
 
 __all__ = [
     "AlignmentChecker",

@@ -5,8 +5,8 @@ so the text tower stays small while any text still tokenizes."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import open_clip
 import torch

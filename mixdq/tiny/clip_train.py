@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 
-from mixdq.tiny.clip import BPE_FILE, CONFIG_FILE, IMAGE_SIZE, WEIGHTS_FILE, build_model, build_tokenizer, model_config, preprocess_tensor
+from mixdq.tiny.clip import (
+    BPE_FILE,
+    CONFIG_FILE,
+    IMAGE_SIZE,
+    WEIGHTS_FILE,
+    build_model,
+    build_tokenizer,
+    model_config,
+    preprocess_tensor,
+)
 from mixdq.tiny.components import IMAGE_SIZE as RENDER_SIZE
 from mixdq.tiny.data import render, sample_scenes
 from mixdq.tiny.train import Log, warmup_lr
@@ -61,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     log(f"CLIP {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M params")
     decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "logit_scale" not in n]
     other = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "logit_scale" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=args.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=args.lr
+    )
     labels = torch.arange(args.batch, device=device)
     deadline = time.time() + args.minutes * 60
     for step in range(args.steps):
@@ -87,10 +98,18 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     acc = retrieval_accuracy(model, tokenizer, 256, seed=12345, device=device)
     log(f"held-out image->text top-1 among 256 rendered scenes: {acc:.4f}")
-    save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}, args.out / WEIGHTS_FILE)
+    save_file(
+        {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()},
+        args.out / WEIGHTS_FILE,
+    )
     config = {
         "model_cfg": cfg,
-        "preprocess_cfg": {"size": IMAGE_SIZE, "mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic"},
+        "preprocess_cfg": {
+            "size": IMAGE_SIZE,
+            "mean": OPENAI_DATASET_MEAN,
+            "std": OPENAI_DATASET_STD,
+            "interpolation": "bicubic",
+        },
         "training": {"steps": step + 1, "batch": args.batch, "seed": args.seed, "retrieval_top1_256": acc},
     }
     (args.out / CONFIG_FILE).write_text(json.dumps(config, indent=2))

@@ -9,6 +9,7 @@ merges feed the diffusers pipeline's `CLIPTokenizer` and open_clip's `SimpleToke
 from __future__ import annotations
 
 import gzip
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     segmented = {w: tuple(w[:-1]) + (w[-1] + END_OF_WORD,) for w in words}
     merges: list[tuple[str, str]] = []
     while True:
-        pairs = Counter(p for seg in segmented.values() for p in zip(seg, seg[1:]))
+        pairs = Counter(p for seg in segmented.values() for p in itertools.pairwise(seg))
         if not pairs:
             return merges
         best = min(pairs, key=lambda p: (-pairs[p], p))
