@@ -434,10 +434,11 @@ class ModelWorkspace:
         if scorer is not None:
             from mixdq.evaluate.metrics import clip_score
 
-            scores = clip_score(scorer, torch.stack([fp, deployed]), [prompt, prompt])
+            drawn = result.prompt_read  # what the pipeline was given (mixdq.models.read_prompt)
+            scores = clip_score(scorer, torch.stack([fp, deployed]), [drawn, drawn])
             metrics["clip_fp"], metrics["clip_quant"] = (float(v) for v in scores)
             metrics["aligned_fp"], metrics["aligned_quant"] = (
-                _aligned(checker, image, prompt) for image in (fp, deployed)
+                _aligned(checker, image, drawn) for image in (fp, deployed)
             )
         return {
             "result": result,

@@ -28,7 +28,7 @@ from mixdq.allocate import BAND, InfeasibleBudgetError
 from mixdq.config import ConfigError, PrecisionConfig
 from mixdq.config_io import mixdq_yaml_pair
 from mixdq.memory import average_weight_bits
-from mixdq.models import TURBO_SAMPLING, ModelNotAvailableError
+from mixdq.models import EMBEDDED_MODEL_ID, TURBO_SAMPLING, ModelNotAvailableError
 from mixdq.sensitivity.table import SensitivityTableError
 from studio import services
 from studio.plots import Spec, to_json
@@ -324,6 +324,19 @@ class StudioPage:
                 scale=3,
             )
             self.preset = gr.Radio(list(PRESETS), value=PRESETS[0], label="quantized config")
+        if self.workspace.model_id == EMBEDDED_MODEL_ID:
+            from mixdq.tiny.prompts import SHORT_PROMPTS
+
+            gr.Examples(
+                [[p] for p in SHORT_PROMPTS],
+                [self.prompt],
+                label=(
+                    "examples: the embedded model draws 1 to 3 coloured circles, squares or triangles, with optional "
+                    "size (small, large), place (left, right, top, bottom, center) and background; what a prompt "
+                    "leaves open takes its defaults, and the report shows the caption it drew"
+                ),
+                examples_per_page=8,
+            )
         with gr.Row():
             self.seed = gr.Number(0, precision=0, label="seed", info=f"0 to {MAX_SEED:,}")
             self.steps = gr.Slider(
@@ -584,6 +597,9 @@ class StudioPage:
         report = services.compare_report(out, workspace.device.type, name)
         if notice:
             report += f"  \nnote: {notice}"
+        drawn = out["result"].prompt_read
+        if drawn != prompt:
+            notice = " ".join(n for n in (notice, f"Drawn as '{drawn}'.") if n)
         return (out["fp"], out["quant"]), out["simulated"], out["diff"], report, notice
 
     def _generating_config(self, chosen: ChosenConfig | None) -> ChosenConfig:

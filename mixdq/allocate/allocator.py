@@ -51,6 +51,7 @@ from mixdq.sensitivity.table import (
     TARGETS,
     GroupMatrix,
     SensitivityTableError,
+    check_table_matches,
     group_matrix,
     validate_table,
 )
@@ -290,7 +291,7 @@ class Allocator:
         self.model_id = model_id
         self.scale = None
         if inventory is not None:
-            _check_table_matches(self.table, inventory)
+            check_table_matches(self.table, inventory.layers)
             self.scale = WeightBudgetScale(inventory.layers, inventory.other_params, set(self.fp16_weights))
         self._sides: dict[str, _Side] = {}
         self._solved: dict[tuple, SideAllocation] = {}  # results are immutable: a slider revisiting a budget is free
@@ -569,20 +570,3 @@ def _check_k(k: float | str) -> float:
     if isinstance(k, str) or not k > 0:
         raise ValueError(f"K = b_content / b_quality must be a positive number or {AUTO!r}, got {k!r}.")
     return float(k)
-
-
-def _check_table_matches(table: pd.DataFrame, inventory: UNetInventory) -> None:
-    """The table must describe exactly the inventory's layers, with weight sizes equal to their elements."""
-    numel = {info.name: info.weight_numel for info in inventory.layers}
-    sizes = table.loc[table["target"] == "weight"].drop_duplicates("layer").set_index("layer")["size"]
-    missing = sorted(set(numel) - set(table["layer"]))
-    extra = sorted(set(table["layer"]) - set(numel))
-    if missing or extra:
-        raise SensitivityTableError(
-            f"the sensitivity table and the model disagree on layers: missing {missing[:3]}, unknown {extra[:3]}."
-        )
-    for name, size in sizes.items():
-        if size != numel[name]:
-            raise SensitivityTableError(
-                f"layer {name!r}: table weight size {size:g} but the model has {numel[name]} weights."
-            )

@@ -18,7 +18,7 @@ from mixdq.allocate.allocator import (
     BelowUniformWidthWarning,
 )
 from mixdq.allocate.exact import MIP_GAP
-from mixdq.config import WEIGHT_CLIPS
+from mixdq.config import FP8_CHOICES, WEIGHT_CLIPS
 from mixdq.models import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
 from mixdq.sensitivity.published import (
     SDXL_TURBO_MODEL_ID,
@@ -49,10 +49,6 @@ layers only (activations cost no memory): 8 puts every one of them at 8 bits. --
 biases, FP16 protected layers and norms; 1 MB = 1e6 bytes). K = content bits / quality bits; "{AUTO}"
 picks the K with the best size-weighted normalized sensitivity. Exact solvers stop within {MIP_GAP:g}
 of the optimum in normalized units (1 = all layers from lowest to highest bits)."""
-
-
-# --fp8 choice -> PrecisionConfig.with_fp8_linears(low_bit=...)
-FP8_CHOICES = {"none": None, "w8a8": False, "a8": True}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -183,18 +179,14 @@ def run_allocate(args: argparse.Namespace) -> int:
                     act_k=args.act_k,
                     solver=args.solver,
                 )
-        config = result.config
-        config.weight_clip = args.weight_clip
-        if args.fp8 != "none":
-            config = config.with_fp8_linears(list(allocator.inventory.layers), low_bit=FP8_CHOICES[args.fp8])
+        config = result.config.with_run_options(list(allocator.inventory.layers), args.weight_clip, args.fp8)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     config.save(args.out)
     if args.yaml_out:
-        weight_yaml, act_yaml = config.to_mixdq_yaml(list(allocator.inventory.layers))
-        Path(f"{args.yaml_out}_weight.yaml").write_text(weight_yaml)
-        Path(f"{args.yaml_out}_act.yaml").write_text(act_yaml)
+        stem = Path(args.yaml_out)
+        config.save_mixdq_yaml(stem.parent, stem.name, list(allocator.inventory.layers))
     print(_summary(result))
     if result.below_uniform is not None:
         print(f"warning: {result.below_uniform.message}", file=sys.stderr)
