@@ -25,7 +25,7 @@ DEFAULT_CACHE = Path(
 CALIBRATION_STEPS = 4
 CALIBRATION_SEED = 0
 # Commands that run the pipeline; `allocate` does too with --select-k.
-TORCH_COMMANDS = ("calibrate", "generate", "sensitivity", "evaluate", "compare")
+TORCH_COMMANDS = ("calibrate", "generate", "sensitivity", "evaluate", "compare", "export")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -310,6 +310,32 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"images and compare.json in {args.out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Calibrate (cached), deploy and save a quantized checkpoint folder that ``mixdq.load_quantized`` reads."""
+    from mixdq.calibrate import calibrate
+    from mixdq.config import PrecisionConfig
+    from mixdq.deploy import deploy
+    from mixdq.deploy.checkpoint import save_quantized
+    from mixdq.inventory import layer_inventory
+    from mixdq.models import load_pipeline
+
+    config = PrecisionConfig.load(args.config)  # before the model loads, so that a bad file fails at once
+    pipe = load_pipeline(args.model, device=args.device)
+    config.validate(layer_inventory(pipe.unet), pipe.model_id, source=str(args.config))
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    # the ranges `calibrate` made with its defaults, as `generate` and the studio use them
+    ranges = None
+    if config.act_bits:
+        ranges = calibrate(
+            pipe, num_inference_steps=CALIBRATION_STEPS, seed=CALIBRATION_SEED, height=size, width=size,
+            cache_dir=args.cache_dir,
+        )  # fmt: skip
+    report = deploy(pipe, config, ranges)
+    print(report.describe())
+    folder = save_quantized(pipe, config, args.out, progress=True)
+    print(f"quantized checkpoint -> {folder} (load it with mixdq.load_quantized({str(folder)!r}))")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mixdq",
@@ -417,6 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True, help="precision config JSON (from `allocate` or the studio)")
     p.add_argument("--out", type=Path, default=Path("outputs/compare"), help="folder for the PNGs and compare.json")
     p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser(
+        "export", help="deploy a precision config and save it as a quantized checkpoint folder (packed weights)"
+    )
+    _model_args(p)
+    p.add_argument("--config", type=Path, required=True, help=f"precision config: {CONFIG_FORMS}")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (a diffusers pipeline folder)")
+    p.set_defaults(handler=cmd_export)
 
     add_allocate_parser(sub)
     return parser

@@ -65,6 +65,8 @@ TENSOR_FILE = "mixdq_quantized.safetensors"
 MANIFEST_FILE = "mixdq_manifest.json"
 # a safetensors header larger than this is refused before it is read (the safetensors library's own limit)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# hex digits of each tensor's SHA-256 kept in the manifest: 128 bits find any corruption, in half the text
+SHA_CHARS = 32
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (*_FLOATS, torch.int8, torch.uint8, torch.int32, torch.int64)}
@@ -218,8 +220,9 @@ def save_quantized(model: Any, config: PrecisionConfig, folder: str | Path, prog
     ``config`` is the :class:`~mixdq.config.PrecisionConfig` it was deployed with: it is checked against every
     layer and stored in the manifest. A bare UNet writes only ``unet/``. Returns the folder.
     """
-    import mixdq
     from safetensors.torch import save_file
+
+    import mixdq
 
     unet = unet_of(model)
     layers = layer_inventory(unet)
@@ -246,16 +249,32 @@ def save_quantized(model: Any, config: PrecisionConfig, folder: str | Path, prog
         },
         "layers": table,
         "tensors": {
-            key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "sha256": _sha256(t)}
+            key: {
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+                "sha256": _sha256(t)[:SHA_CHARS],
+            }
             for key, t in tensors.items()
         },
     }
     save_file(tensors, str(unet_dir / TENSOR_FILE), metadata={"format": FORMAT_NAME})
-    (unet_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    (unet_dir / MANIFEST_FILE).write_text(_manifest_json(manifest))
     unet.save_config(str(unet_dir))
     if model is not unet:
         _save_pipeline_parts(model, folder, progress)
     return folder
+
+
+def _manifest_json(manifest: dict[str, Any]) -> str:
+    """Readable and small: one line per top-level entry, per layer and per tensor."""
+    lines = []
+    for key, value in manifest.items():
+        if key in ("layers", "tensors"):
+            rows = [f"  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in value.items()]
+            lines.append(f" {json.dumps(key)}: {{\n" + ",\n".join(rows) + "\n }")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _save_pipeline_parts(pipe: Any, folder: Path, progress: bool) -> None:
@@ -342,7 +361,7 @@ def _build_meta_unet(folder: Path, name: str):
     try:
         with torch.device("meta"):
             return UNet2DConditionModel.from_config(config)
-    except Exception as err:  # a config diffusers cannot build: report it as a bad file, in one line
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as err:  # diffusers refuses it
         raise CheckpointError(f"{source}: not a UNet2DConditionModel config ({type(err).__name__}: {err}).") from None
 
 
@@ -376,7 +395,9 @@ class _TensorFile:
             head = handle.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
-                raise CheckpointError(f"{self.source}: not a safetensors file, or truncated (header of {length} bytes).")
+                raise CheckpointError(
+                    f"{self.source}: not a safetensors file, or truncated (header of {length} bytes)."
+                )
             raw = handle.read(length)
         try:
             header = parse_json(raw.decode("utf-8"), f"{self.source} header")
@@ -429,9 +450,11 @@ class _TensorFile:
     def get(self, key: str) -> torch.Tensor:
         """The tensor, after checking the file's dtype, shape and bytes against the manifest."""
         spec = self.specs[key]
+        from safetensors import SafetensorError
+
         try:
             tensor = self.handle.get_tensor(key)
-        except Exception as err:  # safetensors' own errors for bad offsets or dtypes
+        except (SafetensorError, RuntimeError, ValueError, OSError) as err:  # bad offsets or dtypes
             raise self.error(key, f"cannot be read ({type(err).__name__}: {err}).") from None
         if str(tensor.dtype).removeprefix("torch.") != spec["dtype"] or list(tensor.shape) != spec["shape"]:
             raise self.error(
@@ -439,7 +462,7 @@ class _TensorFile:
                 f"the file holds {str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}, the manifest "
                 f"says {spec['dtype']} {tuple(spec['shape'])}.",
             )
-        if _sha256(tensor) != spec["sha256"]:
+        if _sha256(tensor)[:SHA_CHARS] != spec["sha256"]:
             raise self.error(key, "its bytes do not match the manifest's SHA-256 (the file is corrupted).")
         self.used.add(key)
         return tensor
@@ -501,7 +524,9 @@ def _deployed_layer(
     bits, act_bits = config.layer_weight_bits(info.name), config.layer_act_bits(info.name)
     cls = layer_class(layer_kind(meta), bits, config.layer_fp8(info.name))
     if entry.get("class") != cls.__name__:
-        raise file.error(f"{info.name}.qweight", f"the manifest says {quote(entry.get('class'))}, the config {cls.__name__}.")
+        raise file.error(
+            f"{info.name}.qweight", f"the manifest says {quote(entry.get('class'))}, the config {cls.__name__}."
+        )
     has_bias = meta.bias is not None
     bos = entry.get("bos_aware") is True
     if bos and not (info.takes_text_embedding and cls is not DeployedConv2d):
