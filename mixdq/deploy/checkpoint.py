@@ -420,7 +420,8 @@ class _TensorFile:
                 got = entry.get("dtype") if isinstance(entry, dict) else entry
                 raise self.error(key, f"the file's dtype {quote(got)} is not the manifest's {spec['dtype']}.")
             if shape != spec["shape"]:
-                raise self.error(key, f"the file's shape {quote(shape)} is not the manifest's {tuple(spec['shape'])}.")
+                got = tuple(shape) if isinstance(shape, list) and len(shape) <= 8 else quote(shape)
+                raise self.error(key, f"the file's shape {got} is not the manifest's {tuple(spec['shape'])}.")
             nbytes = math.prod(shape) * dtype.itemsize
             if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == nbytes):
                 raise self.error(key, f"the file's data offsets {quote(offsets)} do not fit its shape and dtype.")
@@ -444,7 +445,7 @@ class _TensorFile:
         if shape is not None and (
             len(shape) != len(spec["shape"]) or any(s is not None and s != n for s, n in zip(shape, spec["shape"]))
         ):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
             raise self.error(key, f"shape {tuple(spec['shape'])}, expected {want}.")
 
     def get(self, key: str) -> torch.Tensor:
