@@ -60,12 +60,12 @@ def unet_inputs(pipe, batch: int = 2) -> dict:
     config = pipe.unet.config
     sample = torch.randn(batch, config.in_channels, 8, 8, generator=torch.Generator().manual_seed(3))
     time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch)
-    return dict(
-        sample=sample,
-        timestep=torch.tensor(999),
-        encoder_hidden_states=embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-    )
+    return {
+        "sample": sample,
+        "timestep": torch.tensor(999),
+        "encoder_hidden_states": embeds,
+        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
+    }
 
 
 @pytest.fixture(scope="module")
