@@ -95,6 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from mixdq.models import TURBO_SAMPLING, load_pipeline
     from mixdq.quant import quantization_off, quantize_
 
+    if args.config is not None and _is_checkpoint(args.config):
+        return _generate_from_checkpoint(args)
     # Read before the model loads, so that a bad file fails at once.
     config = PrecisionConfig.load(args.config) if args.config is not None else None
     pipe = load_pipeline(args.model, device=args.device)
@@ -130,6 +132,39 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(run("quant"))
     with quantization_off(pipe):
         print(run("fp"))
+
+
+def _is_checkpoint(path: Path) -> bool:
+    from mixdq.deploy.checkpoint import is_checkpoint
+
+    return is_checkpoint(path)
+
+
+def _generate_from_checkpoint(args: argparse.Namespace) -> None:
+    """``generate --config CHECKPOINT_FOLDER``: the checkpoint is the model (its FP16 UNet weights are not in it,
+    so there is no FP image to write beside the quantized one)."""
+    import torch
+
+    from mixdq.deploy.checkpoint import load_quantized
+    from mixdq.models import TURBO_SAMPLING
+
+    if args.model is not None:
+        raise SystemExit(f"error: {args.config} is a quantized checkpoint, which is the model; drop --model.")
+    pipe = load_quantized(args.config, device=args.device)
+    size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
+    image = pipe(
+        args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=TURBO_SAMPLING.guidance_scale,
+        height=size,
+        width=size,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+    ).images[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
+    path = args.out / f"{slug}-seed{args.seed}-checkpoint.png"
+    image.save(path)
+    print(path)
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -359,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _sampling_args(p, steps=4, seed=0)
     p.add_argument("--prompt", required=True, help='e.g. "a red circle on the left, on a yellow background"')
-    p.add_argument("--config", type=Path, default=None, help=f"precision config from `allocate` or the studio: {CONFIG_FORMS}")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"precision config from `allocate` or the studio: {CONFIG_FORMS}; or a checkpoint folder from `export`",
+    )
     p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
     p.set_defaults(handler=cmd_generate)
 

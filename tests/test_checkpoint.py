@@ -335,6 +335,11 @@ def test_cli_export_writes_a_checkpoint_that_loads(random_pipe, tmp_path, capsys
     assert pipe.unet.mixdq_config.to_dict() == config.to_dict()
     assert {m.precision for m in pipe.unet.modules() if isinstance(m, DEPLOYED_TYPES)} == {"W4A16"}
 
+    images = tmp_path / "images"
+    generate = ["generate", "--config", str(out), "--prompt", "a red circle", "--steps", "1", "--size", "64"]
+    assert main([*generate, "--device", "cpu", "--out", str(images)]) == 0
+    assert [p.name for p in images.iterdir()] == ["a-red-circle-seed0-checkpoint.png"]
+
     (tmp_path / "bad.json").write_text("{")
     assert main(["export", "--config", str(tmp_path / "bad.json"), "--out", str(out)]) == 2
     assert "bad.json is not valid JSON" in capsys.readouterr().err
