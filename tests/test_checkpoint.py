@@ -284,6 +284,18 @@ def other_library(folder):
     return "'0.9.0'"
 
 
+def bad_layer_entry(folder):
+    name = QWEIGHT.removesuffix(".qweight")
+    _edit_manifest(folder, lambda m: m["layers"].update({name: "DeployedLinear"}))
+    return name
+
+
+def another_architecture(folder):
+    path = folder / "unet" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "transformer_layers_per_block": [1, 2, 2]}))
+    return "config.json builds architecture"
+
+
 HOSTILE = {
     "truncated": (truncate, TENSOR_FILE, "truncated"),
     "flipped dtype byte in header": (flip_header_dtype, TENSOR_FILE, "dtype"),
@@ -295,6 +307,8 @@ HOSTILE = {
     "wrong shape of a packed layer": (wrong_shape, TENSOR_FILE, "shape"),
     "wrong shape of an FP16 tensor": (wrong_shape_rest, TENSOR_FILE, "shape"),
     "manifest of another model": (another_model, MANIFEST_FILE, "architecture"),
+    "manifest layer entry not an object": (bad_layer_entry, MANIFEST_FILE, "its entry needs a class"),
+    "UNet config of another architecture": (another_architecture, MANIFEST_FILE, "made for another model"),
     "future format version": (future_format, MANIFEST_FILE, "this MixDQ Studio reads format 1"),
     "another library version": (other_library, MANIFEST_FILE, "export it again"),
 }

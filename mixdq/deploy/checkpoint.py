@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import kernels
 from kernels.pack import PACK_CHUNK
 from mixdq.config import ACT_BITS, PrecisionConfig
 from mixdq.config_io import ConfigError, parse_json, quote, read_text
@@ -339,8 +340,16 @@ def _read_manifest(folder: Path, name: str) -> _Manifest:
     for key, kinds in (("options", dict), ("layers", dict), ("tensors", dict), ("fingerprint", str), ("model_id", str)):
         _need(data, key, kinds, source)
     options = data["options"]
-    if not isinstance(options.get("backend"), str) or not isinstance(options.get("fp8_fast_accum"), bool):
-        raise CheckpointError(f"{source}: 'options' needs a string 'backend' and a boolean 'fp8_fast_accum'.")
+    if options.get("backend") not in kernels.BACKENDS or not isinstance(options.get("fp8_fast_accum"), bool):
+        raise CheckpointError(
+            f"{source}: 'options' needs a 'backend' of {list(kernels.BACKENDS)} and a boolean 'fp8_fast_accum'."
+        )
+    for layer, entry in data["layers"].items():
+        ok = (
+            isinstance(entry, dict) and isinstance(entry.get("class"), str) and isinstance(entry.get("bos_aware"), bool)
+        )
+        if not ok or not isinstance(entry.get("path"), (str, type(None))):
+            raise CheckpointError(f"{source}: layer {quote(layer)}: its entry needs a class, a path and bos_aware.")
     for key, spec in data["tensors"].items():
         ok = isinstance(spec, dict) and spec.get("dtype") in _DTYPES and isinstance(spec.get("sha256"), str)
         shape = spec.get("shape") if isinstance(spec, dict) else None
@@ -423,7 +432,8 @@ class _TensorFile:
                 got = tuple(shape) if isinstance(shape, list) and len(shape) <= 8 else quote(shape)
                 raise self.error(key, f"the file's shape {got} is not the manifest's {tuple(spec['shape'])}.")
             nbytes = math.prod(shape) * dtype.itemsize
-            if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == nbytes):
+            ints = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            if not (ints and 0 <= offsets[0] and offsets[1] - offsets[0] == nbytes):
                 raise self.error(key, f"the file's data offsets {quote(offsets)} do not fit its shape and dtype.")
             if offsets[1] > data_bytes:
                 raise self.error(key, f"its data ends at byte {offsets[1]} of {data_bytes}: the file is truncated.")
