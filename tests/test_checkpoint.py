@@ -88,6 +88,8 @@ def test_loaded_unet_is_bit_identical_to_the_fresh_deploy(saved):
         if isinstance(module, (*DEPLOYED_TYPES, QuantLayer)):
             original = fresh[name]
             assert type(module) is type(original), name
+            if isinstance(module, DEPLOYED_TYPES):  # packed codes only: no FP weight was made for it
+                assert not list(module.parameters()) and not any(t.is_meta for t in module.buffers()), name
             kinds.add((type(module).__name__, getattr(module, "precision", None)))
             # every attribute its __init__ set (but the module mode: the loaded UNet is in eval mode)
             plain = {k: v for k, v in vars(original).items() if not k.startswith("_") and k != "training"}
