@@ -25,7 +25,7 @@ DEFAULT_CACHE = Path(
 CALIBRATION_STEPS = 4
 CALIBRATION_SEED = 0
 # Commands that run the pipeline; `allocate` does too with --select-k.
-TORCH_COMMANDS = ("calibrate", "generate", "sensitivity", "evaluate", "compare")
+TORCH_COMMANDS = ("calibrate", "generate", "sensitivity", "evaluate", "compare", "export")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +96,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from mixdq.models import TURBO_SAMPLING, load_pipeline, read_prompt
     from mixdq.quant import quantization_off, quantize_
 
+    if args.config is not None and _is_checkpoint(args.config):
+        return _generate_from_checkpoint(args)
     # Read before the model loads, so that a bad file fails at once.
     config = PrecisionConfig.load(args.config) if args.config is not None else None
     pipe = load_pipeline(args.model, device=args.device)
@@ -134,6 +136,39 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(run("quant"))
     with quantization_off(pipe):
         print(run("fp"))
+
+
+def _is_checkpoint(path: Path) -> bool:
+    from mixdq.deploy.checkpoint import is_checkpoint
+
+    return is_checkpoint(path)
+
+
+def _generate_from_checkpoint(args: argparse.Namespace) -> None:
+    """``generate --config CHECKPOINT_FOLDER``: the checkpoint is the model (its FP16 UNet weights are not in it,
+    so there is no FP image to write beside the quantized one)."""
+    import torch
+
+    from mixdq.deploy.checkpoint import load_quantized
+    from mixdq.models import TURBO_SAMPLING
+
+    if args.model is not None:
+        raise SystemExit(f"error: {args.config} is a quantized checkpoint, which is the model; drop --model.")
+    pipe = load_quantized(args.config, device=args.device)
+    size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
+    image = pipe(
+        args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=TURBO_SAMPLING.guidance_scale,
+        height=size,
+        width=size,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+    ).images[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
+    path = args.out / f"{slug}-seed{args.seed}-checkpoint.png"
+    image.save(path)
+    print(path)
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -323,6 +358,32 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"images and compare.json in {args.out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Calibrate (cached), deploy and save a quantized checkpoint folder that ``mixdq.load_quantized`` reads."""
+    from mixdq.calibrate import calibrate
+    from mixdq.config import PrecisionConfig
+    from mixdq.deploy import deploy
+    from mixdq.deploy.checkpoint import save_quantized
+    from mixdq.inventory import layer_inventory
+    from mixdq.models import load_pipeline
+
+    config = PrecisionConfig.load(args.config)  # before the model loads, so that a bad file fails at once
+    pipe = load_pipeline(args.model, device=args.device)
+    config.validate(layer_inventory(pipe.unet), pipe.model_id, source=str(args.config))
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    # the ranges `calibrate` made with its defaults, as `generate` and the studio use them
+    ranges = None
+    if config.act_bits:
+        ranges = calibrate(
+            pipe, num_inference_steps=CALIBRATION_STEPS, seed=CALIBRATION_SEED, height=size, width=size,
+            cache_dir=args.cache_dir,
+        )  # fmt: skip
+    report = deploy(pipe, config, ranges)
+    print(report.describe())
+    folder = save_quantized(pipe, config, args.out, progress=True)
+    print(f"quantized checkpoint -> {folder} (load it with mixdq.load_quantized({str(folder)!r}))")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mixdq",
@@ -346,7 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _sampling_args(p, steps=4, seed=0)
     p.add_argument("--prompt", required=True, help='e.g. "a red circle on the left, on a yellow background"')
-    p.add_argument("--config", type=Path, default=None, help=f"precision config from `allocate` or the studio: {CONFIG_FORMS}")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"precision config from `allocate` or the studio: {CONFIG_FORMS}; or a checkpoint folder from `export`",
+    )
     p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
     p.set_defaults(handler=cmd_generate)
 
@@ -430,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True, help="precision config JSON (from `allocate` or the studio)")
     p.add_argument("--out", type=Path, default=Path("outputs/compare"), help="folder for the PNGs and compare.json")
     p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser(
+        "export", help="deploy a precision config and save it as a quantized checkpoint folder (packed weights)"
+    )
+    _model_args(p)
+    p.add_argument("--config", type=Path, required=True, help=f"precision config: {CONFIG_FORMS}")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (a diffusers pipeline folder)")
+    p.set_defaults(handler=cmd_export)
 
     add_allocate_parser(sub)
     return parser
