@@ -359,3 +359,16 @@ def test_cli_export_writes_a_checkpoint_that_loads(random_pipe, tmp_path, capsys
     (tmp_path / "bad.json").write_text("{")
     assert main(["export", "--config", str(tmp_path / "bad.json"), "--out", str(out)]) == 2
     assert "bad.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_the_caption_language_travels_with_the_checkpoint(saved, tmp_path):
+    """A model that reads short prompts into its captions (the embedded one) still does after export."""
+    from mixdq.models import TINY_SCENE_LANGUAGE
+
+    assert mixdq.load_quantized(saved.folder, device="cpu").prompt_language is None
+    saved.pipe.prompt_language = TINY_SCENE_LANGUAGE
+    try:
+        folder = save_quantized(saved.pipe, saved.config, tmp_path / "with-language")
+    finally:
+        del saved.pipe.prompt_language
+    assert mixdq.load_quantized(folder, device="cpu").prompt_language == TINY_SCENE_LANGUAGE

@@ -56,6 +56,7 @@ from mixdq.deploy.layers import (
 )
 from mixdq.deploy.policy import CONV_PATHS
 from mixdq.inventory import LayerInfo, inventory_fingerprint, layer_inventory
+from mixdq.models import PROMPT_LANGUAGE_FILE, prompt_language
 from mixdq.quant.api import unet_of
 from mixdq.quant.layers import QuantLayer, QuantMode
 
@@ -281,6 +282,9 @@ def _manifest_json(manifest: dict[str, Any]) -> str:
 def _save_pipeline_parts(pipe: Any, folder: Path, progress: bool) -> None:
     """model_index.json and every component but the UNet, as diffusers' ``save_pretrained`` writes them."""
     pipe.save_config(str(folder))
+    language = getattr(pipe, "prompt_language", None)
+    if language is not None:  # the caption language travels with the model (mixdq.models.read_prompt)
+        (folder / PROMPT_LANGUAGE_FILE).write_text(json.dumps({"language": language}, indent=2) + "\n")
     parts = [(name, part) for name, part in pipe.components.items() if name != UNET_FOLDER and part is not None]
     for name, part in tqdm(parts, desc="writing pipeline parts", disable=not progress):
         if isinstance(part, nn.Module):
@@ -702,4 +706,5 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None,
         raise CheckpointError(f"{folder}: the pipeline parts cannot be loaded ({first}).") from None
     pipe.set_progress_bar_config(disable=not progress)
     pipe.model_id = unet.mixdq_model_id
+    pipe.prompt_language = prompt_language(folder)
     return pipe.to(device)
