@@ -17,6 +17,8 @@ on CUDA).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +38,7 @@ def fake_quantize_parts(
     bounds = part_bounds(features, k_split)
     parts = [
         reference.fake_quantize_act_tensors(x.narrow(dim, a, b - a), inv[i], zp[i], scale[i], bits)
-        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 

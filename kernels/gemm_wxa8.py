@@ -221,7 +221,13 @@ def gemm_a8(
             quantize_act(x[:, a:b], s, z, act_bits, out=codes[:, a:b])
         x = codes
     (_, _, s1, z1), (_, _, s2, z2) = parts[0], parts[-1]
-    act = dict(a_scale1=s1, a_corr1=ACT_OFFSET - z1, a_scale2=s2, a_corr2=ACT_OFFSET - z2, a_params_ptr=weight.scale)
+    act = {
+        "a_scale1": s1,
+        "a_corr1": ACT_OFFSET - z1,
+        "a_scale2": s2,
+        "a_corr2": ACT_OFFSET - z2,
+        "a_params_ptr": weight.scale,
+    }
     return _launch(x, weight, bias, out_dtype, return_acc, swap, act, act_from_ptr=False, tma=tma)
 
 
@@ -248,12 +254,12 @@ def gemm_a8_codes(
     if act_params.shape != (3, parts) or act_params.dtype != torch.float32 or not act_params.is_contiguous():
         raise ValueError(f"act_params must be a contiguous float32 [3, {parts}] tensor, got {act_params.dtype} "
                          f"{tuple(act_params.shape)}")  # fmt: skip
-    act = dict(a_scale1=1.0, a_corr1=0, a_scale2=1.0, a_corr2=0, a_params_ptr=act_params)
+    act = {"a_scale1": 1.0, "a_corr1": 0, "a_scale2": 1.0, "a_corr2": 0, "a_params_ptr": act_params}
     return _launch(x, weight, bias, out_dtype, return_acc, swap, act, act_from_ptr=True, tma=tma)
 
 
 def _check(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> None:
-    M, K = x.shape
+    _M, K = x.shape
     if K != weight.in_features:
         raise ValueError(f"x has K={K} columns but the weight has in_features={weight.in_features}")
     if x.dtype not in (torch.int8, torch.float16, torch.bfloat16, torch.float32):

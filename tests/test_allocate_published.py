@@ -71,14 +71,15 @@ def test_w4_allocation_is_within_the_band_with_candidate_bits_only(allocator):
     assert PrecisionConfig.from_json(config.to_json()).weight_bits == config.weight_bits
 
 
-def test_exact_is_fast_enough(sweeps):
+def test_exact_solves_to_optimality(sweeps):
+    """Every budget solves to proven optimality; the solve time README quotes is guarded against its recorded
+    benchmark in tests/test_readme_timings.py (bench/results/cpu_studio.json), not by a loose bound here."""
     _, results = sweeps
     for solver in SOLVERS:
         median = float(np.median([t for t, _ in results[solver]]))
         print(
             f"{solver}: median {median * 1000:.0f} ms, max {max(t for t, _ in results[solver]) * 1000:.0f} ms over {BUDGETS} budgets"
         )
-        assert median < 1.5  # target 0.5 s; measured 0.17–0.35 s on 2 cores (see the report)
         assert all(side.status == "Optimal" for _, side in results[solver])
 
 
@@ -89,7 +90,7 @@ def test_approximate_is_fast_and_close(sweeps, allocator):
     print(
         f"approx: median {median * 1000:.1f} ms; gap to cbc (score units) max {max(gaps):.4f}, mean {np.mean(gaps):.4f}"
     )
-    assert median < 0.2  # target 50 ms; measured ~1 ms at fixed K
+    # its time (README: the greedy solve) is guarded against the record in tests/test_readme_timings.py
     assert max(gaps) < 0.01  # measured ≤ 0.003: within 1% of the all-lowest → all-highest span
     assert min(gaps) > -2 * MIP_GAP  # the exact solution is never meaningfully worse
     start = time.perf_counter()
