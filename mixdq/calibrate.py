@@ -1,6 +1,8 @@
 """Calibration: run prompts through the pipeline and record every layer's activation range at every
-candidate activation bit-width, with upstream layers already quantized (MixDQ's static per-tensor
+candidate activation bit-width, with upstream layers already quantized at that bit-width (MixDQ's static per-tensor
 asymmetric min-max with an EMA). Results are cached on disk keyed by everything that changes them.
+Each bit-width's ranges come from its own pass rather than MixDQ's single pass: on mixed A4/A8 configs the
+A4 pass's ranges gave the better images (README, "What is sensitive in it").
 """
 
 from __future__ import annotations
