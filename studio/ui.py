@@ -883,9 +883,10 @@ def _protected_mode(value: Any) -> str:
 
 
 def _inner_range(low: float, high: float, step: float) -> tuple[float, float]:
-    """Slider bounds on the step grid, strictly inside the feasible [low, high]."""
+    """Slider bounds on the step grid inside the feasible [low, high]: strictly above ``low``; ``high`` itself where
+    it is on the grid (8.00 bits with the protected weights outside the budget: every layer at 8)."""
     digits = _decimals(step)
-    return round(math.ceil(low / step + 1e-9) * step, digits), round(math.floor(high / step - 1e-9) * step, digits)
+    return round(math.ceil(low / step + 1e-9) * step, digits), round(math.floor(high / step + 1e-9) * step, digits)
 
 
 def _decimals(step: float) -> int:
