@@ -465,7 +465,12 @@ class StudioPage:
     # ---- budget --------------------------------------------------------------------------------------
     @guarded(outputs=2, notice=None)
     def switch_unit(
-        self, label: str, unit: str, bits_value: float, mb_value: float, protected_weights: str = services.DEFAULT_PROTECTED
+        self,
+        label: str,
+        unit: str,
+        bits_value: float,
+        mb_value: float,
+        protected_weights: str = services.DEFAULT_PROTECTED,
     ):
         """Show the slider of the chosen unit, at the budget the other one had (converted as the protected
         weights mode counts them)."""
@@ -585,7 +590,9 @@ class StudioPage:
         if view.exact:
             achieved = view.result.weight.average_bits
             counted = "" if mode == services.DEFAULT_PROTECTED else f", protected weights {mode}"
-            name = f"allocation for {budget:g} {'MB' if in_mb else 'average bits'} ({achieved:.3f} bits{counted}, {label})"
+            name = (
+                f"allocation for {budget:g} {'MB' if in_mb else 'average bits'} ({achieved:.3f} bits{counted}, {label})"
+            )
             chosen = ChosenConfig(view.result.config, name, label)
         below = view.result.below_uniform
         notice = below.message if below is not None else ""
