@@ -84,6 +84,9 @@ def test_eight_bits_inside_says_layers_went_below_eight(page):
     assert low == sum(b < 8 for b in out[4].config.weight_bits.values()) > 0
     outside = _allocate(page, label, 8.0, "outside", acts=False)
     assert outside[10] == "" and set(outside[4].config.weight_bits.values()) == {8}
+    if label == PUBLISHED_LABEL:  # no SDXL-Turbo weights here: nothing to save, and the page says what to do
+        refused = page.save_checkpoint(out[4])
+        assert refused[0] == SKIP and "whose weights are not loaded here" in refused[1]
 
 
 def math_floor(value: float) -> float:
@@ -142,6 +145,23 @@ def test_save_checkpoint_reloads_with_identical_unet_outputs(page, saved, tmp_pa
     assert image.size == (64, 64) and notice.startswith("Drawn as")
     refused = checkpoint.generate("a red circle", 0, 1, 68)
     assert refused[0] == SKIP and "multiple of 8" in refused[1]
+
+
+def test_app_serves_the_checkpoint_page(saved, tmp_path, monkeypatch):
+    _, archive, _ = saved
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(tmp_path)
+        folder = tmp_path / zipped.namelist()[0].split("/")[0]
+    served = []
+    monkeypatch.setattr(app, "_launch", lambda demo, args, started: served.append(demo) or 0)
+    monkeypatch.setattr(app, "_block", lambda demo: 0)
+    assert app.main(["--model", str(folder), "--device", "cpu"]) == 0
+    (demo,) = served
+    texts = [getattr(block, "value", None) for block in demo.blocks.values()]
+    assert NO_FP16 in texts
+    assert any(isinstance(t, str) and t.startswith("**config**: ") and "average weight bits" in t for t in texts)
+    labels = {getattr(block, "label", None) for block in demo.blocks.values()}
+    assert "weight budget (average bits)" not in labels  # no Budget tab: nothing to re-allocate from
 
 
 def test_a_corrupted_checkpoint_is_one_line_and_exit_2(saved, tmp_path, capsys):

@@ -733,5 +733,5 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None,
         raise CheckpointError(f"{folder}: the pipeline parts cannot be loaded ({first}).") from None
     pipe.set_progress_bar_config(disable=not progress)
     pipe.model_id = unet.mixdq_model_id
-    pipe.prompt_language = prompt_language(folder)
+    pipe.prompt_language = prompt_language(Path(folder))  # a str path too, as README shows
     return pipe.to(device)
