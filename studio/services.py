@@ -351,7 +351,7 @@ def save_checkpoint(
     """Write a checkpoint of ``config`` for the loaded model with :func:`mixdq.deploy.checkpoint.export_checkpoint`
     (what ``mixdq export`` runs: a deployed, unfused copy of the UNet; the FP16 one stays for Compare), calibrated
     as ``mixdq export`` calibrates, and zip it for download."""
-    import shutil
+    import zipfile
 
     from mixdq.cli import CALIBRATION_STEPS
     from mixdq.deploy.checkpoint import TENSOR_FILE, UNET_FOLDER, export_checkpoint
@@ -361,8 +361,20 @@ def save_checkpoint(
     folder = directory / _config_stem(config)
     with workspace.lock:
         ranges = workspace.act_ranges(CALIBRATION_STEPS) if config.act_bits else None
-        export_checkpoint(workspace.pipe, config, ranges, folder, progress=True)
-    archive = Path(shutil.make_archive(str(folder), "zip", root_dir=directory, base_dir=folder.name))
+        try:
+            export_checkpoint(workspace.pipe, config, ranges, folder, progress=True)
+        except torch.cuda.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            raise DeployOutOfMemoryError(
+                f"the GPU ran out of memory while deploying the copy to save ({str(err).splitlines()[0][:160]}); "
+                "nothing was saved. Close other GPU programs, or run python -m mixdq export on its own."
+            ) from None
+    archive = directory / f"{folder.name}.zip"  # the stem has dots (w4.02): no with_suffix
+    # stored, not deflated: packed codes and FP16 weights hardly compress, and deflating GBs takes minutes
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zipped.write(path, path.relative_to(directory))
     accounted = weight_memory(workspace.layers, config, workspace.inventory.other_params).total_bytes
     return SavedCheckpoint(
         folder,

@@ -111,7 +111,7 @@ def test_save_checkpoint_reloads_with_identical_unet_outputs(page, saved, tmp_pa
         zipped.extractall(tmp_path)
         names = zipped.namelist()
     folder = tmp_path / names[0].split("/")[0]
-    assert (folder / "unet" / MANIFEST_FILE).is_file()
+    assert archive.endswith(f"/{folder.name}.zip") and (folder / "unet" / MANIFEST_FILE).is_file()
     unet_mb = (folder / "unet" / TENSOR_FILE).stat().st_size / 1e6
     found = re.search(r"UNet tensors ([\d,.]+) MB \(config accounting ([\d,.]+) MB", status)
     assert float(found[1].replace(",", "")) == pytest.approx(unet_mb, abs=0.01)
