@@ -335,13 +335,18 @@ class SavedCheckpoint:
     unet_bytes: int  # the UNet's tensor file
     folder_bytes: int  # everything in the folder (the FP16 text encoders and VAE included)
     accounted_bytes: int  # mixdq.memory.weight_memory of the config: the deploy accounting
+    dtype: torch.dtype  # the saved UNet's float dtype (the accounting counts FP16)
 
     def summary(self) -> str:
         ratio = self.unet_bytes / self.accounted_bytes
+        held = "" if self.dtype in (torch.float16, torch.bfloat16) else (
+            f", saved in {str(self.dtype).removeprefix('torch.')} (the model's dtype here), so its FP parameters "
+            "and scales take more than the FP16 accounting"
+        )  # fmt: skip
         return (
             f"checkpoint {self.archive.name}: UNet tensors {self.unet_bytes / MB:,.2f} MB (config accounting "
-            f"{self.accounted_bytes / MB:,.2f} MB, {ratio:.3f}x); whole folder {self.folder_bytes / MB:,.2f} MB "
-            f"with the FP16 text encoders and VAE; load it with mixdq.load_quantized or python app.py --model"
+            f"{self.accounted_bytes / MB:,.2f} MB, {ratio:.3f}x{held}); whole folder {self.folder_bytes / MB:,.2f} "
+            "MB with the text encoders and VAE; load it with mixdq.load_quantized or python app.py --model"
         )
 
 
@@ -382,6 +387,7 @@ def save_checkpoint(
         (folder / UNET_FOLDER / TENSOR_FILE).stat().st_size,
         sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
         accounted,
+        workspace.pipe.unet.dtype,
     )
 
 
