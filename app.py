@@ -43,15 +43,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from mixdq.deploy.checkpoint import is_checkpoint
     from mixdq.models import EMBEDDED_MODEL_ID, ModelNotAvailableError, default_device, load_pipeline
     from studio.sources import build_sources, model_folder, model_info_from_folder, prewarm_in_background
-    from studio.ui import build_demo, head_html
+    from studio.ui import build_demo
 
     device = args.device or default_device()
     if "OMP_NUM_THREADS" not in os.environ:
         # One core stays free for the web server: the sliders answer while an image is generated, and torch's
         # OpenMP threads do not spin against each other on a busy machine (tens of times slower on 2 cores).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+
+    if args.model is not None and is_checkpoint(args.model):
+        return _serve_checkpoint(args, device, started)
 
     def load():
         return load_pipeline(args.model, device=device)
@@ -71,6 +75,36 @@ def main(argv: list[str] | None = None) -> int:
     first_view = threading.Event()
     demo = build_demo(workspace, sources, on_first_view=first_view.set)
     demo.queue(default_concurrency_limit=4, max_size=32)
+    served = _launch(demo, args, started)
+    if served != 0:
+        return served
+    if not workspace.loaded:
+        workspace.load_in_background(load, after=first_view)
+    prewarm_in_background(sources, after=first_view)
+    return _block(demo)
+
+
+def _serve_checkpoint(args: argparse.Namespace, device: str, started: float) -> int:
+    """``--model CHECKPOINT_FOLDER``: load it with mixdq.load_quantized (a bad one: its one line, exit 2) and serve
+    the checkpoint page (generate; no FP16 weights, so no compare or re-allocation)."""
+    from mixdq.deploy.checkpoint import CheckpointError, load_quantized
+    from studio.checkpoint_page import build_checkpoint_demo
+
+    try:
+        pipe = load_quantized(args.model, device=device)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    demo = build_checkpoint_demo(pipe, args.model)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    served = _launch(demo, args, started)
+    return served if served != 0 else _block(demo)
+
+
+def _launch(demo, args: argparse.Namespace, started: float) -> int:
+    """Serve ``demo`` (0), or say in one line why it cannot be served (2)."""
+    from studio.ui import head_html
+
     logging.getLogger("httpx").setLevel(logging.WARNING)
     gradio_says = io.StringIO()  # Gradio explains a failed share link in a dozen lines; we say it in one
     try:
@@ -90,9 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(f"MixDQ Studio ready at {local_url} ({time.perf_counter() - started:.1f} s)", flush=True)
-    if not workspace.loaded:
-        workspace.load_in_background(load, after=first_view)
-    prewarm_in_background(sources, after=first_view)
     if args.share and not share_url:
         reason = gradio_says.getvalue().strip().splitlines()[0] if gradio_says.getvalue().strip() else "no answer"
         print(f"No public share link ({reason.rstrip('. ')}); serving locally only.", flush=True)
@@ -100,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Public link: {share_url}", flush=True)
     else:
         print(gradio_says.getvalue(), end="", flush=True)
+    return 0
+
+
+def _block(demo) -> int:
     try:
         demo.block_thread()
     except KeyboardInterrupt:

@@ -362,8 +362,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Calibrate (cached), deploy and save a quantized checkpoint folder that ``mixdq.load_quantized`` reads."""
     from mixdq.calibrate import calibrate
     from mixdq.config import PrecisionConfig
-    from mixdq.deploy import deploy
-    from mixdq.deploy.checkpoint import save_quantized
+    from mixdq.deploy.checkpoint import export_checkpoint
     from mixdq.inventory import layer_inventory
     from mixdq.models import load_pipeline
 
@@ -378,9 +377,8 @@ def cmd_export(args: argparse.Namespace) -> None:
             pipe, num_inference_steps=CALIBRATION_STEPS, seed=CALIBRATION_SEED, height=size, width=size,
             cache_dir=args.cache_dir,
         )  # fmt: skip
-    report = deploy(pipe, config, ranges)
+    folder, report = export_checkpoint(pipe, config, ranges, args.out, progress=True, in_place=True)
     print(report.describe())
-    folder = save_quantized(pipe, config, args.out, progress=True)
     print(f"quantized checkpoint -> {folder} (load it with mixdq.load_quantized({str(folder)!r}))")
 
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from mixdq.allocate import AUTO, AllocationResult, Allocator, InfeasibleBudgetError
+from mixdq.allocate import AUTO, PROTECTED_WEIGHTS, AllocationResult, Allocator, InfeasibleBudgetError
 from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
 from mixdq.config_io import quote
@@ -40,6 +40,20 @@ PROTECTED_SHARE = 0.01
 DEFAULT_BITS = 4.0  # the weight slider's start, where the background solver starts too
 BITS_STEP = 0.05  # weight-budget slider resolution (MixDQ's band is ±0.02 bits, so finer steps add nothing)
 FRONT_POINTS = 24
+# The Budget tab's choices of what a weight budget charges for the protected layers (mixdq.allocate's
+# PROTECTED_WEIGHTS, the CLI's --protected-weights), each with the line the page shows.
+PROTECTED_MODES = dict(
+    zip(
+        PROTECTED_WEIGHTS,
+        (
+            "FP16, counted at 16 bits in the budget (what memory costs; 8.00 bits cannot keep every layer at 8)",
+            "FP16, not counted: the budget averages over the other layers (memory still pays their FP16)",
+            "MixDQ's: weights allocated like any other layer, only the activations stay FP16",
+        ),
+        strict=True,
+    )
+)
+DEFAULT_PROTECTED = PROTECTED_WEIGHTS[0]  # "inside", the allocator's default
 
 
 @dataclass
@@ -55,15 +69,36 @@ class SensitivitySource:
     # Where users drag the weight slider now (average bits): the background solver works outward from here.
     # A scheduling hint shared by the sessions of this source, never part of a result.
     focus_bits: float = DEFAULT_BITS
+    # protected_weights mode -> (allocator, front), built on first use; "inside" is ``allocator`` and ``front``
+    by_mode: dict[str, tuple[Allocator, pd.DataFrame]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, label: str, model_id: str, table: pd.DataFrame, inventory: UNetInventory) -> SensitivitySource:
         protected = select_protected(table, PROTECTED_SHARE)
         allocator = Allocator(table, protected=protected, inventory=inventory, model_id=model_id)
-        low, high = allocator.feasible_range("weight")
-        budgets = np.linspace(low + 0.01, high - 0.01, FRONT_POINTS)
-        front = pareto_front(allocator, budgets, "weight", AUTO, "approx")
-        return cls(label, model_id, table, inventory, allocator, front)
+        return cls(label, model_id, table, inventory, allocator, _front(allocator))
+
+    def allocator_for(self, protected_weights: str = DEFAULT_PROTECTED) -> Allocator:
+        """The allocator whose weight budgets count the protected layers as ``protected_weights`` says (one of
+        :data:`PROTECTED_MODES`); each keeps its solved allocations between calls."""
+        return self._mode(protected_weights)[0]
+
+    def front_for(self, protected_weights: str = DEFAULT_PROTECTED) -> pd.DataFrame:
+        return self._mode(protected_weights)[1]
+
+    def _mode(self, protected_weights: str) -> tuple[Allocator, pd.DataFrame]:
+        if protected_weights == self.allocator.protected_weights:
+            return self.allocator, self.front
+        if protected_weights not in self.by_mode:
+            allocator = Allocator(
+                self.table,
+                protected=self.allocator.protected,
+                inventory=self.inventory,
+                model_id=self.model_id,
+                protected_weights=protected_weights,
+            )
+            self.by_mode[protected_weights] = (allocator, _front(allocator))
+        return self.by_mode[protected_weights]
 
     @functools.cached_property
     def order(self) -> list[str]:
@@ -85,17 +120,24 @@ class SensitivitySource:
             remaining.discard(budget)
             self.allocator.allocate_side("weight", budget, AUTO, "cbc")
 
-    def weight_range_bits(self) -> tuple[float, float]:
-        return self.allocator.feasible_range("weight")
+    def weight_range_bits(self, protected_weights: str = DEFAULT_PROTECTED) -> tuple[float, float]:
+        return self.allocator_for(protected_weights).feasible_range("weight")
 
-    def bits_to_mb(self, bits: float) -> float:
-        return self.allocator.bits_to_mb(bits)
+    def bits_to_mb(self, bits: float, protected_weights: str = DEFAULT_PROTECTED) -> float:
+        return self.allocator_for(protected_weights).bits_to_mb(bits)
 
-    def mb_to_bits(self, mb: float) -> float:
-        return self.allocator.mb_to_bits(mb)
+    def mb_to_bits(self, mb: float, protected_weights: str = DEFAULT_PROTECTED) -> float:
+        return self.allocator_for(protected_weights).mb_to_bits(mb)
 
     def fp16_mb(self) -> float:
         return weight_memory(list(self.inventory.layers), None, self.inventory.other_params).total_bytes / MB
+
+
+def _front(allocator: Allocator) -> pd.DataFrame:
+    """The weight Pareto front (approximate solver) across ``allocator``'s feasible range, for the plot."""
+    low, high = allocator.feasible_range("weight")
+    budgets = np.linspace(low + 0.01, high - 0.01, FRONT_POINTS)
+    return pareto_front(allocator, budgets, "weight", AUTO, "approx")
 
 
 @functools.cache
@@ -161,8 +203,10 @@ def allocate(
     act_bits: float | None,
     k: float | str,
     exact: bool,
+    protected_weights: str = DEFAULT_PROTECTED,
 ) -> AllocationView:
-    """Allocate at a weight budget (``unit`` "bits" or "MB") and activation budget (None = FP16).
+    """Allocate at a weight budget (``unit`` "bits" or "MB") and activation budget (None = FP16), the protected
+    layers' weights counted as ``protected_weights`` says (:data:`PROTECTED_MODES`).
 
     ``exact=True`` solves the CBC ILP; ``exact=False`` (slider preview) returns the ILP's answer when it
     is already solved (a lookup: the studio solves slider positions in the background) and the
@@ -170,8 +214,8 @@ def allocate(
     """
     bits = round(weight_budget, 6)
     kwargs = {"weight_mb": weight_budget} if unit == "MB" else {"weight_bits": bits}
-    allocator = source.allocator
-    if not exact:  # a drag: let the background solver work next to it, so the release finds its answer
+    allocator = source.allocator_for(protected_weights)
+    if not exact and protected_weights == DEFAULT_PROTECTED:  # a drag: the background solver works next to it
         source.focus_bits = bits if unit != "MB" else source.mb_to_bits(weight_budget)
     solved = (
         unit != "MB"
@@ -184,7 +228,7 @@ def allocate(
     title = f"Allocation: {weight.average_bits:.3f} average weight bits ({'exact ILP' if exact else 'preview'})"
     figure = bits_heatmap(source.order, {n: result.config.layer_weight_bits(n) for n in source.order}, title)
     memory = memory_bar(source.fp16_mb(), result.weight_mb)
-    pareto = pareto_figure(source, (result.weight_mb, weight.score))
+    pareto = pareto_figure(source, (result.weight_mb, weight.score), protected_weights)
     groups = ", ".join(f"{g} {s.average:.2f}" for g, s in weight.groups.items())
     act = result.act
     solve_ms = 1000 * (weight.seconds + (act.seconds if act else 0))
@@ -194,17 +238,32 @@ def allocate(
     summary = (
         f"weights {weight.average_bits:.3f} bits (groups: {groups}; K = {weight.k:.3f}), {act_text}; "
         f"UNet weights {result.weight_mb:,.1f} MB vs FP16 {source.fp16_mb():,.1f} MB "
-        f"({source.fp16_mb() / result.weight_mb:.2f}x smaller); {len(source.protected)} protected layers in FP16; "
+        f"({source.fp16_mb() / result.weight_mb:.2f}x smaller); {protected_text(source, result, protected_weights)}; "
         f"solver {weight.solver}, status {weight.status}, {solve_ms:.0f} ms"
         + (" (solved in the background before you asked)" if solved else "")
     )
     return AllocationView(result, exact, figure, memory, pareto, summary)
 
 
-def pareto_figure(source: SensitivitySource, current: tuple[float, float] | None = None) -> Spec:
-    """Score (size-weighted normalized sensitivity) against UNet MB along the precomputed front, with
-    ``current`` = (MB, score) of the shown allocation marked."""
-    return pareto_chart(source.front.mb.tolist(), source.front.score.tolist(), current)
+def protected_text(source: SensitivitySource, result: AllocationResult, protected_weights: str) -> str:
+    """What the weight budget counted for the protected layers, with the averages over every layer (memory) and
+    over the allocated layers (what the solver spread)."""
+    weight, count = result.weight, len(source.protected)
+    averages = f"all layers {weight.overall_bits:.3f} bits, allocated layers {weight.allocated_bits:.3f}"
+    return {
+        "inside": f"{count} protected layers' weights FP16, counted at 16 bits in the budget ({averages})",
+        "outside": f"{count} protected layers' weights FP16, not counted in the budget ({averages})",
+        "act_only": f"{count} protected layers' weights allocated too, their activations FP16 ({averages})",
+    }[protected_weights]
+
+
+def pareto_figure(
+    source: SensitivitySource, current: tuple[float, float] | None = None, protected_weights: str = DEFAULT_PROTECTED
+) -> Spec:
+    """Score (size-weighted normalized sensitivity) against UNet MB along the precomputed front of the
+    ``protected_weights`` mode, with ``current`` = (MB, score) of the shown allocation marked."""
+    front = source.front_for(protected_weights)
+    return pareto_chart(front.mb.tolist(), front.score.tolist(), current)
 
 
 def imported_view(source: SensitivitySource, config: PrecisionConfig, name: str) -> tuple[Spec, str, Spec, str]:
@@ -265,6 +324,71 @@ def export_config(
     except ConfigError:
         pass  # yaml_refusal tells the page why
     return paths
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A checkpoint the Export tab wrote: its folder, the folder as one .zip, and their sizes beside the config's."""
+
+    folder: Path
+    archive: Path
+    unet_bytes: int  # the UNet's tensor file
+    folder_bytes: int  # everything in the folder (the FP16 text encoders and VAE included)
+    accounted_bytes: int  # mixdq.memory.weight_memory of the config: the deploy accounting
+    dtype: torch.dtype  # the saved UNet's float dtype (the accounting counts FP16)
+
+    def summary(self) -> str:
+        ratio = self.unet_bytes / self.accounted_bytes
+        held = "" if self.dtype in (torch.float16, torch.bfloat16) else (
+            f", saved in {str(self.dtype).removeprefix('torch.')} (the model's dtype here), so its FP parameters "
+            "and scales take more than the FP16 accounting"
+        )  # fmt: skip
+        return (
+            f"checkpoint {self.archive.name}: UNet tensors {self.unet_bytes / MB:,.2f} MB (config accounting "
+            f"{self.accounted_bytes / MB:,.2f} MB, {ratio:.3f}x{held}); whole folder {self.folder_bytes / MB:,.2f} "
+            "MB with the text encoders and VAE; load it with mixdq.load_quantized or python app.py --model"
+        )
+
+
+def save_checkpoint(
+    workspace: ModelWorkspace, config: PrecisionConfig, directory: str | Path | None = None
+) -> SavedCheckpoint:
+    """Write a checkpoint of ``config`` for the loaded model with :func:`mixdq.deploy.checkpoint.export_checkpoint`
+    (what ``mixdq export`` runs: a deployed, unfused copy of the UNet; the FP16 one stays for Compare), calibrated
+    as ``mixdq export`` calibrates, and zip it for download."""
+    import zipfile
+
+    from mixdq.cli import CALIBRATION_STEPS
+    from mixdq.deploy.checkpoint import TENSOR_FILE, UNET_FOLDER, export_checkpoint
+
+    config.validate(workspace.layers)
+    directory = Path(directory or tempfile.mkdtemp(prefix="mixdq-checkpoint-"))
+    folder = directory / _config_stem(config)
+    with workspace.lock:
+        ranges = workspace.act_ranges(CALIBRATION_STEPS) if config.act_bits else None
+        try:
+            export_checkpoint(workspace.pipe, config, ranges, folder, progress=True)
+        except torch.cuda.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            raise DeployOutOfMemoryError(
+                f"the GPU ran out of memory while deploying the copy to save ({str(err).splitlines()[0][:160]}); "
+                "nothing was saved. Close other GPU programs, or run python -m mixdq export on its own."
+            ) from None
+    archive = directory / f"{folder.name}.zip"  # the stem has dots (w4.02): no with_suffix
+    # stored, not deflated: packed codes and FP16 weights hardly compress, and deflating GBs takes minutes
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zipped.write(path, path.relative_to(directory))
+    accounted = weight_memory(workspace.layers, config, workspace.inventory.other_params).total_bytes
+    return SavedCheckpoint(
+        folder,
+        archive,
+        (folder / UNET_FOLDER / TENSOR_FILE).stat().st_size,
+        sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+        accounted,
+        workspace.pipe.unet.dtype,
+    )
 
 
 def yaml_refusal(config: PrecisionConfig, layers_inventory: UNetInventory) -> str | None:
@@ -560,6 +684,7 @@ __all__ = [
     "InfeasibleBudgetError",
     "ModelInfo",
     "ModelWorkspace",
+    "SavedCheckpoint",
     "SensitivitySource",
     "allocate",
     "compare_report",
@@ -572,6 +697,7 @@ __all__ = [
     "prompt_truncation",
     "published_source",
     "run_options_text",
+    "save_checkpoint",
     "sensitivity_figures",
     "with_run_options",
     "yaml_refusal",

@@ -237,6 +237,13 @@ class StudioPage:
                 interactive=False,
                 elem_id="k-slider",
             )
+        self.protected_weights = gr.Radio(
+            [(f"{mode}: {help_text}", mode) for mode, help_text in services.PROTECTED_MODES.items()],
+            value=services.DEFAULT_PROTECTED,
+            label=f"protected layers' weights ({services.PROTECTED_SHARE:.0%} most sensitive layers, activations FP16)",
+            info="what the weight budget charges for them; CLI: python -m mixdq allocate --protected-weights",
+            elem_id="protected-weights",
+        )
         with gr.Row():
             self.weight_scales = gr.Radio(
                 list(services.WEIGHT_SCALES),
@@ -267,6 +274,7 @@ class StudioPage:
             self.k_auto,
             self.k_value,
             self.shown_state,
+            self.protected_weights,
         ]
         self.alloc_outputs = [
             self.allocation_plot,
@@ -308,11 +316,16 @@ class StudioPage:
         )
         sliders = [self.budget, self.budget_mb]
         self.unit.change(
-            self.switch_unit, [self.source, self.unit, *sliders], sliders, preprocess=False, api_name=False
+            self.switch_unit,
+            [self.source, self.unit, *sliders, self.protected_weights],
+            sliders,
+            preprocess=False,
+            api_name=False,
         )
-        self.source.change(self.reset_sliders, [self.source, self.unit], sliders, api_name=False).then(
-            self.solve, self.alloc_inputs, self.alloc_outputs, api_name=False, **events
-        )
+        for component in (self.source, self.protected_weights):  # new feasible range: sliders re-bounded first
+            component.change(
+                self.reset_sliders, [self.source, self.unit, self.protected_weights], sliders, api_name=False
+            ).then(self.solve, self.alloc_inputs, self.alloc_outputs, api_name=False, **events)
 
     def _compare_tab(self) -> None:
         device = self.workspace.device.type
@@ -398,6 +411,21 @@ class StudioPage:
             elem_id="upload",
         )
         self.import_status = gr.Markdown(elem_id="import-status")
+        checkpoint_button = gr.Button("Save quantized checkpoint", elem_id="save-checkpoint")
+        self.checkpoint_file = gr.File(
+            label="quantized checkpoint folder (.zip): packed UNet, activation ranges, config, FP16 text encoders "
+            "and VAE; mixdq.load_quantized and python app.py --model read the unzipped folder",
+            elem_id="checkpoint-file",
+        )
+        self.checkpoint_status = gr.Markdown(elem_id="checkpoint-status")
+        checkpoint_button.click(
+            self.save_checkpoint,
+            [self.config_state, self.weight_scales, self.fp8],
+            [self.checkpoint_file, self.checkpoint_status],
+            api_name="save_checkpoint",
+            concurrency_id="gpu",
+            concurrency_limit=1,
+        )
         export_button.click(
             self.export,
             [self.config_state, self.source, self.weight_scales, self.fp8],
@@ -436,28 +464,37 @@ class StudioPage:
 
     # ---- budget --------------------------------------------------------------------------------------
     @guarded(outputs=2, notice=None)
-    def switch_unit(self, label: str, unit: str, bits_value: float, mb_value: float):
-        """Show the slider of the chosen unit, at the budget the other one had."""
-        source = self.source_of(label)
-        low, high, mb_low, mb_high = _slider_bounds(source)
+    def switch_unit(
+        self,
+        label: str,
+        unit: str,
+        bits_value: float,
+        mb_value: float,
+        protected_weights: str = services.DEFAULT_PROTECTED,
+    ):
+        """Show the slider of the chosen unit, at the budget the other one had (converted as the protected
+        weights mode counts them)."""
+        source, mode = self.source_of(label), _protected_mode(protected_weights)
+        low, high, mb_low, mb_high = _slider_bounds(source, mode)
         if unit == "MB":
-            mb = min(max(round(source.bits_to_mb(float(bits_value)), 1), mb_low), mb_high)
+            mb = min(max(round(source.bits_to_mb(float(bits_value), mode), 1), mb_low), mb_high)
             return gr.update(visible=False), gr.update(visible=True, value=mb)
-        bits = min(max(_on_grid(source.mb_to_bits(float(mb_value)), BITS_STEP), low), high)
+        bits = min(max(_on_grid(source.mb_to_bits(float(mb_value), mode), BITS_STEP), low), high)
         return gr.update(visible=True, value=bits), gr.update(visible=False)
 
     @guarded(outputs=2, notice=None)
-    def reset_sliders(self, label: str, unit: str):
-        """New source, new feasible range: both sliders re-bounded, at 4 bits where possible."""
-        source = self.source_of(label)
-        low, high, mb_low, mb_high = _slider_bounds(source)
+    def reset_sliders(self, label: str, unit: str, protected_weights: str = services.DEFAULT_PROTECTED):
+        """New source or protected weights mode, new feasible range: both sliders re-bounded, at 4 bits where
+        possible."""
+        source, mode = self.source_of(label), _protected_mode(protected_weights)
+        low, high, mb_low, mb_high = _slider_bounds(source, mode)
         bits = min(max(services.DEFAULT_BITS, low), high)
         return (
             gr.update(minimum=low, maximum=high, value=bits, visible=unit != "MB"),
             gr.update(
                 minimum=mb_low,
                 maximum=mb_high,
-                value=min(max(round(source.bits_to_mb(bits), 1), mb_low), mb_high),
+                value=min(max(round(source.bits_to_mb(bits, mode), 1), mb_low), mb_high),
                 visible=unit == "MB",
             ),
         )
@@ -481,17 +518,29 @@ class StudioPage:
 
     @guarded(outputs=11, notice=10)
     def allocate(
-        self, label, unit, budget_bits, budget_mb, quantize_acts, act_bits, k_auto, k_value, shown, exact: bool
+        self,
+        label,
+        unit,
+        budget_bits,
+        budget_mb,
+        quantize_acts,
+        act_bits,
+        k_auto,
+        k_value,
+        shown,
+        protected_weights=services.DEFAULT_PROTECTED,
+        *,
+        exact: bool,
     ):
         """The allocation view (outputs: see ``alloc_outputs``). A budget input out of range is refused with a
         message and its box goes back to the last valid value; the allocation shown stays. Outputs the session's
         page already shows exactly are skipped, not re-drawn: a slider click fires the preview and the release at
         once, and both usually find the same result."""
-        source = self.source_of(label)
+        source, mode = self.source_of(label), _protected_mode(protected_weights)
         shown = shown if isinstance(shown, dict) and "inputs" in shown else self.new_shown()
         skip = gr.skip
         in_mb = unit == "MB"
-        low, high, mb_low, mb_high = _slider_bounds(source)
+        low, high, mb_low, mb_high = _slider_bounds(source, mode)
         checks = [
             (
                 "MB" if in_mb else "bits",
@@ -528,6 +577,7 @@ class StudioPage:
                 float(act_bits) if quantize_acts else None,
                 "auto" if k_auto else float(k_value),
                 exact,
+                mode,
             )
         except InfeasibleBudgetError as err:
             raise StudioInputError(services.infeasible_message(err)) from None
@@ -539,9 +589,14 @@ class StudioPage:
         chosen = skip()
         if view.exact:
             achieved = view.result.weight.average_bits
-            name = f"allocation for {budget:g} {'MB' if in_mb else 'average bits'} ({achieved:.3f} bits, {label})"
+            counted = "" if mode == services.DEFAULT_PROTECTED else f", protected weights {mode}"
+            name = (
+                f"allocation for {budget:g} {'MB' if in_mb else 'average bits'} ({achieved:.3f} bits{counted}, {label})"
+            )
             chosen = ChosenConfig(view.result.config, name, label)
-        return heatmap, memory, pareto, status, chosen, shown, skip(), skip(), skip(), skip(), ""
+        below = view.result.below_uniform
+        notice = below.message if below is not None else ""
+        return heatmap, memory, pareto, status, chosen, shown, skip(), skip(), skip(), skip(), notice
 
     # ---- compare -------------------------------------------------------------------------------------
     @guarded(outputs=5, notice=4)
@@ -640,6 +695,32 @@ class StudioPage:
         if refusal:
             status += f"  \nJSON only: {refusal}"
         return [str(p) for p in paths], status
+
+    @guarded(outputs=2, notice=1)
+    def save_checkpoint(
+        self,
+        chosen: ChosenConfig | None,
+        weight_scales: str = next(iter(services.WEIGHT_SCALES)),
+        fp8: bool = False,
+        progress=gr.Progress(track_tqdm=True),  # noqa: B008
+    ):
+        """A checkpoint of the session's config for the loaded model, as a .zip (outputs: the file, the status)."""
+        workspace = self.workspace
+        if chosen is None:
+            raise StudioInputError("Nothing to save yet: release the budget slider (or import a config) first.")
+        if chosen.config.fingerprint not in (None, workspace.fingerprint):
+            raise StudioInputError(
+                f"The current allocation ({chosen.name}) is for {chosen.config.model_id or 'another model'}, whose "
+                f"weights are not loaded here: a checkpoint holds {workspace.model_id}'s weights, so choose its own "
+                "sensitivity data above and set a budget first."
+            )
+        if not workspace.loaded:
+            progress(0, desc="Loading the model (it loads in the background after start-up)...")
+        workspace.wait_for_pipeline()
+        config = services.with_run_options(chosen.config, workspace.inventory, weight_scales, bool(fp8))
+        progress(0, desc="calibrating, deploying an unfused copy and writing the checkpoint")
+        saved = services.save_checkpoint(workspace, config)
+        return str(saved.archive), f"{chosen.name}: " + saved.summary()
 
     @guarded(outputs=10, notice=1)
     def import_files(self, files: Any, label: str, shown: dict | None = None):
@@ -789,19 +870,30 @@ def _on_grid(value: float, step: float) -> float:
     return round(round(value / step) * step, _decimals(step))
 
 
-def _slider_bounds(source: SensitivitySource) -> tuple[float, float, float, float]:
-    """(bits low, bits high, MB low, MB high) of the weight-budget sliders for ``source``."""
-    low, high = source.weight_range_bits()
+def _slider_bounds(
+    source: SensitivitySource, protected_weights: str = services.DEFAULT_PROTECTED
+) -> tuple[float, float, float, float]:
+    """(bits low, bits high, MB low, MB high) of the weight-budget sliders for ``source``, bits counted as the
+    ``protected_weights`` mode counts them."""
+    low, high = source.weight_range_bits(protected_weights)
     return (
         *_inner_range(low, high, BITS_STEP),
-        *_inner_range(source.bits_to_mb(low), source.bits_to_mb(high), MB_STEP),
+        *_inner_range(source.bits_to_mb(low, protected_weights), source.bits_to_mb(high, protected_weights), MB_STEP),
     )
 
 
+def _protected_mode(value: Any) -> str:
+    """The page's protected weights choice, checked (an API call can send anything)."""
+    if value not in services.PROTECTED_MODES:
+        raise StudioInputError(f"protected weights {value!r} is not one of {list(services.PROTECTED_MODES)}.")
+    return value
+
+
 def _inner_range(low: float, high: float, step: float) -> tuple[float, float]:
-    """Slider bounds on the step grid, strictly inside the feasible [low, high]."""
+    """Slider bounds on the step grid inside the feasible [low, high]: strictly above ``low``; ``high`` itself where
+    it is on the grid (8.00 bits with the protected weights outside the budget: every layer at 8)."""
     digits = _decimals(step)
-    return round(math.ceil(low / step + 1e-9) * step, digits), round(math.floor(high / step - 1e-9) * step, digits)
+    return round(math.ceil(low / step + 1e-9) * step, digits), round(math.floor(high / step + 1e-9) * step, digits)
 
 
 def _decimals(step: float) -> int:

@@ -45,7 +45,7 @@ import kernels
 from kernels.pack import PACK_CHUNK
 from mixdq.config import ACT_BITS, PrecisionConfig
 from mixdq.config_io import ConfigError, parse_json, quote, read_text
-from mixdq.deploy.api import layer_class, layer_kind
+from mixdq.deploy.api import DeployReport, layer_class, layer_kind
 from mixdq.deploy.layers import (
     DEPLOYED_TYPES,
     DeployedConv2d,
@@ -265,6 +265,33 @@ def save_quantized(model: Any, config: PrecisionConfig, folder: str | Path, prog
     if model is not unet:
         _save_pipeline_parts(model, folder, progress)
     return folder
+
+
+@torch.no_grad()
+def export_checkpoint(
+    pipe: Any,
+    config: PrecisionConfig,
+    act_ranges: Any,
+    folder: str | Path,
+    progress: bool = False,
+    in_place: bool = False,
+) -> tuple[Path, DeployReport]:
+    """Deploy ``pipe``'s UNet with ``config`` (and ``act_ranges`` when it quantizes activations) and save it as a
+    checkpoint folder; returns (folder, deploy report). What ``mixdq export`` and the studio's Export tab run.
+
+    The saved UNet is deployed unfused and uncompiled (what :func:`save_quantized` accepts). With ``in_place``
+    (a pipeline loaded for this export alone) ``pipe``'s own UNet is deployed, its FP16 weights dropped;
+    otherwise a copy is, and ``pipe`` keeps its FP16 UNet (the studio goes on comparing against it).
+    """
+    import copy
+
+    from mixdq.deploy.api import deploy
+    from mixdq.deploy.runner import swapped_unet
+
+    unet = unet_of(pipe) if in_place else copy.deepcopy(unet_of(pipe))
+    with swapped_unet(pipe, unet):
+        report = deploy(pipe, config, act_ranges)
+        return save_quantized(pipe, config, folder, progress=progress), report
 
 
 def _manifest_json(manifest: dict[str, Any]) -> str:
@@ -706,5 +733,5 @@ def load_quantized(folder: str | Path, device: str | torch.device | None = None,
         raise CheckpointError(f"{folder}: the pipeline parts cannot be loaded ({first}).") from None
     pipe.set_progress_bar_config(disable=not progress)
     pipe.model_id = unet.mixdq_model_id
-    pipe.prompt_language = prompt_language(folder)
+    pipe.prompt_language = prompt_language(Path(folder))  # a str path too, as README shows
     return pipe.to(device)
