@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from mixdq.config import ACT_BITS, PrecisionConfig
 from mixdq.distributed import DistContext, current
 from mixdq.inventory import LayerInfo, inventory_fingerprint, layer_inventory
-from mixdq.models import ASSETS_DIR, TURBO_SAMPLING
+from mixdq.models import ASSETS_DIR, TURBO_SAMPLING, sample, seeded_generator
 from mixdq.numerics import fp32_numerics, numerics_settings
 from mixdq.quant.api import collect_act_ranges, quant_layers, quantize_, set_mode
 from mixdq.quant.layers import QuantMode
@@ -191,15 +191,15 @@ def calibrate(
                 layer.weight_clip = weight_config.weight_clip
                 layer.act_bits = bits
             set_mode(unet, QuantMode.CALIBRATE)
-            generator = torch.Generator("cpu").manual_seed(seed)
+            generator = seeded_generator(seed)
             for batch in batches:
-                pipe(
-                    prompt=batch,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=TURBO_SAMPLING.guidance_scale,
+                sample(
+                    pipe,
+                    batch,
+                    generator=generator,
+                    steps=num_inference_steps,
                     height=height,
                     width=width,
-                    generator=generator,
                     output_type="latent",
                 )
                 bar.update(1)

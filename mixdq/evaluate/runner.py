@@ -41,7 +41,7 @@ from mixdq.evaluate.metrics import (
 )
 from mixdq.inventory import LayerInfo, layer_inventory, non_layer_param_count
 from mixdq.memory import FP16_BITS, MB, average_weight_bits, weight_memory
-from mixdq.models import TURBO_SAMPLING
+from mixdq.models import sample, seeded_generator
 from mixdq.quant import quantization_off, quantize_
 
 # (one generated image (3, H, W) in [0, 1], the ground truth of its prompt) -> does the image show it?
@@ -101,16 +101,11 @@ def evaluate(
     batches = [range(i, min(i + batch_size, len(prompts))) for i in range(0, len(prompts), batch_size)]
 
     def generate(batch: range) -> torch.Tensor:
-        generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in batch]
-        images = pipe(
-            prompt=[prompts[i] for i in batch],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=TURBO_SAMPLING.guidance_scale,
-            height=height,
-            width=width,
-            generator=generators,
-            output_type="pt",
-        ).images
+        generators = [seeded_generator(seeds[i]) for i in batch]
+        prompt = [prompts[i] for i in batch]
+        images = sample(
+            pipe, prompt, generator=generators, steps=num_inference_steps, height=height, width=width, output_type="pt"
+        )
         return images.float().cpu()
 
     bar = tqdm(total=len(batches) * (len(configs) + 1), desc="evaluate: FP", disable=not progress)
