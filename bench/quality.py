@@ -56,9 +56,8 @@ from mixdq.calibrate import calibrate, default_prompts
 from mixdq.config import PrecisionConfig
 from mixdq.evaluate import KSelection, embedded_checker, embedded_clip_scorer, evaluate, select_k
 from mixdq.evaluate.runner import results_path
-from mixdq.inventory import layer_inventory, non_layer_param_count
+from mixdq.inventory import UNetInventory, layer_inventory, non_layer_param_count
 from mixdq.models import EMBEDDED_MODEL_DIR, load_pipeline
-from mixdq.sensitivity.published import UNetInventory
 from mixdq.sensitivity.sweep import SweepSettings, run_sweep
 from mixdq.sensitivity.table import PROTECTED_SHARE, read_table, select_protected, validate_table
 from mixdq.tiny.data import Scene, sample_scenes
