@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mixdq.allocate import QUALITY_MIN_BITS, Allocator, InfeasibleBudgetError
-from mixdq.allocate.cli import PUBLISHED_SOURCE, add_parser
+from mixdq.cli.allocate import PUBLISHED_SOURCE, add_parser
 from mixdq.allocate.exact import MIP_GAP, SOLVERS
 from mixdq.allocate.pareto import budget_grid, pareto_front
 from mixdq.config import PrecisionConfig

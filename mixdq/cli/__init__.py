@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from mixdq.allocate.cli import add_parser as add_allocate_parser
+from mixdq.cli.allocate import add_parser as add_allocate_parser
 from mixdq.config import WEIGHT_BITS
 
 # What --config accepts (mixdq.config_io.mixdq_yaml_pair has the rule for yaml pairs).
