@@ -43,7 +43,6 @@ KNOWN_BAD_EDGES: set[tuple[str, str]] = {
     # PackedWeight's unpack methods call the torch.library ops that take a PackedWeight: make it a plain container.
     ("kernels.pack", "kernels.ops"),
     ("kernels.conv", "kernels"),  # conv's 1x1 path calls the package's quant_linear
-    ("mixdq.quant.api", "mixdq.calibrate"),  # ActivationRanges (a type hint here) belongs in mixdq.quant
 }
 
 

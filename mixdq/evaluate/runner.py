@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mixdq.calibrate import ActivationRanges, calibrate
+from mixdq.calibrate import calibrate
 from mixdq.config import PrecisionConfig
 from mixdq.evaluate.metrics import (
     ClipScorer,
@@ -43,6 +43,7 @@ from mixdq.inventory import LayerInfo, layer_inventory, non_layer_param_count
 from mixdq.memory import FP16_BITS, MB, average_weight_bits, weight_memory
 from mixdq.models import sample, seeded_generator
 from mixdq.quant import quantization_off, quantize_
+from mixdq.quant.ranges import ActivationRanges
 
 # (one generated image (3, H, W) in [0, 1], the ground truth of its prompt) -> does the image show it?
 # The embedded model's checker fits as ``lambda image, scene: mixdq.tiny.checker.check(image, scene).correct``.
