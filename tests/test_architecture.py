@@ -42,7 +42,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 KNOWN_BAD_EDGES: set[tuple[str, str]] = {
     # PackedWeight's unpack methods call the torch.library ops that take a PackedWeight: make it a plain container.
     ("kernels.pack", "kernels.ops"),
-    ("kernels.conv", "kernels"),  # conv's 1x1 path calls the package's quant_linear
 }
 
 
