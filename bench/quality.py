@@ -56,11 +56,10 @@ from mixdq.calibrate import calibrate, default_prompts
 from mixdq.config import PrecisionConfig
 from mixdq.evaluate import KSelection, embedded_checker, embedded_clip_scorer, evaluate, select_k
 from mixdq.evaluate.runner import results_path
-from mixdq.inventory import layer_inventory, non_layer_param_count
+from mixdq.inventory import UNetInventory, layer_inventory, non_layer_param_count
 from mixdq.models import EMBEDDED_MODEL_DIR, load_pipeline
-from mixdq.sensitivity.published import UNetInventory
 from mixdq.sensitivity.sweep import SweepSettings, run_sweep
-from mixdq.sensitivity.table import read_table, select_protected, validate_table
+from mixdq.sensitivity.table import PROTECTED_SHARE, read_table, select_protected, validate_table
 from mixdq.tiny.data import Scene, sample_scenes
 from mixdq.tiny.evaluate_model import EVAL_SEED
 
@@ -70,7 +69,6 @@ CONTENT_SQNR_TABLE = RESULTS / "tiny_content_sqnr.csv"
 # The shipped sweep's settings (assets/tiny-sdxl/sensitivity.json), so the new rows compare with the old ones.
 SWEEP_PROMPTS, SWEEP_STEPS, SWEEP_SEED = 16, 1, 42
 SQNR_ONLY = {"content": "sqnr", "quality": "sqnr"}
-PROTECTED_SHARE = 0.01
 ACT_BUDGET = 8.0  # over the non-protected layers: every one of them at 8 bits
 # Validation captions for choosing K: their own seed, apart from the reported (EVAL_SEED), training, checker,
 # grid and calibration-prompt seeds of mixdq.tiny.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference
+from kernels.linear import quant_linear, quant_linear_codes, quantize_act
 from kernels.pack import PackedWeight
 from kernels.reference import ACT_OFFSET, act_parts
 
@@ -65,8 +66,6 @@ def conv2d_quant(
     (:func:`kernels.reference.act_params_tensor`), used instead of the Python numbers under torch.compile: the
     same codes, with no kernel compiled and no guard installed per layer (see :func:`kernels.quant_linear_codes`).
     """
-    from kernels import quant_linear, quant_linear_codes, quantize_act
-
     (kh, kw), st, pad = _pair(kernel_size), _pair(stride), _pair(padding)
     B, C, H, W = x.shape
     if weight.in_features != kh * kw * C:

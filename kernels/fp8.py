@@ -109,7 +109,7 @@ def fp8_linear(
     (:func:`ones_column`): building an ``(M, 1)`` column per call was one small kernel per GEMM, ~0.3-0.5 ms of
     an SDXL step on an H200. ``fast_accum``: cuBLAS's fast accumulation (``use_fast_accum``, not on the
     reference path): faster at most UNet shapes, at ~3e-3 relative error of the GEMM instead of ~4e-4
-    (``bench/fp8_recipe_probe.py``), which the fake-quant model does not simulate.
+    (``bench/lab/fp8_recipe_probe.py``), which the fake-quant model does not simulate.
     """
     lead, K = x.shape[:-1], x.shape[-1]
     # contiguous: cuBLAS FP8 takes a row-major left operand, and x is often a transposed view (diffusers'

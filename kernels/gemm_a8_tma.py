@@ -4,7 +4,7 @@ The same contract as :func:`kernels.gemm_wxa8.gemm_a8` for 8-bit weights without
 ``x [M, K]``, epilogue ``(acc + (128 - zp) * rowsum[n]) * s_a * s_w[n] + bias[n]``), computed differently:
 TMA copies whole ``[128, 128]`` operand tiles into shared memory asynchronously (tensor descriptors made on the
 host) and each of ``#SMs`` programs loops over output tiles, so one tile's epilogue overlaps the next tile's
-loads. On an H200 at 8192^3 (``bench/gemm_a8_tma_probe.py``, 2026-11-28, session 7): 902 us = 1,218 TOPS = 62%
+loads. On an H200 at 8192^3 (``bench/lab/gemm_a8_tma_probe.py``, 2026-11-28, session 7): 902 us = 1,218 TOPS = 62%
 of the H100's dense int8 peak, against 1,030 us (54%) for the pointer-loading kernel and 1,208 us for
 ``torch._int_mm``, output identical. 128x256 tiles with 8 warps and 3 stages need 214 KB of shared memory;
 4 stages do not fit.

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+# mixdq.config.WEIGHT_BITS in the kernels' order (kernels import nothing from mixdq; tests/test_architecture.py
+# checks the two agree).
 WEIGHT_BITS = (8, 4, 2)
 
 

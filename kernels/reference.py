@@ -36,7 +36,7 @@ import torch
 from kernels.pack import PackedWeight, part_bounds, qmax
 
 ACT_OFFSET = 128  # x_int8 = q - ACT_OFFSET: unsigned 8-bit codes shifted into int8
-ACT_BITS = (4, 8)
+ACT_BITS = (4, 8)  # mixdq.config.ACT_BITS (tests/test_architecture.py checks the two agree)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, k_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -139,7 +139,7 @@ def unpack_dequant(
 # weights per launch of the grouped kernel: each is a tuple slot (pointer, sizes) of the compiled kernel; a
 # BasicTransformerBlock has up to 7 low-bit linears after q / k / v fusion
 GROUP_SLOTS = 8
-# rows per program and warps of the grouped kernel (bench/unpack_group_probe.py sweeps them on a GPU)
+# rows per program and warps of the grouped kernel (bench/lab/unpack_group_probe.py sweeps them on a GPU)
 GROUP_BLOCK_N = BLOCK_N
 GROUP_WARPS = 4
 

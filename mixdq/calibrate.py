@@ -10,23 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mixdq.config import ACT_BITS, PrecisionConfig
 from mixdq.distributed import DistContext, current
 from mixdq.inventory import LayerInfo, inventory_fingerprint, layer_inventory
-from mixdq.models import ASSETS_DIR, TURBO_SAMPLING
+from mixdq.models import ASSETS_DIR, TURBO_SAMPLING, sample, seeded_generator
 from mixdq.numerics import fp32_numerics, numerics_settings
 from mixdq.quant.api import collect_act_ranges, quant_layers, quantize_, set_mode
 from mixdq.quant.layers import QuantMode
 from mixdq.quant.primitives import EMA_MOMENTUM
+from mixdq.quant.ranges import ActivationRanges, manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +41,6 @@ FALLBACK_PROMPTS: tuple[str, ...] = (
     "a large purple circle on an orange background",
     "a cyan square left of a yellow triangle on a red background",
 )
-FORMAT_NAME = "mixdq-studio/activation-ranges"
-SCHEMA_VERSION = 1
 # Describes the quantizer whose ranges are cached; change it whenever the quantizer's math changes.
 # ``bos_aware_text_embedding`` is the default; calibrate(bos_aware=False) records False instead.
 QUANTIZER_SETTINGS: dict[str, Any] = {
@@ -53,43 +50,6 @@ QUANTIZER_SETTINGS: dict[str, Any] = {
     "concat_split_shortcut": True,
     "upstream_quantized": True,
 }
-RANGES_FILE = "ranges.safetensors"
-MANIFEST_FILE = "manifest.json"
-
-
-@dataclass(eq=False)
-class ActivationRanges:
-    """Calibrated input ranges: ``ranges[bits][layer]`` is a float32 ``(parts, 2)`` tensor of ``(min, max)``
-    rows (2 parts for a concat-split ``conv_shortcut``, else 1), plus how they were made."""
-
-    ranges: dict[int, dict[str, torch.Tensor]]
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``ranges.safetensors`` and ``manifest.json`` into ``directory`` and return it."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            f"{bits}/{name}": r.contiguous() for bits, by_layer in self.ranges.items() for name, r in by_layer.items()
-        }
-        save_file(tensors, str(directory / RANGES_FILE))
-        (directory / MANIFEST_FILE).write_text(json.dumps(_manifest(self.provenance), indent=2) + "\n")
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path) -> ActivationRanges:
-        """Read what :meth:`save` wrote."""
-        directory = Path(directory)
-        manifest = _read_manifest(directory)
-        if manifest is None:
-            raise ValueError(
-                f"{directory} holds no activation ranges ({MANIFEST_FILE} missing or not {FORMAT_NAME!r} v{SCHEMA_VERSION})."
-            )
-        ranges: dict[int, dict[str, torch.Tensor]] = {}
-        for key, tensor in load_file(str(directory / RANGES_FILE)).items():
-            bits, name = key.split("/", 1)
-            ranges.setdefault(int(bits), {})[name] = tensor
-        return cls(ranges=ranges, provenance=manifest["provenance"])
 
 
 def default_prompts() -> list[str]:
@@ -173,7 +133,7 @@ def calibrate(
         "numerics": numerics_settings(),
     }
     cache_path = _cache_path(cache_dir, provenance) if cache_dir is not None else None
-    if cache_path is not None and _read_manifest(cache_path) == _manifest(provenance):
+    if cache_path is not None and read_manifest(cache_path) == manifest(provenance):
         result = ActivationRanges.load(cache_path)
         quantize_(unet, None, act_ranges=result, bos_aware=bos_aware)
         logger.info("loaded activation ranges from %s", cache_path)
@@ -193,15 +153,15 @@ def calibrate(
                 layer.weight_clip = weight_config.weight_clip
                 layer.act_bits = bits
             set_mode(unet, QuantMode.CALIBRATE)
-            generator = torch.Generator("cpu").manual_seed(seed)
+            generator = seeded_generator(seed)
             for batch in batches:
-                pipe(
-                    prompt=batch,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=TURBO_SAMPLING.guidance_scale,
+                sample(
+                    pipe,
+                    batch,
+                    generator=generator,
+                    steps=num_inference_steps,
                     height=height,
                     width=width,
-                    generator=generator,
                     output_type="latent",
                 )
                 bar.update(1)
@@ -261,29 +221,7 @@ def _weight_spec(weight_bits: int | PrecisionConfig | None) -> str:
     return "fp" if weight_bits is None else f"W{weight_bits}"
 
 
-def _manifest(provenance: dict[str, Any]) -> dict[str, Any]:
-    return {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "provenance": provenance}
-
-
 def _cache_path(cache_dir: str | Path, provenance: dict[str, Any]) -> Path:
     """One folder per calibration setting, named from a hash of the provenance."""
     key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"calib-{key}"
-
-
-def _read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The manifest in ``directory`` if it is one of ours, else ``None``."""
-    path = directory / MANIFEST_FILE
-    if not path.is_file() or not (directory / RANGES_FILE).is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != FORMAT_NAME
-        or manifest.get("schema_version") != SCHEMA_VERSION
-    ):
-        return None
-    return manifest

@@ -8,8 +8,10 @@ It works on a UNet built on the ``meta`` device, so the full SDXL inventory cost
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -194,3 +196,22 @@ def inventory_fingerprint(layers: list[LayerInfo]) -> str:
     for info in layers:
         digest.update(f"{info.name}:{'x'.join(map(str, info.weight_shape))};".encode())
     return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class UNetInventory:
+    """A UNet's quantizable layers plus its parameter count outside them: what memory accounting needs."""
+
+    layers: tuple[LayerInfo, ...]
+    other_params: int
+
+
+def inventory_from_unet_config(path: str | Path) -> UNetInventory:
+    """The exact inventory of the UNet a diffusers ``config.json`` describes, built on ``meta`` (no weights)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads(Path(path).read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return UNetInventory(tuple(layer_inventory(unet)), non_layer_param_count(unet))

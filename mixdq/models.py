@@ -54,6 +54,39 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator: the same seed draws the same starting noise whatever device the pipeline runs on."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def sample(
+    pipe,
+    prompt: str | list[str],
+    *,
+    generator: torch.Generator | list[torch.Generator],
+    steps: int,
+    height: int,
+    width: int,
+    output_type: str = "pil",
+    **kwargs,
+) -> list | torch.Tensor:
+    """The pipeline's images for ``prompt``, sampled Turbo-style (no guidance unless ``kwargs`` sets it).
+
+    Every stage (generate, calibrate, evaluate, benchmark) samples through here, so one seed means the same
+    image in each of them.
+    """
+    kwargs.setdefault("guidance_scale", TURBO_SAMPLING.guidance_scale)
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        height=height,
+        width=width,
+        generator=generator,
+        output_type=output_type,
+        **kwargs,
+    ).images
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike | None = None,
     device: str | torch.device | None = None,

@@ -28,15 +28,20 @@ from mixdq.allocate.pareto import pareto_front
 from mixdq.config import ConfigError, PrecisionConfig
 from mixdq.config_io import quote
 from mixdq.deploy.runner import DeployOutOfMemoryError
-from mixdq.inventory import forward_order_key, inventory_fingerprint, layer_inventory, non_layer_param_count
+from mixdq.inventory import (
+    UNetInventory,
+    forward_order_key,
+    inventory_fingerprint,
+    layer_inventory,
+    non_layer_param_count,
+)
 from mixdq.memory import MB, average_weight_bits, weight_memory
 from mixdq.models import EMBEDDED_MODEL_ID, ModelNotAvailableError
-from mixdq.sensitivity.published import SDXL_TURBO_MODEL_ID, UNetInventory, load_published_table, sdxl_turbo_inventory
-from mixdq.sensitivity.table import GROUP_METRIC, select_protected
+from mixdq.sensitivity.published import SDXL_TURBO_MODEL_ID, load_published_table, sdxl_turbo_inventory
+from mixdq.sensitivity.table import GROUP_METRIC, PROTECTED_SHARE, select_protected
 from studio.plots import Spec, bits_heatmap, memory_bar, pareto_chart, ssim_to_db, unet_heatmap
 
 PUBLISHED_LABEL = "SDXL-Turbo (published by the MixDQ authors)"
-PROTECTED_SHARE = 0.01
 DEFAULT_BITS = 4.0  # the weight slider's start, where the background solver starts too
 BITS_STEP = 0.05  # weight-budget slider resolution (MixDQ's band is ±0.02 bits, so finer steps add nothing)
 FRONT_POINTS = 24

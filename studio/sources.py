@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mixdq.inventory import LayerInfo, inventory_fingerprint
+from mixdq.inventory import LayerInfo, UNetInventory, inventory_fingerprint, inventory_from_unet_config
 from mixdq.models import EMBEDDED_MODEL_DIR
-from mixdq.sensitivity.published import UNetInventory, inventory_from_unet_config
 from mixdq.sensitivity.table import SensitivityTableError, check_table_matches, read_table
 from studio.services import (
     BITS_STEP,

@@ -15,8 +15,7 @@ import pytest
 
 from mixdq.allocate import Allocator, InfeasibleBudgetError, candidate_bits
 from mixdq.allocate.exact import MIP_GAP, SOLVERS, ExactGroupSolver
-from mixdq.inventory import LayerInfo
-from mixdq.sensitivity.published import UNetInventory
+from mixdq.inventory import LayerInfo, UNetInventory
 from mixdq.sensitivity.table import COLUMNS, GROUP_METRIC, GROUPS, GroupMatrix
 
 CASES = 150  # two groups each: 300 groups per solver

@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 from mixdq.allocate import Allocator, BelowUniformWidthWarning, InfeasibleBudgetError
-from mixdq.allocate.cli import PUBLISHED_SOURCE, add_parser
+from mixdq.cli.allocate import PUBLISHED_SOURCE, add_parser
 from mixdq.config import Budget, ConfigError, PrecisionConfig
 from mixdq.memory import MB, average_weight_bits, weight_memory
 from mixdq.sensitivity import SDXL_TURBO_MODEL_ID, load_published_table, sdxl_turbo_inventory, select_protected

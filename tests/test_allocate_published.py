@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from mixdq.allocate import QUALITY_MIN_BITS, Allocator, InfeasibleBudgetError
-from mixdq.allocate.cli import PUBLISHED_SOURCE, add_parser
 from mixdq.allocate.exact import MIP_GAP, SOLVERS
 from mixdq.allocate.pareto import budget_grid, pareto_front
+from mixdq.cli.allocate import PUBLISHED_SOURCE, add_parser
 from mixdq.config import PrecisionConfig
 from mixdq.memory import average_weight_bits, weight_memory
 from mixdq.sensitivity import SDXL_TURBO_MODEL_ID, load_published_table, sdxl_turbo_inventory, select_protected

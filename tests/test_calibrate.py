@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import mixdq.calibrate as calibrate_module
-from mixdq.calibrate import FALLBACK_PROMPTS, ActivationRanges, calibrate, default_prompts
+from mixdq.calibrate import FALLBACK_PROMPTS, calibrate, default_prompts
 from mixdq.config import ACT_BITS, ConfigError, PrecisionConfig
 from mixdq.inventory import layer_inventory
 from mixdq.quant import quant_layers, quantization_off, quantize_
+from mixdq.quant.ranges import ActivationRanges
 
 PROMPTS = ["a red circle above a blue square", "a green triangle on a white background"]
 SETTINGS = {"num_inference_steps": 1, "height": 64, "width": 64, "batch_size": 2, "progress": False}

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from mixdq import cli
-from mixdq.allocate.cli import PUBLISHED_SOURCE
+from mixdq.cli.allocate import PUBLISHED_SOURCE
 from mixdq.config import PrecisionConfig
-from mixdq.inventory import inventory_fingerprint
+from mixdq.inventory import inventory_fingerprint, inventory_from_unet_config
 from mixdq.models import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
-from mixdq.sensitivity.published import inventory_from_unet_config, load_published_table
+from mixdq.sensitivity.published import load_published_table
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 
 from mixdq.config import PrecisionConfig
 from mixdq.config_io import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_INT_DIGITS, MAX_MESSAGE_CHARS, ConfigError
-from mixdq.inventory import inventory_fingerprint
-from mixdq.sensitivity.published import inventory_from_unet_config, sdxl_turbo_inventory
+from mixdq.inventory import inventory_fingerprint, inventory_from_unet_config
+from mixdq.sensitivity.published import sdxl_turbo_inventory
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = 2.0  # per file, on a shared CPU core

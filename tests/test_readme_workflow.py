@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 from mixdq.config import PrecisionConfig
-from mixdq.inventory import inventory_fingerprint
+from mixdq.inventory import inventory_fingerprint, inventory_from_unet_config
 from mixdq.models import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
-from mixdq.sensitivity.published import inventory_from_unet_config
 from mixdq.sensitivity.table import read_table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -96,8 +96,8 @@ def test_unet_inventory_is_cached_by_config(tmp_path):
     """Later starts read the inventory from the cache instead of importing diffusers to build it."""
     import shutil
 
+    from mixdq.inventory import inventory_from_unet_config
     from mixdq.models import EMBEDDED_MODEL_DIR
-    from mixdq.sensitivity.published import inventory_from_unet_config
     from studio.sources import unet_inventory
 
     config = tmp_path / "model" / "config.json"  # a config with no shipped inventory beside it
@@ -118,8 +118,8 @@ def test_shipped_inventory_matches_the_model(tmp_path):
     import subprocess
     import sys
 
+    from mixdq.inventory import inventory_from_unet_config
     from mixdq.models import EMBEDDED_MODEL_DIR
-    from mixdq.sensitivity.published import inventory_from_unet_config
     from studio.sources import SHIPPED_INVENTORY, _config_key, _read_inventory
 
     config = EMBEDDED_MODEL_DIR / "unet" / "config.json"

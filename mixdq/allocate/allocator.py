@@ -41,9 +41,8 @@ from mixdq.allocate.groups import (
     normalized_objective,
 )
 from mixdq.config import BUDGET_KEY, Budget, PrecisionConfig
-from mixdq.inventory import inventory_fingerprint
+from mixdq.inventory import UNetInventory, inventory_fingerprint
 from mixdq.memory import FP16_BITS, MB, weight_memory
-from mixdq.sensitivity.published import UNetInventory
 from mixdq.sensitivity.table import (
     GROUP_METRIC,
     GROUPS,

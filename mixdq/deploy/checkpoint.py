@@ -59,6 +59,7 @@ from mixdq.inventory import LayerInfo, inventory_fingerprint, layer_inventory
 from mixdq.models import PROMPT_LANGUAGE_FILE, prompt_language
 from mixdq.quant.api import unet_of
 from mixdq.quant.layers import QuantLayer, QuantMode
+from mixdq.version import __version__
 
 FORMAT_NAME = "mixdq-studio/quantized-checkpoint"
 FORMAT_VERSION = 1
@@ -224,8 +225,6 @@ def save_quantized(model: Any, config: PrecisionConfig, folder: str | Path, prog
     """
     from safetensors.torch import save_file
 
-    import mixdq
-
     unet = unet_of(model)
     layers = layer_inventory(unet)
     _check_saveable(unet, config, layers)
@@ -239,7 +238,7 @@ def save_quantized(model: Any, config: PrecisionConfig, folder: str | Path, prog
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "library_version": mixdq.__version__,
+        "library_version": __version__,
         "model_id": getattr(model, "model_id", "") or config.model_id,
         "fingerprint": inventory_fingerprint(layers),
         "dtype": str(dtype).removeprefix("torch."),
@@ -341,7 +340,6 @@ def _need(data: Any, key: str, kinds: type | tuple[type, ...], source: str) -> A
 
 def _read_manifest(folder: Path, name: str) -> _Manifest:
     """The manifest, checked for format, versions and structure (not yet against a model)."""
-    import mixdq
 
     source = f"{name}/{UNET_FOLDER}/{MANIFEST_FILE}"
     data = parse_json(read_text(folder / UNET_FOLDER / MANIFEST_FILE, source, "checkpoint manifest"), source)
@@ -354,9 +352,9 @@ def _read_manifest(folder: Path, name: str) -> _Manifest:
             f"{source}: checkpoint format_version {quote(version)}; this MixDQ Studio reads format {FORMAT_VERSION}."
         )
     library = _need(data, "library_version", str, source)
-    if library.split(".")[:2] != mixdq.__version__.split(".")[:2]:
+    if library.split(".")[:2] != __version__.split(".")[:2]:
         raise CheckpointError(
-            f"{source}: written by MixDQ Studio {quote(library)}; this is {mixdq.__version__}, which reads "
+            f"{source}: written by MixDQ Studio {quote(library)}; this is {__version__}, which reads "
             "checkpoints of its own minor version (the packed layouts may change between them); export it again."
         )
     if data.get("pack_chunk") != PACK_CHUNK:

@@ -380,24 +380,25 @@ class DeployedRunner:
         return self._forwards[key]
 
     def _image(self, forward: GraphedForward, prompt: str, seed: int, steps: int, size: int, pipe_kwargs: dict):
-        from mixdq.models import TURBO_SAMPLING
+        from mixdq.models import sample, seeded_generator
 
         times = forward.reset_times()
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        kwargs = {"guidance_scale": TURBO_SAMPLING.guidance_scale, **pipe_kwargs}
         start = time.perf_counter()
-        image = self.pipe(
+        generator = seeded_generator(seed)
+        image = sample(
+            self.pipe,
             prompt,
-            num_inference_steps=steps,
+            generator=generator,
+            steps=steps,
             height=size,
             width=size,
-            generator=torch.Generator("cpu").manual_seed(seed),
             output_type="pt",
-            **kwargs,
-        ).images[0]
+            **pipe_kwargs,
+        )[0]
         if cuda:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchmetrics.functional.image import structural_similarity_index_measure
 
-from mixdq.sensitivity.sweep import SSIM_WINDOW
+from mixdq.sensitivity.sweep import image_ssims
 
 # The weights torch-fidelity's FID Inception network loads (pytorch-fid's port of the TF FID graph).
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -51,8 +50,7 @@ def ssim(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     data range 1, on RGB), so evaluation and the content-layer sensitivities measure the same thing.
     Float rounding can push identical images a hair above 1; values are clipped to 1."""
     _check_pair(reference, test)
-    values = structural_similarity_index_measure(test.float(), reference.float(), reduction="none", **SSIM_WINDOW)
-    return values.clamp(max=1.0)
+    return image_ssims(reference, test).clamp(max=1.0)
 
 
 def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:

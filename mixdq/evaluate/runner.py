@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mixdq.calibrate import ActivationRanges, calibrate
+from mixdq.calibrate import calibrate
 from mixdq.config import PrecisionConfig
 from mixdq.evaluate.metrics import (
     ClipScorer,
@@ -41,8 +41,9 @@ from mixdq.evaluate.metrics import (
 )
 from mixdq.inventory import LayerInfo, layer_inventory, non_layer_param_count
 from mixdq.memory import FP16_BITS, MB, average_weight_bits, weight_memory
-from mixdq.models import TURBO_SAMPLING
+from mixdq.models import sample, seeded_generator
 from mixdq.quant import quantization_off, quantize_
+from mixdq.quant.ranges import ActivationRanges
 
 # (one generated image (3, H, W) in [0, 1], the ground truth of its prompt) -> does the image show it?
 # The embedded model's checker fits as ``lambda image, scene: mixdq.tiny.checker.check(image, scene).correct``.
@@ -101,16 +102,11 @@ def evaluate(
     batches = [range(i, min(i + batch_size, len(prompts))) for i in range(0, len(prompts), batch_size)]
 
     def generate(batch: range) -> torch.Tensor:
-        generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in batch]
-        images = pipe(
-            prompt=[prompts[i] for i in batch],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=TURBO_SAMPLING.guidance_scale,
-            height=height,
-            width=width,
-            generator=generators,
-            output_type="pt",
-        ).images
+        generators = [seeded_generator(seeds[i]) for i in batch]
+        prompt = [prompts[i] for i in batch]
+        images = sample(
+            pipe, prompt, generator=generators, steps=num_inference_steps, height=height, width=width, output_type="pt"
+        )
         return images.float().cpu()
 
     bar = tqdm(total=len(batches) * (len(configs) + 1), desc="evaluate: FP", disable=not progress)

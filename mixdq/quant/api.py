@@ -19,7 +19,7 @@ from mixdq.inventory import LayerInfo, layer_inventory
 from mixdq.quant.layers import CalibrationRequiredError, QuantLayer, QuantMode
 
 if TYPE_CHECKING:
-    from mixdq.calibrate import ActivationRanges
+    from mixdq.quant.ranges import ActivationRanges
 
 # {act bits: {layer name: float32 (parts, 2) range}}
 RangeMap = Mapping[int, Mapping[str, torch.Tensor]]

@@ -2,8 +2,6 @@
 
 from mixdq.sensitivity.published import (
     SDXL_TURBO_MODEL_ID,
-    UNetInventory,
-    inventory_from_unet_config,
     load_published_table,
     sdxl_turbo_inventory,
 )
@@ -27,10 +25,8 @@ __all__ = [
     "SDXL_TURBO_MODEL_ID",
     "GroupMatrix",
     "SensitivityTableError",
-    "UNetInventory",
     "group_matrix",
     "group_sizes",
-    "inventory_from_unet_config",
     "load_published_table",
     "read_table",
     "sdxl_turbo_inventory",

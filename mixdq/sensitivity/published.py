@@ -7,15 +7,13 @@ weights. The data ships in ``assets/sdxl-turbo/`` (see its README for provenance
 from __future__ import annotations
 
 import functools
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from mixdq.config import MIXDQ_YAML_PREFIX
-from mixdq.inventory import LayerInfo, layer_inventory, non_layer_param_count
+from mixdq.inventory import UNetInventory, inventory_from_unet_config
 from mixdq.sensitivity.table import COLUMNS, validate_table
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "sdxl-turbo"
@@ -30,25 +28,6 @@ VALUE_FILES: dict[tuple[str, str], str] = {
     ("act", "sqnr"): "act_sqnr.yaml",
     ("act", "ssim"): "act_ssim.yaml",
 }
-
-
-@dataclass(frozen=True)
-class UNetInventory:
-    """A UNet's quantizable layers plus its parameter count outside them: what memory accounting needs."""
-
-    layers: tuple[LayerInfo, ...]
-    other_params: int
-
-
-def inventory_from_unet_config(path: str | Path) -> UNetInventory:
-    """The exact inventory of the UNet a diffusers ``config.json`` describes, built on ``meta`` (no weights)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    config = json.loads(Path(path).read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    return UNetInventory(tuple(layer_inventory(unet)), non_layer_param_count(unet))
 
 
 @functools.cache

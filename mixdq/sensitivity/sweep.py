@@ -89,9 +89,18 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     return min(MAX_SQNR_DB, 10.0 * math.log10(signal / noise))
 
 
+def image_ssims(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM, shape (N,), of two (N, 3, H, W) image batches in [0, 1], with :data:`SSIM_WINDOW`.
+
+    The one SSIM of the library: the sweep scores content layers with it and evaluation
+    (:func:`mixdq.evaluate.metrics.ssim`) reports it, so both measure the same thing.
+    """
+    return structural_similarity_index_measure(test.float(), reference.float(), reduction="none", **SSIM_WINDOW)
+
+
 def image_ssim(reference: torch.Tensor, test: torch.Tensor) -> float:
     """Mean SSIM of two (N, 3, H, W) image batches in [0, 1] (float rounding can overshoot 1; clipped)."""
-    return min(1.0, float(structural_similarity_index_measure(test.float(), reference.float(), **SSIM_WINDOW)))
+    return min(1.0, float(image_ssims(reference, test).mean()))
 
 
 class _Reference:

@@ -12,7 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from mixdq.allocate.cli import add_parser as add_allocate_parser
+from mixdq.cli.allocate import add_parser as add_allocate_parser
+from mixdq.config import WEIGHT_BITS
 
 # What --config accepts (mixdq.config_io.mixdq_yaml_pair has the rule for yaml pairs).
 CONFIG_FORMS = "JSON, or a MixDQ yaml pair: STEM.weight.yaml (or STEM_weight.yaml), that STEM, or a folder of one pair"
@@ -88,12 +89,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
 
     from mixdq.calibrate import calibrate
     from mixdq.config import PrecisionConfig
     from mixdq.inventory import layer_inventory
-    from mixdq.models import TURBO_SAMPLING, load_pipeline, read_prompt
+    from mixdq.models import load_pipeline, read_prompt, sample, seeded_generator
     from mixdq.quant import quantization_off, quantize_
 
     if args.config is not None and _is_checkpoint(args.config):
@@ -111,15 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(reading.note)
 
     def run(tag: str) -> Path:
-        generator = torch.Generator("cpu").manual_seed(args.seed)
-        image = pipe(
-            reading.text,
-            num_inference_steps=args.steps,
-            guidance_scale=TURBO_SAMPLING.guidance_scale,
-            height=size,
-            width=size,
-            generator=generator,
-        ).images[0]
+        generator = seeded_generator(args.seed)
+        image = sample(pipe, reading.text, generator=generator, steps=args.steps, height=size, width=size)[0]
         path = args.out / f"{slug}-seed{args.seed}-{tag}.png"
         image.save(path)
         return path
@@ -147,23 +140,16 @@ def _is_checkpoint(path: Path) -> bool:
 def _generate_from_checkpoint(args: argparse.Namespace) -> None:
     """``generate --config CHECKPOINT_FOLDER``: the checkpoint is the model (its FP16 UNet weights are not in it,
     so there is no FP image to write beside the quantized one)."""
-    import torch
 
     from mixdq.deploy.checkpoint import load_quantized
-    from mixdq.models import TURBO_SAMPLING
+    from mixdq.models import sample, seeded_generator
 
     if args.model is not None:
         raise SystemExit(f"error: {args.config} is a quantized checkpoint, which is the model; drop --model.")
     pipe = load_quantized(args.config, device=args.device)
     size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
-    image = pipe(
-        args.prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=TURBO_SAMPLING.guidance_scale,
-        height=size,
-        width=size,
-        generator=torch.Generator("cpu").manual_seed(args.seed),
-    ).images[0]
+    generator = seeded_generator(args.seed)
+    image = sample(pipe, args.prompt, generator=generator, steps=args.steps, height=size, width=size)[0]
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
     path = args.out / f"{slug}-seed{args.seed}-checkpoint.png"
@@ -397,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", type=Path, default=None, help="text file, one prompt per line (default: assets/prompts.txt)"
     )
     p.add_argument(
-        "--weight-bits", type=int, default=8, choices=[2, 4, 8], help="weight bits while calibrating (default 8)"
+        "--weight-bits", type=int, default=8, choices=WEIGHT_BITS, help="weight bits while calibrating (default 8)"
     )
     p.set_defaults(handler=cmd_calibrate)
 

@@ -4,11 +4,11 @@
 ``kernels.gemm_a8_tma.GPU_CONFIG``; this script times that kernel with a few other tiles (the config dict
 swapped per row), checks every output against the pointer-loading kernel's, and writes TOPS and % of the H100's
 dense int8 peak. Session 7 chose 128x256x128 / 8 warps / 3 stages with it (call 19, made by this probe's first
-version, which carried its own copy of the kernel: ``bench/results/gemm_a8_tma_probe_h200_2026-11-28.json``).
+version, which carried its own copy of the kernel: ``bench/lab/results/gemm_a8_tma_probe_h200_2026-11-28.json``).
 
 GPU machine only (TMA needs sm_90)::
 
-    PYTHONPATH=$PWD python3 bench/gemm_a8_tma_probe.py --out $OUT/tma.json
+    PYTHONPATH=$PWD python3 bench/lab/gemm_a8_tma_probe.py --out $OUT/tma.json
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
 
 from gpu_kernels import H100_INT8_PEAK_TOPS, gpu_time_us
 

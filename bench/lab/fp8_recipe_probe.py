@@ -8,7 +8,7 @@ today) and prepared once, row-wise with fast accumulation, and records which sca
 accepts (a 0-d ``scale_a`` beside a row-wise ``scale_b``; a stride-0 ``(M, 1)`` view). Error columns: max
 |out - float32 reference| / max |reference| of the same e4m3 operands. GPU machine only::
 
-    PYTHONPATH=$PWD python3 bench/fp8_recipe_probe.py --out $OUT/fp8_recipe.json
+    PYTHONPATH=$PWD python3 bench/lab/fp8_recipe_probe.py --out $OUT/fp8_recipe.json
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
 
 from gpu_kernels import gpu_time_us
 

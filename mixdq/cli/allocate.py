@@ -19,11 +19,10 @@ from mixdq.allocate.allocator import (
 )
 from mixdq.allocate.exact import MIP_GAP
 from mixdq.config import FP8_CHOICES, WEIGHT_CLIPS
+from mixdq.inventory import UNetInventory, inventory_from_unet_config
 from mixdq.models import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
 from mixdq.sensitivity.published import (
     SDXL_TURBO_MODEL_ID,
-    UNetInventory,
-    inventory_from_unet_config,
     load_published_table,
     sdxl_turbo_inventory,
 )

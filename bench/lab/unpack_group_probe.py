@@ -5,7 +5,7 @@ launch. This times it for the 1280- and 640-wide SDXL blocks at 4 and 2 bits ove
 (``GROUP_BLOCK_N``) and warps (``GROUP_WARPS``), against one per-layer launch per weight, and reports the memory
 speed (packed bytes read + e4m3 bytes written per second). GPU machine only::
 
-    PYTHONPATH=$PWD python3 bench/unpack_group_probe.py --out $OUT/unpack_group.json
+    PYTHONPATH=$PWD python3 bench/lab/unpack_group_probe.py --out $OUT/unpack_group.json
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
 
 from gpu_kernels import gpu_time_us
 
