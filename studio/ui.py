@@ -25,7 +25,7 @@ import gradio as gr
 from gradio.components.plot import PlotData
 
 from mixdq.allocate import BAND, InfeasibleBudgetError
-from mixdq.config import ConfigError, PrecisionConfig
+from mixdq.config import ACT_BITS, WEIGHT_BITS, ConfigError, PrecisionConfig
 from mixdq.config_io import mixdq_yaml_pair
 from mixdq.memory import average_weight_bits
 from mixdq.models import EMBEDDED_MODEL_ID, TURBO_SAMPLING, ModelNotAvailableError
@@ -455,7 +455,7 @@ class StudioPage:
     @guarded(outputs=4, notice=None)
     def show_sensitivity(self, label: str, target: str, bit: str):
         side = "weight" if target == "weights" else "act"
-        bits = (2, 4, 8) if side == "weight" else (4, 8)
+        bits = WEIGHT_BITS if side == "weight" else ACT_BITS
         bit = int(bit) if str(bit).isdigit() and int(bit) in bits else bits[1]
         source = self.source_of(label)
         quality, content = services.sensitivity_figures(source, side, bit)
