@@ -191,6 +191,14 @@ def read_prompt(pipe, prompt: str) -> PromptReading:
     )
 
 
+def generate_image(pipe, prompt: str, seed: int, steps: int, size: int):
+    """One image of ``prompt`` as :func:`read_prompt` reads it, from noise ``seed``, and that reading: what
+    ``mixdq generate`` and the studio's checkpoint page make."""
+    reading = read_prompt(pipe, prompt)
+    image = sample(pipe, reading.text, generator=seeded_generator(seed), steps=steps, height=size, width=size)[0]
+    return image, reading
+
+
 def _words(text: str) -> list[str]:
     return text.lower().replace(",", " ").removesuffix(".").split()
 

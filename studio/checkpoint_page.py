@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import torch
 
-from mixdq.models import TURBO_SAMPLING, read_prompt
+from mixdq.models import TURBO_SAMPLING, generate_image
 from studio import services
 from studio.ui import MAX_SEED, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, StudioInputError, _integer, guarded
 
@@ -36,16 +35,8 @@ def checkpoint_summary(pipe, folder: str | Path) -> str:
 def generate(pipe, prompt: str, seed: int, steps: int, size: int):
     """One image from the checkpoint's pipeline, called as ``mixdq generate --config CHECKPOINT`` calls it (the
     prompt read as :func:`mixdq.models.read_prompt` reads it); returns (image, the prompt the pipeline got)."""
-    drawn = read_prompt(pipe, prompt).text
-    image = pipe(
-        drawn,
-        num_inference_steps=steps,
-        guidance_scale=TURBO_SAMPLING.guidance_scale,
-        height=size,
-        width=size,
-        generator=torch.Generator("cpu").manual_seed(seed),
-    ).images[0]
-    return image, drawn
+    image, reading = generate_image(pipe, prompt, seed, steps, size)
+    return image, reading.text
 
 
 class CheckpointPage:

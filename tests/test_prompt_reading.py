@@ -111,3 +111,21 @@ def test_the_embedded_model_draws_what_a_short_prompt_names():
                 output_type="pt",
             ).images[0]
             assert check(image, prompt).correct, (prompt, seed)
+
+
+def test_generate_image_draws_the_read_caption(fresh_random_pipe):
+    """`mixdq generate` (from a model or a checkpoint) and the checkpoint page all draw through generate_image."""
+    from mixdq.models import generate_image
+
+    fresh_random_pipe.prompt_language = TINY_SCENE_LANGUAGE
+    given = []
+    encode = fresh_random_pipe.encode_prompt
+
+    def spy(prompt, *args, **kwargs):
+        given.append(prompt)
+        return encode(prompt, *args, **kwargs)
+
+    fresh_random_pipe.encode_prompt = spy
+    image, reading = generate_image(fresh_random_pipe, "a red circle", seed=3, steps=1, size=64)
+    assert reading.text == "a large red circle in the center, on a white background" and reading.note
+    assert given == [reading.text] and image.size == (64, 64)

@@ -93,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from mixdq.calibrate import calibrate
     from mixdq.config import PrecisionConfig
     from mixdq.inventory import layer_inventory
-    from mixdq.models import load_pipeline, read_prompt, sample, seeded_generator
+    from mixdq.models import generate_image, load_pipeline, read_prompt
     from mixdq.quant import quantization_off, quantize_
 
     if args.config is not None and _is_checkpoint(args.config):
@@ -104,18 +104,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if config is not None:
         config.validate(layer_inventory(pipe.unet), pipe.model_id, source=str(args.config))
     size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
-    reading = read_prompt(pipe, args.prompt)
-    if reading.note:
-        print(reading.note)
+    note = read_prompt(pipe, args.prompt).note
+    if note:
+        print(note)
 
     def run(tag: str) -> Path:
-        generator = seeded_generator(args.seed)
-        image = sample(pipe, reading.text, generator=generator, steps=args.steps, height=size, width=size)[0]
-        path = args.out / f"{slug}-seed{args.seed}-{tag}.png"
-        image.save(path)
-        return path
+        return _save_image(args, generate_image(pipe, args.prompt, args.seed, args.steps, size)[0], tag)
 
     if config is None:
         print(run("fp"))
@@ -142,19 +136,25 @@ def _generate_from_checkpoint(args: argparse.Namespace) -> None:
     so there is no FP image to write beside the quantized one)."""
 
     from mixdq.deploy.checkpoint import load_quantized
-    from mixdq.models import sample, seeded_generator
+    from mixdq.models import generate_image
 
     if args.model is not None:
         raise SystemExit(f"error: {args.config} is a quantized checkpoint, which is the model; drop --model.")
     pipe = load_quantized(args.config, device=args.device)
     size = args.size or pipe.default_sample_size * pipe.vae_scale_factor
-    generator = seeded_generator(args.seed)
-    image = sample(pipe, args.prompt, generator=generator, steps=args.steps, height=size, width=size)[0]
+    image, reading = generate_image(pipe, args.prompt, args.seed, args.steps, size)
+    if reading.note:
+        print(reading.note)
+    print(_save_image(args, image, "checkpoint"))
+
+
+def _save_image(args: argparse.Namespace, image, tag: str) -> Path:
+    """``OUT/<prompt slug>-seed<N>-<tag>.png``, the one naming of ``generate``'s images."""
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:60] or "image"
-    path = args.out / f"{slug}-seed{args.seed}-checkpoint.png"
+    path = args.out / f"{slug}-seed{args.seed}-{tag}.png"
     image.save(path)
-    print(path)
+    return path
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
